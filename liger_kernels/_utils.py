@@ -1,0 +1,99 @@
+"""Shared plumbing for every op: dispatch (Triton vs torch reference), input checks, launch sizes.
+
+One place for each of these concepts so that every op behaves the same way:
+- CUDA tensors run Triton; CPU tensors run the torch reference, unless the Triton interpreter is forced
+  with ``TRITON_INTERPRET=1`` (set before triton is imported), which is how the tests run kernels on CPU.
+- Bad input raises ``ValueError``/``TypeError`` naming the argument, before any kernel launches.
+- ``LIGER_POISON_OUTPUTS=1`` makes every kernel output start as NaN, so tests catch unwritten elements.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+SUPPORTED_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Largest row a single-program-per-row kernel keeps in registers (elements). Wider rows are refused
+# with a clear error rather than compiled into a kernel that spills or fails.
+MAX_FUSED_SIZE = 65536
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """True when the Triton kernels should run for these tensors (all on CUDA, or interpreter forced)."""
+    if INTERPRET:
+        return True
+    return all(t.is_cuda for t in tensors if t is not None)
+
+
+def poison_enabled() -> bool:
+    return os.environ.get("LIGER_POISON_OUTPUTS", "0") == "1"
+
+
+def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """Allocate a kernel output. Filled with NaN in poison mode (tests), else left uninitialized."""
+    if poison_enabled() and dtype.is_floating_point:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def new_output_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return new_output(t.shape, dtype or t.dtype, t.device)
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in SUPPORTED_FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} has dtype {t.dtype}; supported dtypes are float32, bfloat16 and float16"
+        )
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+
+
+def check_last_dim(name: str, t: torch.Tensor, expected: int, what: str) -> None:
+    if t.shape[-1] != expected:
+        raise ValueError(
+            f"{name} has last dimension {t.shape[-1]} but {what} is {expected}"
+        )
+
+
+def check_row_size(name: str, n: int, limit: int = MAX_FUSED_SIZE) -> None:
+    if n > limit:
+        raise ValueError(
+            f"{name} has a row of {n} elements; this kernel supports at most {limit}. "
+            "Use the torch reference (CPU tensors) or split the row."
+        )
+    if n < 1:
+        raise ValueError(f"{name} has an empty last dimension")
+
+
+def row_launch_config(n: int) -> tuple[int, int]:
+    """Block size (next power of two of the row) and warps for a one-program-per-row kernel."""
+    import triton
+
+    block = triton.next_power_of_2(n)
+    if block >= 32768:
+        warps = 32
+    elif block >= 8192:
+        warps = 16
+    elif block >= 2048:
+        warps = 8
+    else:
+        warps = 4
+    return block, warps
+
+
+def num_programs_for_rows(n_rows: int, device: torch.device) -> int:
+    """Persistent-kernel grid: a few programs per SM (rows are strided across them)."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(n_rows, sms * 4))
+    return max(1, min(n_rows, 4))

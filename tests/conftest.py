@@ -1,0 +1,24 @@
+"""Test set-up: kernels run under the Triton interpreter on CPU unless LIGER_TEST_DEVICE=cuda.
+
+The environment must be set before triton is imported anywhere, hence at the top of conftest.
+"""
+
+import os
+
+DEVICE = os.environ.get("LIGER_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
+os.environ["LIGER_POISON_OUTPUTS"] = "1"  # outputs start as NaN: unwritten elements fail the tests
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

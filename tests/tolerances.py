@@ -1,0 +1,31 @@
+"""Tolerances per dtype, in one place. Every parity test compares against float64 math.
+
+The error of a kernel in dtype D against float64 is bounded by the rounding of its output to D
+(plus fp32 accumulation error); the torch reference in the same dtype has the same bound, so tests
+check the kernel at least as tightly as the reference itself passes.
+"""
+
+import torch
+
+# (atol, rtol) for outputs and gradients compared with the float64 reference.
+TOLERANCES = {
+    torch.float32: (1e-5, 1e-5),
+    torch.bfloat16: (2e-2, 2e-2),
+    torch.float16: (2e-3, 2e-3),
+}
+# Reductions over long rows (losses, weight gradients summed over many rows) get a looser absolute term.
+REDUCTION_TOLERANCES = {
+    torch.float32: (1e-4, 1e-4),
+    torch.bfloat16: (5e-2, 3e-2),
+    torch.float16: (5e-3, 5e-3),
+}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def assert_close(actual, expected, dtype, *, reduction=False, name=""):
+    """Compare `actual` (any dtype) with a float64 `expected`; NaN never passes."""
+    atol, rtol = (REDUCTION_TOLERANCES if reduction else TOLERANCES)[dtype]
+    actual = actual.detach().to(torch.float64).cpu()
+    expected = expected.detach().to(torch.float64).cpu()
+    assert not torch.isnan(actual).any(), f"{name}: NaN in output (unwritten element or bad math)"
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
