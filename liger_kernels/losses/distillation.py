@@ -1,0 +1,135 @@
+"""Distillation losses fused with the student's AND the teacher's final linear layers.
+
+Generalized Jensen-Shannon divergence (GKD, https://huggingface.co/papers/2306.13649; TRL's
+`generalized_jsd_loss`) between the student distribution s = softmax(z_s / t) and the teacher's
+p = softmax(z_t / t), per token, with the mixture m = (1 - beta) * s + beta * p:
+    beta = 0:  KL(p || s)    (forward KL)
+    beta = 1:  KL(s || p)    (reverse KL)
+    else:      beta * KL(p || m) + (1 - beta) * KL(s || m)
+summed over the vocabulary, averaged over the valid tokens, plus an optional hard-label
+cross-entropy of the student (at temperature 1):
+    loss = weight_soft_loss * divergence + weight_hard_loss * CE(z_s, target)
+Chunks are groups of tokens; the teacher's logits are computed per chunk without gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from liger_kernels.losses.chunked import (
+    FusedLossModule,
+    Head,
+    LossOutput,
+    auto_chunk_size,
+    check_head,
+    check_target,
+    chunked_fused_linear_loss,
+    row_groups,
+)
+
+# The logits-mode chunk holds several fp32 (rows, V) temporaries: use 1/8 of the default budget.
+_TEMPORARIES = 8
+
+
+def generalized_jsd(student_logps: torch.Tensor, teacher_logps: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-row generalized JSD from log-probabilities (rows, V) -> (rows,)."""
+    if beta == 0.0:
+        return (teacher_logps.exp() * (teacher_logps - student_logps)).sum(-1)
+    if beta == 1.0:
+        return (student_logps.exp() * (student_logps - teacher_logps)).sum(-1)
+    mixture = torch.logsumexp(
+        torch.stack([student_logps + math.log1p(-beta), teacher_logps + math.log(beta)]), dim=0
+    )
+    kl_teacher = (teacher_logps.exp() * (teacher_logps - mixture)).sum(-1)
+    kl_student = (student_logps.exp() * (student_logps - mixture)).sum(-1)
+    return beta * kl_teacher + (1 - beta) * kl_student
+
+
+def _as_rows(name, x):
+    """(B, T, H) or (N, H) -> (N, 1, H): distillation chunks are groups of tokens."""
+    if x.dim() == 3:
+        return x.reshape(-1, 1, x.shape[-1])
+    if x.dim() == 2:
+        return x.unsqueeze(1)
+    raise ValueError(f"{name} must be (batch, seq_len, hidden) or (tokens, hidden), got shape {tuple(x.shape)}")
+
+
+def fused_linear_jsd_loss(
+    student_input: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_input: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    target: torch.Tensor | None = None,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    weight_soft_loss: float = 1.0,
+    weight_hard_loss: float = 0.0,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    accum_dtype: torch.dtype = torch.float32,
+) -> LossOutput:
+    """Generalized JSD distillation fused with both heads (teacher under no_grad).
+
+    `student_input` (B, T, H_s) or (N, H_s); `teacher_input` the same tokens with the teacher's hidden
+    size; the weights (V, H_s), (V, H_t) share the vocabulary. `target` (B, T) / (N,): positions equal
+    to `ignore_index` are skipped; it is required when `weight_hard_loss != 0`; without it every token
+    counts. `chunk_size`: tokens per chunk. Metrics: "soft_loss" (the mean divergence), "hard_loss".
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    student = _as_rows("student_input", student_input)
+    teacher = _as_rows("teacher_input", teacher_input)
+    check_head("student_", student, student_weight, student_bias)
+    check_head("teacher_", teacher, teacher_weight, teacher_bias, *student.shape[:2])
+    vocab = student_weight.shape[0]
+    if teacher_weight.shape[0] != vocab:
+        raise ValueError(f"teacher_weight has vocab {teacher_weight.shape[0]}, student_weight has {vocab}")
+    if target is None:
+        if weight_hard_loss != 0.0:
+            raise ValueError("weight_hard_loss != 0 needs target")
+        target = torch.zeros(student.shape[:2], dtype=torch.long, device=student.device)
+    else:
+        if target.numel() != student.shape[0]:
+            raise ValueError(f"target has {target.numel()} elements for {student.shape[0]} tokens")
+        target = target.reshape(-1, 1)
+        check_target("target", target, student, vocab, ignore_index)
+    n_valid = (target != ignore_index).sum().clamp(min=1)
+    inv_t = 1.0 / temperature
+    parts = {"soft_loss": torch.zeros((), device=student.device), "hard_loss": torch.zeros((), device=student.device)}
+
+    def loss_fn(logits, chunk):
+        valid = chunk.mask.reshape(-1)
+        s = F.log_softmax(logits * inv_t, dim=-1)
+        t = F.log_softmax(chunk.teacher_logits * inv_t, dim=-1)
+        soft = (generalized_jsd(s, t, beta) * valid).sum() / n_valid
+        parts["soft_loss"] += soft.detach()
+        loss = weight_soft_loss * soft
+        if weight_hard_loss != 0.0:
+            ce = F.cross_entropy(logits, chunk.target, reduction="none")
+            hard = (ce * valid).sum() / n_valid
+            parts["hard_loss"] += hard.detach()
+            loss = loss + weight_hard_loss * hard
+        return loss
+
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size (tokens per chunk) must be >= 1, got {chunk_size}")
+    chunk_size = chunk_size or auto_chunk_size(_TEMPORARIES, 1, vocab)
+    loss, _ = chunked_fused_linear_loss(
+        student, student_weight, target, loss_fn, row_groups(student.shape[0], chunk_size, student.device),
+        bias=student_bias, mode="logits", temperature=temperature, ignore_index=ignore_index,
+        teacher=Head(teacher, teacher_weight, teacher_bias), accum_dtype=accum_dtype,
+    )  # fmt: skip
+    return LossOutput(loss, parts)
+
+
+class FusedLinearJSDLoss(FusedLossModule):
+    """Module form of `fused_linear_jsd_loss`:
+    `(student_input, student_weight, teacher_input, teacher_weight, target, student_bias, teacher_bias)`."""
+
+    function = staticmethod(fused_linear_jsd_loss)

@@ -1,0 +1,103 @@
+"""`nn.Module` wrappers over the functional API. Parameters are ordinary `nn.Parameter`s, so these
+modules shard and checkpoint like their PyTorch counterparts; "Norm" stays in the norm class names
+(accelerate's FSDP2 auto-wrap groups modules by that)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from liger_kernels import functional as F
+
+
+class LigerRMSNorm(nn.Module):
+    """RMSNorm: y = x / rms(x) * (offset + weight). `offset=1.0, casting_mode="gemma"` gives Gemma's norm."""
+
+    def __init__(self, hidden_size, eps=1e-6, offset=0.0, casting_mode="llama", in_place=False, init=1.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((hidden_size,), float(init)))
+        self.variance_epsilon = eps
+        self.offset = offset
+        self.casting_mode = casting_mode
+        self.in_place = in_place
+
+    def forward(self, x):
+        return F.rms_norm(x, self.weight, self.variance_epsilon, self.offset, self.casting_mode, self.in_place)
+
+    def extra_repr(self):
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, offset={self.offset}, casting_mode={self.casting_mode}"
+
+
+class LigerFusedAddRMSNorm(LigerRMSNorm):
+    """Residual add + RMSNorm in one kernel: forward(x, residual) -> (normed, x + residual)."""
+
+    def forward(self, x, residual):
+        return F.fused_add_rms_norm(
+            x, residual, self.weight, self.variance_epsilon, self.offset, self.casting_mode, self.in_place
+        )
+
+
+class LigerLayerNorm(nn.Module):
+    def __init__(self, hidden_size, eps=1e-5, bias=True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.bias = nn.Parameter(torch.zeros(hidden_size)) if bias else None
+        self.eps = eps
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class LigerSwiGLUMLP(nn.Module):
+    """Llama-style MLP: down(silu(gate(x)) * up(x)), the gating fused in one kernel."""
+
+    def __init__(self, hidden_size, intermediate_size, bias=False):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class LigerGEGLUMLP(LigerSwiGLUMLP):
+    """Gemma-style MLP: down(gelu_tanh(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size, intermediate_size, bias=False, approximate="tanh"):
+        super().__init__(hidden_size, intermediate_size, bias)
+        self.approximate = approximate
+
+    def forward(self, x):
+        return self.down_proj(F.geglu(self.gate_proj(x), self.up_proj(x), self.approximate))
+
+
+class LigerCrossEntropyLoss(nn.Module):
+    """Drop-in for `nn.CrossEntropyLoss` with z-loss, softcap and logit scaling options."""
+
+    def __init__(self, weight=None, ignore_index=-100, label_smoothing=0.0, lse_square_scale=0.0,
+                 softcap=None, logit_scale=1.0, reduction="mean", return_z_loss=False, in_place=False):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing,
+                            lse_square_scale=lse_square_scale, softcap=softcap, logit_scale=logit_scale,
+                            reduction=reduction, return_z_loss=return_z_loss, in_place=in_place)
+
+    def forward(self, logits, target):
+        return F.cross_entropy(logits, target, self.weight, **self.options)
+
+
+class LigerFusedLinearCrossEntropyLoss(nn.Module):
+    """Loss of `lin_weight @ hidden + bias` against targets without materializing the logits."""
+
+    def __init__(self, ce_weight=None, ignore_index=-100, label_smoothing=0.0, lse_square_scale=0.0,
+                 softcap=None, logit_scale=1.0, reduction="mean", return_z_loss=False):
+        super().__init__()
+        self.register_buffer("ce_weight", ce_weight)
+        self.options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing,
+                            lse_square_scale=lse_square_scale, softcap=softcap, logit_scale=logit_scale,
+                            reduction=reduction, return_z_loss=return_z_loss)
+
+    def forward(self, lin_weight, hidden, target, bias=None, num_items_in_batch=None):
+        return F.fused_linear_cross_entropy(hidden, lin_weight, target, bias, self.ce_weight,
+                                            num_items_in_batch=num_items_in_batch, **self.options)

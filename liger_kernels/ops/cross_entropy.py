@@ -1,0 +1,501 @@
+"""Cross-entropy on logits, with the gradient computed in the forward pass.
+
+Semantics (the specification is `cross_entropy_reference`): for logits x (N, V) and targets t (N,),
+
+    z    = softcap * tanh(logit_scale * x / softcap)      (z = logit_scale * x without softcap)
+    lse  = logsumexp(z)                                    per row
+    ce_i = (1 - eps) * w[t_i] * (lse - z[t_i]) + eps / V * sum_j w[j] * (lse - z[j])
+    zl_i = lse_square_scale * lse^2                        (z-loss; never class-weighted)
+
+which is `torch.nn.functional.cross_entropy(z, t, w, ignore_index, reduction, label_smoothing=eps)`
+plus a z-loss (w = 1 without class weights). Rows whose target is `ignore_index` contribute nothing.
+Reductions:
+- "none": ce_i + zl_i per row (0 for ignored rows), shape logits.shape[:-1].
+- "sum":  sum_i ce_i + sum_i zl_i.
+- "mean": sum_i ce_i / sum_{i not ignored} w[t_i]  +  sum_i zl_i / #{i not ignored}.
+  The cross-entropy part normalizes exactly like torch (by the class weight of each counted target);
+  the z-loss is a per-token regularizer, so it is averaged over counted rows whatever the weights.
+  A zero normalizer counts as 1: when every target is ignored the loss is 0 (torch gives NaN) and
+  all gradients are 0.
+`return_z_loss=True` returns (loss, z_loss); `loss` already includes `z_loss`, which is reduced the
+same way and is for logging only (no gradient flows through it).
+
+Kernel: one program per row, two passes over the vocabulary in blocks. Pass 1 computes the running
+max and sum of exponentials (online softmax) and, with label smoothing, the (weighted) sum of z.
+Pass 2 writes d loss / d x of the row, already divided by the mean normalizer, which is read from
+device memory (no host sync). Pass 2 walks the blocks in reverse order so that the blocks read last
+in pass 1 are read first again while still in L2. The backward only multiplies the saved gradient by
+grad_output, and skips even that (inside the kernel, no host sync) when grad_output is 1.
+
+Memory: the default allocates one gradient buffer the size of the logits. `in_place=True` writes the
+gradient into the logits buffer itself (no extra memory); the caller must not use the logits
+afterwards. The version counter of the logits is bumped, so an earlier autograd op that saved them
+(e.g. a tanh) fails loudly in backward instead of using overwritten values. Non-contiguous logits
+are copied first; the gradient then goes into the copy.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from liger_kernels._utils import (
+    check_float,
+    check_same_device,
+    new_output,
+    num_programs_for_rows,
+    row_launch_config,
+    use_triton,
+)
+
+_REDUCTIONS = ("mean", "sum", "none")
+# Widest vocabulary block one loop iteration holds in registers (16 fp32 values per thread at 32
+# warps). The tests lower it to exercise the multi-block loop on small vocabularies.
+_MAX_BLOCK = 16384
+# Elements per iteration of the backward's scale kernel.
+_SCALE_BLOCK = 4096
+# Checking targets on CUDA with a host sync (clear ValueError) instead of a device-side assert.
+_SYNC_TARGET_CHECK = os.environ.get("LIGER_CHECK_TARGETS", "0") == "1"
+# exp(x) = exp2(x * log2(e)); keep the tensor on the left of products with it (interpreter).
+_LOG2E = tl.constexpr(1.4426950408889634)
+
+
+
+@dataclass(frozen=True)
+class CrossEntropyOptions:
+    """Scalar options shared by cross_entropy and fused_linear_cross_entropy."""
+
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+    lse_square_scale: float = 0.0
+    softcap: float | None = None
+    logit_scale: float = 1.0
+
+
+@triton.jit
+def _tanh(u):
+    # tanh from exp(-2|u|) in (0, 1]: no overflow, exact sign, saturates to +-1.
+    e = tl.exp2(tl.abs(u) * -2.8853900817779268)  # 2 * log2(e)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(u < 0, -t, t)
+
+
+@triton.jit
+def _transform(x, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    z = x * logit_scale
+    if HAS_SOFTCAP:
+        z = softcap * _tanh(z / softcap)
+    return z
+
+
+@triton.jit
+def _cross_entropy_kernel(
+    x_ptr,
+    x_stride,
+    grad_ptr,
+    grad_stride,
+    target_ptr,
+    weight_ptr,
+    loss_ptr,
+    z_loss_ptr,
+    ce_denom_ptr,
+    z_denom_ptr,
+    row_scale_ptr,
+    n_cols,
+    ignore_index,
+    label_smoothing,
+    lse_square_scale,
+    softcap,
+    logit_scale,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_DENOM: tl.constexpr,
+    HAS_ROW_SCALE: tl.constexpr,
+    HAS_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Loss of one row (un-normalized) and, with HAS_GRAD, d loss / d x of the row (normalized).
+
+    grad_ptr may equal x_ptr (in place): every element is read before the program writes it.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * x_stride
+    grad_row = grad_ptr + row * grad_stride
+    cols = tl.arange(0, BLOCK)
+    t = tl.load(target_ptr + row)
+    if t == ignore_index:
+        tl.store(loss_ptr + row, 0.0)
+        if HAS_Z:
+            tl.store(z_loss_ptr + row, 0.0)
+        if HAS_GRAD:
+            zeros = tl.zeros([BLOCK], dtype=grad_ptr.dtype.element_ty)
+            for start in range(0, n_cols, BLOCK):
+                tl.store(grad_row + start + cols, zeros, mask=start + cols < n_cols)
+    else:
+        # Pass 1: online max / sum of exp; with smoothing also sum_j w_j z_j and sum_j w_j.
+        m = float("-inf")
+        d = 0.0
+        sum_z = 0.0
+        sum_w = 0.0
+        for start in range(0, n_cols, BLOCK):
+            offs = start + cols
+            mask = offs < n_cols
+            x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+            z = tl.where(mask, _transform(x, logit_scale, softcap, HAS_SOFTCAP), float("-inf"))
+            m_new = tl.maximum(m, tl.max(z, axis=0))
+            d = d * tl.exp2((m - m_new) * _LOG2E) + tl.sum(tl.exp2((z - m_new) * _LOG2E), axis=0)
+            m = m_new
+            if HAS_SMOOTHING:
+                if HAS_WEIGHT:
+                    w = tl.load(weight_ptr + offs, mask=mask, other=0.0)
+                    sum_z += tl.sum(w * tl.where(mask, z, 0.0), axis=0)
+                    sum_w += tl.sum(w, axis=0)
+                else:
+                    sum_z += tl.sum(tl.where(mask, z, 0.0), axis=0)
+        lse = m + tl.log(d)
+
+        # The target's logit, read before pass 2 may overwrite it (in place).
+        t_safe = tl.where((t >= 0) & (t < n_cols), t, 0)
+        z_t = _transform(tl.load(x_row + t_safe).to(tl.float32), logit_scale, softcap, HAS_SOFTCAP)
+        w_t = 1.0
+        if HAS_WEIGHT:
+            w_t = tl.load(weight_ptr + t_safe)
+        if not HAS_WEIGHT:
+            sum_w = n_cols.to(tl.float32)
+        eps_over_v = label_smoothing / n_cols
+        loss = w_t * (lse - z_t)
+        if HAS_SMOOTHING:
+            loss = (1.0 - label_smoothing) * loss + eps_over_v * (sum_w * lse - sum_z)
+        tl.store(loss_ptr + row, loss)
+        if HAS_Z:
+            tl.store(z_loss_ptr + row, lse_square_scale * lse * lse)
+
+        if HAS_GRAD:
+            ce_scale = 1.0
+            z_scale = 1.0
+            if HAS_DENOM:
+                ce_scale = 1.0 / tl.load(ce_denom_ptr)
+                z_scale = 1.0 / tl.load(z_denom_ptr)
+            if HAS_ROW_SCALE:
+                row_scale = tl.load(row_scale_ptr + row).to(tl.float32)
+                ce_scale = ce_scale * row_scale
+                z_scale = z_scale * row_scale
+            # d loss / d z_j = p_coef * p_j - c_smooth * w_j - [j == t] * c_target
+            c_target = ce_scale * w_t
+            p_coef = c_target
+            c_smooth = 0.0
+            if HAS_SMOOTHING:
+                c_target = c_target * (1.0 - label_smoothing)
+                c_smooth = ce_scale * eps_over_v
+                p_coef = c_target + c_smooth * sum_w
+            if HAS_Z:
+                p_coef += z_scale * 2.0 * lse_square_scale * lse
+            # Pass 2, last block first (it is the most recently read, likeliest still in L2).
+            n_blocks = tl.cdiv(n_cols, BLOCK)
+            for i in range(0, n_blocks):
+                offs = (n_blocks - 1 - i) * BLOCK + cols
+                mask = offs < n_cols
+                x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+                z = _transform(x, logit_scale, softcap, HAS_SOFTCAP)
+                g = p_coef * tl.exp2((z - lse) * _LOG2E)
+                if HAS_SMOOTHING:
+                    if HAS_WEIGHT:
+                        g -= c_smooth * tl.load(weight_ptr + offs, mask=mask, other=0.0)
+                    else:
+                        g -= c_smooth
+                g = tl.where(offs == t, g - c_target, g)
+                if HAS_SOFTCAP:
+                    th = z / softcap
+                    g = g * (logit_scale * (1.0 - th * th))
+                else:
+                    g = g * logit_scale
+                tl.store(grad_row + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scale_kernel(x_ptr, scale_ptr, n, BLOCK: tl.constexpr):
+    """x *= scale in place (fp32 math); does nothing when scale == 1, so no host check is needed."""
+    s = tl.load(scale_ptr).to(tl.float32)
+    if s != 1.0:
+        cols = tl.arange(0, BLOCK)
+        first = tl.program_id(0).to(tl.int64) * BLOCK
+        step = tl.num_programs(0).to(tl.int64) * BLOCK
+        for start in range(first, n, step):
+            offs = start + cols
+            mask = offs < n
+            v = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
+            tl.store(x_ptr + offs, (v * s).to(x_ptr.dtype.element_ty), mask=mask)
+
+
+def scale_(t: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    """Multiply a contiguous gradient in place by grad_output (a 1-element tensor); free when it is 1."""
+    if t.numel():
+        n_blocks = triton.cdiv(t.numel(), _SCALE_BLOCK)
+        grid = (num_programs_for_rows(n_blocks, t.device),)
+        _scale_kernel[grid](t, grad_output.reshape(()), t.numel(), BLOCK=_SCALE_BLOCK, num_warps=8)
+    return t
+
+
+def check_target(target: torch.Tensor, n_rows: int, n_classes: int, ignore_index: int) -> None:
+    """Type/shape checks, then every target is ignore_index or in [0, n_classes).
+
+    On CPU (reference and interpreter) the range check is a cheap host-side ValueError. On CUDA it
+    would need a device->host sync per call, so by default it is a device-side assert
+    (`torch._assert_async`): no sync, and a bad target stops the process with a CUDA error naming
+    the problem. Set LIGER_CHECK_TARGETS=1 to get the synchronous ValueError on CUDA (debugging).
+    """
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(f"target must be an integer tensor of class indices, got {target.dtype}")
+    if target.numel() != n_rows:
+        raise ValueError(
+            f"target has {target.numel()} elements (shape {tuple(target.shape)}) but there are "
+            f"{n_rows} rows of logits"
+        )
+    if n_rows == 0:
+        return
+    bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
+    message = f"target values must be in [0, {n_classes}) or equal ignore_index={ignore_index}"
+    if target.is_cuda and not _SYNC_TARGET_CHECK:
+        torch._assert_async(~bad.any(), message)
+    elif bool(bad.any()):
+        raise ValueError(f"{message}; got {target[bad].flatten()[:5].tolist()}")
+
+
+def check_options(opts: CrossEntropyOptions, reduction: str) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f'reduction must be "mean", "sum" or "none", got {reduction!r}')
+    if not 0.0 <= opts.label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {opts.label_smoothing}")
+    if opts.softcap is not None and not opts.softcap > 0:
+        raise ValueError(f"softcap must be a positive number or None, got {opts.softcap}")
+    if opts.lse_square_scale < 0:
+        raise ValueError(f"lse_square_scale must be >= 0, got {opts.lse_square_scale}")
+
+
+def check_class_weight(name: str, weight: torch.Tensor | None, n_classes: int) -> None:
+    if weight is None:
+        return
+    check_float(name, weight)
+    if weight.shape != (n_classes,):
+        raise ValueError(f"{name} must have shape ({n_classes},), got {tuple(weight.shape)}")
+
+
+def mean_denominators(target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int):
+    """Device scalars (fp32) dividing the summed cross-entropy and z-loss for reduction="mean".
+
+    Cross-entropy: sum of weight[target] over counted rows (their count without weights), as torch.
+    Z-loss: count of counted rows. Zero becomes 1 (all ignored -> loss 0, not NaN). No host sync.
+    """
+    valid = target != ignore_index
+    count = valid.sum(dtype=torch.float32)
+    z_denom = torch.where(count == 0, 1.0, count)
+    if weight is None:
+        return z_denom, z_denom
+    w_sum = (weight.float()[torch.where(valid, target, 0)] * valid).sum()
+    return torch.where(w_sum == 0, 1.0, w_sum), z_denom
+
+
+def launch_cross_entropy(
+    x: torch.Tensor,
+    grad: torch.Tensor | None,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    loss_rows: torch.Tensor,
+    z_rows: torch.Tensor | None,
+    denoms: tuple[torch.Tensor, torch.Tensor] | None,
+    row_scale: torch.Tensor | None,
+    opts: CrossEntropyOptions,
+) -> None:
+    """Run the row kernel on x (rows with unit column stride). grad may be x itself (in place)."""
+    n_rows, n_cols = x.shape
+    if n_rows == 0:
+        return
+    block, num_warps = row_launch_config(min(n_cols, _MAX_BLOCK))
+    dummy = loss_rows  # pointer for arguments a constexpr flag disables
+    _cross_entropy_kernel[(n_rows,)](
+        x,
+        x.stride(0),
+        grad if grad is not None else dummy,
+        grad.stride(0) if grad is not None else 0,
+        target,
+        weight if weight is not None else dummy,
+        loss_rows,
+        z_rows if z_rows is not None else dummy,
+        denoms[0] if denoms is not None else dummy,
+        denoms[1] if denoms is not None else dummy,
+        row_scale if row_scale is not None else dummy,
+        n_cols,
+        opts.ignore_index,
+        float(opts.label_smoothing),
+        float(opts.lse_square_scale),
+        float(opts.softcap) if opts.softcap is not None else 1.0,
+        float(opts.logit_scale),
+        HAS_WEIGHT=weight is not None,
+        HAS_SMOOTHING=opts.label_smoothing > 0,
+        HAS_Z=z_rows is not None,
+        HAS_SOFTCAP=opts.softcap is not None,
+        HAS_DENOM=denoms is not None,
+        HAS_ROW_SCALE=row_scale is not None,
+        HAS_GRAD=grad is not None,
+        BLOCK=block,
+        num_warps=num_warps,
+    )
+
+
+def reduce_loss(loss_rows, z_rows, reduction, denoms, out_shape, dtype):
+    """(loss, z_loss) from the per-row fp32 terms: loss includes z_loss; both in `dtype`."""
+    if reduction == "none":
+        z = z_rows if z_rows is not None else torch.zeros_like(loss_rows)
+        return (loss_rows + z).to(dtype).view(out_shape), z.to(dtype).view(out_shape)
+    ce = loss_rows.sum()
+    z = z_rows.sum() if z_rows is not None else torch.zeros_like(ce)
+    if denoms is not None:
+        ce, z = ce / denoms[0], z / denoms[1]
+    return (ce + z).to(dtype), z.to(dtype)
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, weight, opts: CrossEntropyOptions, reduction: str, in_place):
+        n_cols = logits.shape[-1]
+        x = logits.reshape(-1, n_cols)
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        target = target.reshape(-1).contiguous()
+        weight = weight.float().contiguous() if weight is not None else None
+        n_rows = x.shape[0]
+        denoms = mean_denominators(target, weight, opts.ignore_index) if reduction == "mean" else None
+
+        grad = saved = None
+        if ctx.needs_input_grad[0]:
+            if in_place and logits.is_contiguous():
+                # Save the logits themselves, not the view x (autograd forbids saving a view made
+                # here once its base's version is bumped).
+                grad, saved = x, logits
+                torch.autograd.graph.increment_version(logits)
+            else:
+                grad = saved = x if in_place else new_output((n_rows, n_cols), x.dtype, x.device)
+        loss_rows = new_output((n_rows,), torch.float32, x.device)
+        z_rows = new_output((n_rows,), torch.float32, x.device) if opts.lse_square_scale else None
+        launch_cross_entropy(x, grad, target, weight, loss_rows, z_rows, denoms, None, opts)
+
+        loss, z_loss = reduce_loss(
+            loss_rows, z_rows, reduction, denoms, logits.shape[:-1], logits.dtype
+        )
+        ctx.mark_non_differentiable(z_loss)
+        ctx.save_for_backward(saved)
+        ctx.reduction = reduction
+        ctx.logits_shape = logits.shape
+        ctx.used = False
+        return loss, z_loss
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_z_loss):
+        (grad,) = ctx.saved_tensors
+        if grad is None:
+            return None, None, None, None, None, None
+        if ctx.used:
+            raise RuntimeError(
+                "cross_entropy's backward scales its saved gradient in place and can run only once"
+            )
+        ctx.used = True
+        if ctx.reduction == "none":
+            # Per-row grad_output: fp32 math, result written back into the saved gradient.
+            torch.mul(grad, grad_loss.reshape(-1, 1).float(), out=grad)
+        else:
+            scale_(grad, grad_loss)
+        return grad.view(ctx.logits_shape), None, None, None, None, None
+
+
+def cross_entropy_reference(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    reduction: str = "mean",
+    return_z_loss: bool = False,
+):
+    """Torch specification of `cross_entropy` (see the module docstring); fp32 math (fp64 for fp64
+    inputs), outputs in the logits dtype. Differentiable by autograd; used as the CPU path."""
+    compute = torch.promote_types(logits.dtype, torch.float32)
+    n_cols = logits.shape[-1]
+    z = logits.reshape(-1, n_cols).to(compute) * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    target = target.reshape(-1)
+    valid = target != ignore_index
+    safe_target = torch.where(valid, target, 0)
+    lse = torch.logsumexp(z, dim=-1)
+    logp = z - lse[:, None]
+    w = weight.to(compute) if weight is not None else torch.ones(n_cols, dtype=compute, device=z.device)
+    w_t = w[safe_target]
+    ce = -w_t * logp.gather(1, safe_target[:, None]).squeeze(1)
+    if label_smoothing > 0:
+        smooth = -(logp * w).sum(-1)
+        ce = (1 - label_smoothing) * ce + label_smoothing / n_cols * smooth
+    zero = torch.zeros((), dtype=compute, device=z.device)
+    ce = torch.where(valid, ce, zero)
+    zl = torch.where(valid, lse_square_scale * lse * lse, zero)
+    if reduction == "none":
+        loss, z_loss = (ce + zl).view(logits.shape[:-1]), zl.view(logits.shape[:-1])
+    elif reduction == "sum":
+        loss, z_loss = ce.sum() + zl.sum(), zl.sum()
+    else:
+        count = valid.sum().to(compute)
+        w_sum = (w_t * valid).sum() if weight is not None else count
+        ce_mean = ce.sum() / torch.where(w_sum == 0, 1.0, w_sum)
+        z_loss = zl.sum() / torch.where(count == 0, 1.0, count)
+        loss = ce_mean + z_loss
+    loss, z_loss = loss.to(logits.dtype), z_loss.detach().to(logits.dtype)
+    return (loss, z_loss) if return_z_loss else loss
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    reduction: str = "mean",
+    return_z_loss: bool = False,
+    in_place: bool = False,
+):
+    """Cross-entropy of (optionally soft-capped and scaled) logits (..., V) against class indices.
+
+    See the module docstring for the exact formula, the reductions and the memory behaviour.
+    `logit_scale` multiplies the logits before the softcap (Granite: 1 / logits_scaling).
+    `in_place=True` overwrites `logits` with its gradient during the forward pass.
+    Returns loss, or (loss, z_loss) with `return_z_loss=True`.
+    """
+    check_float("logits", logits)
+    if logits.dim() == 0 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must have shape (..., V) with V >= 1, got {tuple(logits.shape)}")
+    n_cols = logits.shape[-1]
+    n_rows = logits.numel() // n_cols
+    opts = CrossEntropyOptions(ignore_index, label_smoothing, lse_square_scale, softcap, logit_scale)
+    check_options(opts, reduction)
+    check_class_weight("weight", weight, n_cols)
+    check_same_device(logits=logits, target=target, weight=weight)
+    check_target(target, n_rows, n_cols, ignore_index)
+    if n_rows == 0 or not use_triton(logits, target, weight):
+        return cross_entropy_reference(
+            logits, target, weight, ignore_index, label_smoothing, lse_square_scale, softcap,
+            logit_scale, reduction, return_z_loss,
+        )
+    loss, z_loss = CrossEntropyFunction.apply(logits, target, weight, opts, reduction, in_place)
+    return (loss, z_loss) if return_z_loss else loss

@@ -1,0 +1,108 @@
+"""Fused residual add + RMSNorm: (y, new_residual) = (rms_norm(x + residual), x + residual).
+
+This is the `hidden_states = residual + hidden_states; hidden_states = norm(hidden_states)` step of a
+pre-norm decoder layer. new_residual is x + residual in the promoted dtype of the two (what torch's
+`residual + hidden_states` gives), and y is exactly rms_norm(new_residual) (casting modes, offset and
+output dtype as in rms_norm.py).
+
+Kernels: the RMSNorm kernels of rms_norm.py in their residual mode (the math is written once there).
+The forward reads x and residual once and writes new_residual, y and a fp32 rstd per row. The backward
+gets dy and d(new_residual) (either may be absent) and computes
+    dx = dresidual = drms_norm(dy) + d(new_residual)
+in one pass (reads dy, d(new_residual), new_residual, weight, rstd; writes dx and dweight partials).
+Only new_residual (an output the caller keeps anyway), weight and rstd are saved for backward.
+
+dx and dresidual are the same value; when x and residual share a dtype the backward returns one tensor
+for both (no copy). `in_place=True` writes it into the buffer of dy (the gradient of y), which the
+caller can no longer use afterwards; see rms_norm.rms_norm for when that is unsafe.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from liger_kernels import _utils
+from liger_kernels.ops.rms_norm import (
+    as_rows,
+    check_rms_norm_args,
+    rms_norm_backward,
+    rms_norm_forward,
+    rms_norm_reference,
+)
+
+
+class FusedAddRMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, eps, offset, casting_mode, in_place):
+        y, rstd, new_residual = rms_norm_forward(
+            as_rows(x), weight, eps, offset, casting_mode, residual=as_rows(residual)
+        )
+        ctx.save_for_backward(new_residual, weight, rstd)
+        ctx.offset, ctx.casting_mode, ctx.in_place = offset, casting_mode, in_place
+        ctx.x_dtype, ctx.residual_dtype = x.dtype, residual.dtype
+        # Absent gradients stay None instead of being materialized as zeros (no wasted pass).
+        ctx.set_materialize_grads(False)
+        return y.view(x.shape), new_residual.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy, dnew_residual):
+        new_residual, weight, rstd = ctx.saved_tensors
+        if dy is None:  # only the residual stream is used: the norm contributes nothing
+            dx, dw = dnew_residual, None
+        else:
+            dx, dw = rms_norm_backward(
+                as_rows(dy),
+                new_residual,
+                weight,
+                rstd,
+                ctx.offset,
+                ctx.casting_mode,
+                ctx.in_place,
+                ctx.needs_input_grad[2],
+                dres=None if dnew_residual is None else as_rows(dnew_residual),
+            )
+            dx = dx.view(dy.shape)
+        if dx is None:
+            return None, None, None, None, None, None, None
+        return dx.to(ctx.x_dtype), dx.to(ctx.residual_dtype), dw, None, None, None, None
+
+
+def fused_add_rms_norm_reference(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    offset: float = 0.0,
+    casting_mode: str = "llama",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The specification (module docstring); also the CPU path."""
+    new_residual = residual + x
+    return rms_norm_reference(new_residual, weight, eps, offset, casting_mode), new_residual
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    offset: float = 0.0,
+    casting_mode: str = "llama",
+    in_place: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual) in one kernel each way; see the module docstring.
+
+    x and residual have the same shape (..., H); weight is (H,).
+    """
+    triton_path = _utils.use_triton(x, residual, weight)
+    check_rms_norm_args(x, weight, casting_mode, triton_path)
+    _utils.check_float("residual", residual)
+    if residual.shape != x.shape:
+        raise ValueError(
+            f"residual has shape {tuple(residual.shape)} but x has shape {tuple(x.shape)}; they must match"
+        )
+    _utils.check_same_device(x=x, residual=residual, weight=weight)
+    if not triton_path or x.numel() == 0:
+        return fused_add_rms_norm_reference(x, residual, weight, eps, offset, casting_mode)
+    return FusedAddRMSNormFunction.apply(
+        x, residual, weight, float(eps), float(offset), casting_mode, bool(in_place)
+    )

@@ -1,0 +1,384 @@
+"""Fused linear + cross-entropy: loss = cross_entropy(input @ weight.T + bias, target, ...) without
+ever materializing the (N, V) logits.
+
+Semantics: exactly `cross_entropy` (see liger_kernels/ops/cross_entropy.py) applied to the logits of
+the linear layer; `ce_weight` are the class weights. With `num_items_in_batch` (requires
+reduction="sum", as Hugging Face does for gradient accumulation) the summed loss and z-loss are
+divided by that number (an int or a tensor, read on device).
+
+Algorithm (forward pass, which also computes all the gradients):
+    for each chunk of rows:
+        logits = x_c @ W.T (+ b)                  cuBLAS, into one reused (chunk, V) buffer
+        CE kernel: per-row loss, and d loss / d logits written over the logits (in place), already
+                   divided by the global mean normalizer (computed once up front, on device)
+        dX[c] = g @ W                             cuBLAS, straight into the preallocated dX rows
+        dW   += g.T @ x_c                         cuBLAS addmm into one dW buffer (first chunk: mm)
+        db   += g.sum(0)                          fp32
+The backward multiplies the stored gradients by grad_output (skipped on device when it is 1).
+Gradients of inputs that do not require grad are not computed (e.g. a frozen lm_head under LoRA).
+reduction="none" needs a per-row grad_output, so there the forward computes only the losses and the
+backward recomputes the chunks with the row weights folded into the kernel (one extra logits GEMM).
+
+Memory beyond the inputs: dX + dW + one logits chunk of about `CHUNK_BYTES`. The dW update
+`dW += g.T @ x_c` reads and writes all of dW once per chunk, so its time is
+max(2|dW| / bandwidth, 2 V H rows / FLOPs): with fewer than ~400 rows per chunk on an H200 it is
+memory-bound. 128 MiB of bf16 logits is 512 rows at V = 128256 (Llama 3; 1.16 GiB in all with dW,
+dX at N=8192, H=4096) and 256 rows at V = 256000 (Gemma).
+
+`accum_dtype=torch.float32` accumulates dW in fp32 (a Triton GEMM adds each chunk's fp32 product
+into an fp32 buffer) and rounds once at the end; the default accumulates in the weight's dtype.
+Under autocast, input, weight and bias are cast to the autocast dtype first, as F.linear would be.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from liger_kernels._utils import INTERPRET, check_float, check_same_device, new_output, use_triton
+from liger_kernels.ops.cross_entropy import (
+    CrossEntropyOptions,
+    check_class_weight,
+    check_options,
+    check_target,
+    cross_entropy_reference,
+    launch_cross_entropy,
+    mean_denominators,
+    reduce_loss,
+    scale_,
+)
+
+# Bytes of one chunk of logits (the only sizeable buffer besides dX and dW).
+CHUNK_BYTES = 128 * 2**20
+# Rows per chunk: at least this many (GEMM efficiency), and a multiple of it when chunking.
+MIN_CHUNK_ROWS = 64
+
+
+def chunk_rows(n_rows: int, n_classes: int, element_size: int) -> int:
+    """Automatic rows per chunk: about CHUNK_BYTES of logits, a multiple of MIN_CHUNK_ROWS."""
+    rows = CHUNK_BYTES // (n_classes * element_size)
+    rows = max(MIN_CHUNK_ROWS, rows // MIN_CHUNK_ROWS * MIN_CHUNK_ROWS)
+    return max(1, min(rows, n_rows))
+
+
+@triton.jit
+def _grad_weight_fp32_kernel(
+    g_ptr,
+    x_ptr,
+    out_ptr,
+    n_k,
+    n_v,
+    n_h,
+    g_stride,
+    x_stride,
+    out_stride,
+    ACCUMULATE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """out (V, H) fp32 (+)= g(K, V).T @ x(K, H), fp32 accumulation of 16-bit inputs."""
+    offs_v = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_V, BLOCK_H), dtype=tl.float32)
+    for k0 in range(0, n_k, BLOCK_K):
+        ks = (k0 + offs_k).to(tl.int64)
+        g = tl.load(
+            g_ptr + ks[None, :] * g_stride + offs_v[:, None],
+            mask=(ks[None, :] < n_k) & (offs_v[:, None] < n_v),
+            other=0.0,
+        )
+        x = tl.load(
+            x_ptr + ks[:, None] * x_stride + offs_h[None, :],
+            mask=(ks[:, None] < n_k) & (offs_h[None, :] < n_h),
+            other=0.0,
+        )
+        if UPCAST:  # the interpreter's tl.dot multiplies bf16 bit patterns; products are exact in fp32
+            g, x = g.to(tl.float32), x.to(tl.float32)
+        acc = tl.dot(g, x, acc=acc)
+    out = out_ptr + offs_v[:, None].to(tl.int64) * out_stride + offs_h[None, :]
+    mask = (offs_v[:, None] < n_v) & (offs_h[None, :] < n_h)
+    if ACCUMULATE:
+        acc += tl.load(out, mask=mask)
+    tl.store(out, acc, mask=mask)
+
+
+def _accumulate_grad_weight(grad_w: torch.Tensor, g: torch.Tensor, x: torch.Tensor, first: bool):
+    """grad_w (V, H) = or += g.T @ x for g (rows, V), x (rows, H)."""
+    if grad_w.dtype == g.dtype:
+        if first:
+            torch.mm(g.t(), x, out=grad_w)
+        else:
+            grad_w.addmm_(g.t(), x)
+        return
+    n_k, n_v = g.shape
+    n_h = x.shape[1]
+    block_v, block_h, block_k = 128, 128, 32
+    grid = (triton.cdiv(n_v, block_v), triton.cdiv(n_h, block_h))
+    _grad_weight_fp32_kernel[grid](
+        g,
+        x,
+        grad_w,
+        n_k,
+        n_v,
+        n_h,
+        g.stride(0),
+        x.stride(0),
+        grad_w.stride(0),
+        ACCUMULATE=not first,
+        UPCAST=INTERPRET,
+        BLOCK_V=block_v,
+        BLOCK_H=block_h,
+        BLOCK_K=block_k,
+        num_warps=8,
+        num_stages=3,
+    )
+
+
+def _chunked_pass(
+    x, w, b, target, ce_weight, opts, denoms, row_scale, need_dx, need_dw, need_db, rows, accum_dtype
+):
+    """Per-row losses (fp32) and, when asked, dX, dW, db over row chunks of `rows`."""
+    n, h = x.shape
+    v = w.shape[0]
+    device = x.device
+    loss_rows = new_output((n,), torch.float32, device)
+    z_rows = new_output((n,), torch.float32, device) if opts.lse_square_scale else None
+    grad_x = new_output((n, h), x.dtype, device) if need_dx else None
+    grad_w = new_output((v, h), accum_dtype, device) if need_dw else None
+    grad_b = torch.zeros((v,), dtype=torch.float32, device=device) if need_db else None
+    need_grad = need_dx or need_dw or need_db
+    logits_buf = new_output((min(rows, n), v), x.dtype, device)
+    for start in range(0, n, rows):
+        end = min(start + rows, n)
+        x_c = x[start:end]
+        logits = logits_buf[: end - start]
+        if b is None:
+            torch.mm(x_c, w.t(), out=logits)
+        else:
+            torch.addmm(b, x_c, w.t(), out=logits)
+        launch_cross_entropy(
+            logits,
+            logits if need_grad else None,
+            target[start:end],
+            ce_weight,
+            loss_rows[start:end],
+            z_rows[start:end] if z_rows is not None else None,
+            denoms,
+            row_scale[start:end] if row_scale is not None else None,
+            opts,
+        )
+        if need_dx:
+            torch.mm(logits, w, out=grad_x[start:end])
+        if need_dw:
+            _accumulate_grad_weight(grad_w, logits, x_c, first=start == 0)
+        if need_db:
+            grad_b += logits.sum(0, dtype=torch.float32)
+    return loss_rows, z_rows, grad_x, grad_w, grad_b
+
+
+class FusedLinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, x, w, b, target, ce_weight, opts: CrossEntropyOptions, reduction, num_items, rows, accum
+    ):
+        out_shape = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1]).contiguous()
+        w = w.contiguous()
+        target = target.reshape(-1).contiguous()
+        ce_weight = ce_weight.float().contiguous() if ce_weight is not None else None
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_db = b is not None and ctx.needs_input_grad[2]
+        if reduction == "mean":
+            denoms = mean_denominators(target, ce_weight, opts.ignore_index)
+        elif num_items is not None:
+            denoms = (num_items, num_items)
+        else:
+            denoms = None
+
+        ctx.reduction = reduction
+        ctx.used = False
+        ctx.dtypes = (x.dtype, w.dtype, b.dtype if b is not None else None)
+        if reduction == "none":
+            # Gradients need the per-row grad_output: computed in backward.
+            loss_rows, z_rows, *_ = _chunked_pass(
+                x, w, b, target, ce_weight, opts, None, None, False, False, False, rows, accum
+            )
+            ctx.save_for_backward(x, w, b, target, ce_weight)
+            ctx.args = (opts, rows, accum, need_dx, need_dw, need_db)
+        else:
+            loss_rows, z_rows, grad_x, grad_w, grad_b = _chunked_pass(
+                x, w, b, target, ce_weight, opts, denoms, None, need_dx, need_dw, need_db, rows, accum
+            )
+            ctx.save_for_backward(grad_x, grad_w, grad_b)
+        ctx.x_shape = out_shape + (x.shape[-1],)
+        loss, z_loss = reduce_loss(loss_rows, z_rows, reduction, denoms, out_shape, x.dtype)
+        ctx.mark_non_differentiable(z_loss)
+        return loss, z_loss
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_z_loss):
+        if ctx.used:
+            raise RuntimeError(
+                "fused_linear_cross_entropy's backward reuses its saved gradients and can run only once"
+            )
+        ctx.used = True
+        if ctx.reduction == "none":
+            x, w, b, target, ce_weight = ctx.saved_tensors
+            opts, rows, accum, need_dx, need_dw, need_db = ctx.args
+            row_scale = grad_loss.reshape(-1).float().contiguous()
+            _, _, grad_x, grad_w, grad_b = _chunked_pass(
+                x, w, b, target, ce_weight, opts, None, row_scale, need_dx, need_dw, need_db, rows, accum
+            )
+        else:
+            grad_x, grad_w, grad_b = ctx.saved_tensors
+            for grad in (grad_x, grad_w, grad_b):
+                if grad is not None:
+                    scale_(grad, grad_loss)
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        if grad_x is not None:
+            grad_x = grad_x.view(ctx.x_shape)
+        if grad_w is not None:
+            grad_w = grad_w.to(w_dtype)
+        if grad_b is not None:
+            grad_b = grad_b.to(b_dtype)
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+
+
+def fused_linear_cross_entropy_reference(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ce_weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    reduction: str = "mean",
+    return_z_loss: bool = False,
+    num_items_in_batch: int | torch.Tensor | None = None,
+):
+    """Torch specification of `fused_linear_cross_entropy`: materialized logits in fp32 (fp64 for
+    fp64 inputs), then `cross_entropy_reference`. Outputs in the input dtype. The CPU path."""
+    compute = torch.promote_types(input.dtype, torch.float32)
+    logits = input.to(compute) @ weight.to(compute).t()
+    if bias is not None:
+        logits = logits + bias.to(compute)
+    loss, z_loss = cross_entropy_reference(
+        logits, target, ce_weight, ignore_index, label_smoothing, lse_square_scale, softcap,
+        logit_scale, reduction, return_z_loss=True,
+    )
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, torch.Tensor):
+            num_items_in_batch = num_items_in_batch.to(device=loss.device, dtype=compute)
+        loss, z_loss = loss / num_items_in_batch, z_loss / num_items_in_batch
+    loss, z_loss = loss.to(input.dtype), z_loss.to(input.dtype)
+    return (loss, z_loss) if return_z_loss else loss
+
+
+def _check_num_items(num_items_in_batch, reduction: str) -> None:
+    if num_items_in_batch is None:
+        return
+    if reduction != "sum":
+        raise ValueError(
+            f'num_items_in_batch requires reduction="sum" (the summed loss is divided by it), '
+            f"got reduction={reduction!r}"
+        )
+    if isinstance(num_items_in_batch, torch.Tensor):
+        if num_items_in_batch.numel() != 1:
+            raise ValueError(
+                f"num_items_in_batch must be a number or a 1-element tensor, got shape "
+                f"{tuple(num_items_in_batch.shape)}"
+            )
+    elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)):
+        raise TypeError(
+            f"num_items_in_batch must be an int or a tensor, got {type(num_items_in_batch).__name__}"
+        )
+    elif num_items_in_batch <= 0:
+        raise ValueError(f"num_items_in_batch must be positive, got {num_items_in_batch}")
+
+
+def fused_linear_cross_entropy(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ce_weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    reduction: str = "mean",
+    return_z_loss: bool = False,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    *,
+    chunk_size: int | None = None,
+    accum_dtype: torch.dtype | None = None,
+):
+    """cross_entropy(input @ weight.T + bias, target, ...) for input (..., H), weight (V, H).
+
+    `chunk_size`: rows per chunk (None: automatic, see `chunk_rows`). `accum_dtype`: None (the
+    weight's dtype) or torch.float32 for the weight-gradient accumulation. See the module docstring.
+    Returns loss, or (loss, z_loss) with `return_z_loss=True`.
+    """
+    check_float("input", input)
+    check_float("weight", weight)
+    if bias is not None:
+        check_float("bias", bias)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape (V, H), got {tuple(weight.shape)}")
+    n_classes, hidden = weight.shape
+    if n_classes == 0 or hidden == 0:
+        raise ValueError(f"weight must have non-empty shape (V, H), got {tuple(weight.shape)}")
+    if input.dim() == 0 or input.shape[-1] != hidden:
+        raise ValueError(
+            f"input must have shape (..., {hidden}) to match weight {tuple(weight.shape)}, "
+            f"got {tuple(input.shape)}"
+        )
+    if bias is not None and bias.shape != (n_classes,):
+        raise ValueError(f"bias must have shape ({n_classes},), got {tuple(bias.shape)}")
+    check_class_weight("ce_weight", ce_weight, n_classes)
+    check_same_device(input=input, weight=weight, target=target, bias=bias, ce_weight=ce_weight)
+    opts = CrossEntropyOptions(ignore_index, label_smoothing, lse_square_scale, softcap, logit_scale)
+    check_options(opts, reduction)
+    _check_num_items(num_items_in_batch, reduction)
+    if accum_dtype not in (None, torch.float32, weight.dtype):
+        raise ValueError(f"accum_dtype must be None or torch.float32, got {accum_dtype}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    n_rows = input.numel() // hidden
+    check_target(target, n_rows, n_classes, ignore_index)
+
+    if torch.is_autocast_enabled(input.device.type):
+        dtype = torch.get_autocast_dtype(input.device.type)
+        input, weight = input.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    if input.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
+        raise TypeError(
+            f"input ({input.dtype}), weight ({weight.dtype}) and bias "
+            f"({bias.dtype if bias is not None else None}) must have one dtype (or run under autocast)"
+        )
+
+    if n_rows == 0 or not use_triton(input, weight, target, bias, ce_weight):
+        return fused_linear_cross_entropy_reference(
+            input, weight, target, bias, ce_weight, ignore_index, label_smoothing,
+            lse_square_scale, softcap, logit_scale, reduction, return_z_loss, num_items_in_batch,
+        )
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items = num_items_in_batch.reshape(()).to(device=input.device, dtype=torch.float32)
+    elif num_items_in_batch is not None:
+        num_items = torch.full((), float(num_items_in_batch), device=input.device)
+    else:
+        num_items = None
+    rows = chunk_size or chunk_rows(n_rows, n_classes, input.element_size())
+    loss, z_loss = FusedLinearCrossEntropyFunction.apply(
+        input, weight, bias, target, ce_weight, opts, reduction, num_items, rows,
+        accum_dtype or weight.dtype,
+    )
+    return (loss, z_loss) if return_z_loss else loss

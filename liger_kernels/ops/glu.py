@@ -1,0 +1,225 @@
+"""Gated activations: swiglu(a, b) = silu(a) * b and geglu(a, b) = gelu(a) * b.
+
+One forward and one backward kernel, both parametrized by a constexpr activation. The forward saves
+only a and b; the backward recomputes the activation and its derivative from a (no saved activation):
+    c = f(a) * b,   da = dc * b * f'(a),   db = dc * f(a)
+Math in fp32, outputs in the input dtype. Inputs are seen as rows of width I (the last dimension) with
+any row stride, so the halves of a fused gate/up projection (`chunk(2, dim=-1)`) are read in place.
+The grid is 2-D (row blocks x column blocks), so any width works.
+
+Memory: the backward allocates new da and db. It never writes into a or b (saved tensors the caller
+may still hold) nor into dc (autograd may hand the same gradient tensor to several consumers).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from liger_kernels._utils import check_float, check_same_device, new_output, use_triton
+
+# Values of the kernels' constexpr ACT (branches of `_activation`).
+_SILU, _GELU_TANH, _GELU_ERF = 0, 1, 2
+_GELU_ACTIVATIONS = {"tanh": _GELU_TANH, "none": _GELU_ERF}
+# Elements per program: 2048 columns of a wide row, or several short rows packed together.
+_BLOCK_ELEMS = 2048
+
+
+@triton.jit
+def _activation(a, ACT: tl.constexpr):
+    """(f(a), f'(a)) in fp32; the forward kernel drops f'(a), which the compiler then never computes."""
+    if ACT == 0:  # silu
+        sig = tl.sigmoid(a)
+        f = a * sig
+        df = sig * (1.0 + a * (1.0 - sig))
+    elif ACT == 1:  # gelu, tanh approximation; 0.7978845608028654 = sqrt(2 / pi)
+        u = 0.7978845608028654 * (a + 0.044715 * a * a * a)
+        th = 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)  # tanh(u), saturates cleanly to +-1
+        f = 0.5 * a * (1.0 + th)
+        du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * a * a)
+        df = 0.5 * (1.0 + th) + 0.5 * a * (1.0 - th * th) * du
+    else:  # gelu, exact; 0.7071067811865476 = 1 / sqrt(2), 0.3989422804014327 = 1 / sqrt(2 pi)
+        cdf = 0.5 * (1.0 + tl.math.erf(a * 0.7071067811865476))
+        f = a * cdf
+        df = cdf + a * 0.3989422804014327 * tl.exp(-0.5 * a * a)
+    return f, df
+
+
+@triton.jit
+def _block_offsets(n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    return rows[:, None], cols[None, :], mask
+
+
+@triton.jit
+def _glu_forward_kernel(
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    a_stride,
+    b_stride,
+    c_stride,
+    n_rows,
+    n_cols,
+    ACT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rows, cols, mask = _block_offsets(n_rows, n_cols, BLOCK_M, BLOCK_N)
+    a = tl.load(a_ptr + rows * a_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + rows * b_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    f, _ = _activation(a, ACT)
+    tl.store(c_ptr + rows * c_stride + cols, (f * b).to(c_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _glu_backward_kernel(
+    dc_ptr,
+    a_ptr,
+    b_ptr,
+    da_ptr,
+    db_ptr,
+    dc_stride,
+    a_stride,
+    b_stride,
+    out_stride,
+    n_rows,
+    n_cols,
+    ACT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rows, cols, mask = _block_offsets(n_rows, n_cols, BLOCK_M, BLOCK_N)
+    dc = tl.load(dc_ptr + rows * dc_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + rows * a_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + rows * b_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    f, df = _activation(a, ACT)
+    out = rows * out_stride + cols
+    tl.store(da_ptr + out, (dc * b * df).to(da_ptr.dtype.element_ty), mask=mask)
+    tl.store(db_ptr + out, (dc * f).to(db_ptr.dtype.element_ty), mask=mask)
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., I) -> (M, I) with unit column stride; a view whenever the layout allows (no copy)."""
+    rows = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
+    return rows if rows.stride(-1) == 1 or rows.shape[-1] == 1 else rows.contiguous()
+
+
+def _launch_config(n_rows: int, n_cols: int):
+    block_n = min(triton.next_power_of_2(n_cols), _BLOCK_ELEMS)
+    block_m = max(1, min(_BLOCK_ELEMS // block_n, triton.next_power_of_2(n_rows)))
+    num_warps = max(1, min(8, block_m * block_n // 256))
+    grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
+    return grid, block_m, block_n, num_warps
+
+
+def _glu_forward(a: torch.Tensor, b: torch.Tensor, act: int) -> torch.Tensor:
+    a2, b2 = _as_rows(a), _as_rows(b)
+    n_rows, n_cols = a2.shape
+    c = new_output((n_rows, n_cols), a.dtype, a.device)
+    if c.numel():
+        grid, block_m, block_n, num_warps = _launch_config(n_rows, n_cols)
+        _glu_forward_kernel[grid](
+            a2,
+            b2,
+            c,
+            a2.stride(0),
+            b2.stride(0),
+            n_cols,
+            n_rows,
+            n_cols,
+            ACT=act,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            num_warps=num_warps,
+        )
+    return c.view(a.shape)
+
+
+def _glu_backward(dc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, act: int):
+    dc2, a2, b2 = _as_rows(dc), _as_rows(a), _as_rows(b)
+    n_rows, n_cols = a2.shape
+    da = new_output((n_rows, n_cols), a.dtype, a.device)
+    db = new_output((n_rows, n_cols), b.dtype, b.device)
+    if da.numel():
+        grid, block_m, block_n, num_warps = _launch_config(n_rows, n_cols)
+        _glu_backward_kernel[grid](
+            dc2,
+            a2,
+            b2,
+            da,
+            db,
+            dc2.stride(0),
+            a2.stride(0),
+            b2.stride(0),
+            n_cols,
+            n_rows,
+            n_cols,
+            ACT=act,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            num_warps=num_warps,
+        )
+    return da.view(a.shape), db.view(b.shape)
+
+
+class GLUFunction(torch.autograd.Function):
+    """(a, b) -> f(a) * b for the constexpr activation `act`; saves a and b only."""
+
+    @staticmethod
+    def forward(ctx, a, b, act: int):
+        ctx.save_for_backward(a, b)
+        ctx.act = act
+        return _glu_forward(a, b, act)
+
+    @staticmethod
+    def backward(ctx, dc):
+        a, b = ctx.saved_tensors
+        da, db = _glu_backward(dc, a, b, ctx.act)
+        return da, db, None
+
+
+def swiglu_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Torch specification of swiglu: silu(a) * b in fp32 (fp64 for fp64 inputs), input dtype out."""
+    compute = torch.promote_types(a.dtype, torch.float32)
+    return (torch.nn.functional.silu(a.to(compute)) * b.to(compute)).to(a.dtype)
+
+
+def geglu_reference(a: torch.Tensor, b: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
+    """Torch specification of geglu: gelu(a, approximate) * b in fp32 (fp64 for fp64 inputs)."""
+    compute = torch.promote_types(a.dtype, torch.float32)
+    gate = torch.nn.functional.gelu(a.to(compute), approximate=approximate)
+    return (gate * b.to(compute)).to(a.dtype)
+
+
+def _check_glu_inputs(a: torch.Tensor, b: torch.Tensor) -> None:
+    check_float("a", a)
+    check_float("b", b)
+    check_same_device(a=a, b=b)
+    if a.shape != b.shape:
+        raise ValueError(f"a {tuple(a.shape)} and b {tuple(b.shape)} must have the same shape")
+    if a.dtype != b.dtype:
+        raise TypeError(f"a ({a.dtype}) and b ({b.dtype}) must have the same dtype")
+    if a.dim() == 0:
+        raise ValueError("a and b must have at least one dimension (rows of width a.shape[-1])")
+
+
+def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """silu(a) * b (the LLaMA MLP gate: a = gate_proj(x), b = up_proj(x))."""
+    _check_glu_inputs(a, b)
+    if not use_triton(a, b):
+        return swiglu_reference(a, b)
+    return GLUFunction.apply(a, b, _SILU)
+
+
+def geglu(a: torch.Tensor, b: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
+    """gelu(a, approximate) * b with approximate "tanh" (Gemma's gelu_pytorch_tanh) or "none" (erf)."""
+    if approximate not in _GELU_ACTIVATIONS:
+        raise ValueError(f'approximate must be "tanh" or "none", got {approximate!r}')
+    _check_glu_inputs(a, b)
+    if not use_triton(a, b):
+        return geglu_reference(a, b, approximate)
+    return GLUFunction.apply(a, b, _GELU_ACTIVATIONS[approximate])

@@ -1,0 +1,303 @@
+"""Rotary position embedding (Hugging Face rotate-half layout) for q and k in one launch.
+
+Specification (`rope_reference`, Hugging Face's `apply_rotary_pos_emb`):
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    q_embed = q * cos + rotate_half(q) * sin,   rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2])
+and the same for k. With h = D/2 and lo/hi the two halves of the last dimension:
+    out_lo = x_lo * cos_lo - x_hi * sin_lo
+    out_hi = x_hi * cos_hi + x_lo * sin_hi
+The backward is the transpose of this linear map:
+    dx_lo = dy_lo * cos_lo + dy_hi * sin_hi
+    dx_hi = dy_hi * cos_hi - dy_lo * sin_lo
+which is the forward map with sin replaced by -(sin with its halves swapped), so one kernel serves both.
+(For Hugging Face's cos/sin, whose halves are equal, that is simply a rotation by -sin.)
+
+Layouts: unsqueeze_dim=1 means q, k are (B, H, T, D) (the HF default); unsqueeze_dim=2 means
+(B, T, H, D). cos/sin are (B or 1, T, D). q and k may have different head counts (GQA) and any
+strides (typically transposed views from `view(B, T, H, D).transpose(1, 2)`): the kernel takes strides
+and copies nothing unless the last dimension itself is strided. Outputs are new tensors with the same
+memory order as the inputs (like the eager elementwise ops they replace).
+
+Gradients: q and k only. cos/sin come from a non-trainable buffer in Hugging Face models; if they do
+require grad, the torch reference runs instead so that their gradient is still exact.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from liger_kernels._utils import (
+    check_float,
+    check_same_device,
+    poison_enabled,
+    use_triton,
+)
+
+# Elements of one half-head block a program rotates per loop step (per tensor half); more heads loop.
+_MAX_BLOCK_ELEMS = 4096
+
+
+@triton.jit
+def _rotate_heads(
+    x_ptr,
+    x_sh,
+    o_ptr,
+    o_sh,
+    n_heads,
+    cos_lo,
+    cos_hi,
+    sin_lo,
+    sin_hi,
+    d,
+    d_mask,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    # All heads of one token: x_ptr/o_ptr already point at (batch, token), heads are x_sh apart.
+    for h0 in range(0, n_heads, BLOCK_H):
+        h = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)
+        mask = (h < n_heads)[:, None] & d_mask[None, :]
+        x_lo_ptrs = x_ptr + h[:, None] * x_sh + d[None, :]
+        x_lo = tl.load(x_lo_ptrs, mask=mask, other=0.0).to(tl.float32)
+        x_hi = tl.load(x_lo_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+        o_lo = x_lo * cos_lo[None, :] - x_hi * sin_lo[None, :]
+        o_hi = x_hi * cos_hi[None, :] + x_lo * sin_hi[None, :]
+        o_lo_ptrs = o_ptr + h[:, None] * o_sh + d[None, :]
+        tl.store(o_lo_ptrs, o_lo.to(o_ptr.dtype.element_ty), mask=mask)
+        tl.store(o_lo_ptrs + HALF, o_hi.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope_kernel(
+    q_ptr,
+    k_ptr,
+    qo_ptr,
+    ko_ptr,
+    cos_ptr,
+    sin_ptr,
+    seq_len,
+    n_qh,
+    n_kh,
+    q_sb,
+    q_st,
+    q_sh,
+    k_sb,
+    k_st,
+    k_sh,
+    qo_sb,
+    qo_st,
+    qo_sh,
+    ko_sb,
+    ko_st,
+    ko_sh,
+    cos_sb,
+    cos_st,
+    sin_sb,
+    sin_st,
+    HALF: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_QH: tl.constexpr,
+    BLOCK_KH: tl.constexpr,
+    BACKWARD: tl.constexpr,
+):
+    # One program per token (batch, position): cos/sin are loaded once and applied to every q and k head.
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // seq_len
+    t = pid % seq_len
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < HALF
+
+    c_ptr = cos_ptr + b * cos_sb + t * cos_st
+    s_ptr = sin_ptr + b * sin_sb + t * sin_st
+    cos_lo = tl.load(c_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
+    cos_hi = tl.load(c_ptr + HALF + d, mask=d_mask, other=0.0).to(tl.float32)
+    if BACKWARD:
+        # Transposed rotation: sin halves swapped and negated (see module docstring).
+        sin_lo = -tl.load(s_ptr + HALF + d, mask=d_mask, other=0.0).to(tl.float32)
+        sin_hi = -tl.load(s_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
+    else:
+        sin_lo = tl.load(s_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
+        sin_hi = tl.load(s_ptr + HALF + d, mask=d_mask, other=0.0).to(tl.float32)
+
+    _rotate_heads(
+        q_ptr + b * q_sb + t * q_st,
+        q_sh,
+        qo_ptr + b * qo_sb + t * qo_st,
+        qo_sh,
+        n_qh,
+        cos_lo,
+        cos_hi,
+        sin_lo,
+        sin_hi,
+        d,
+        d_mask,
+        HALF,
+        BLOCK_QH,
+    )
+    _rotate_heads(
+        k_ptr + b * k_sb + t * k_st,
+        k_sh,
+        ko_ptr + b * ko_sb + t * ko_st,
+        ko_sh,
+        n_kh,
+        cos_lo,
+        cos_hi,
+        sin_lo,
+        sin_hi,
+        d,
+        d_mask,
+        HALF,
+        BLOCK_KH,
+    )
+
+
+def _new_like(t: torch.Tensor) -> torch.Tensor:
+    """Output with t's memory order (a transposed view's output stays transposed); NaN in poison mode."""
+    out = torch.empty_like(t, memory_format=torch.preserve_format)
+    if poison_enabled():
+        out.fill_(float("nan"))
+    return out
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _bth_strides(t: torch.Tensor, seq_dim: int, head_dim: int) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(seq_dim), t.stride(head_dim)
+
+
+def _rope_launch(q, k, cos, sin, seq_dim: int, head_dim: int, backward: bool):
+    """Rotate q and k (or their gradients when backward=True) in one launch; returns new tensors."""
+    q = _last_dim_contiguous(q)
+    k = _last_dim_contiguous(k)
+    q_out = _new_like(q)
+    k_out = _new_like(k)
+    batch, seq_len, dim = q.shape[0], q.shape[seq_dim], q.shape[-1]
+    n_qh, n_kh = q.shape[head_dim], k.shape[head_dim]
+    n_tokens = batch * seq_len
+    if n_tokens == 0:
+        return q_out, k_out
+    half = dim // 2
+    block_d = triton.next_power_of_2(half)
+    max_heads = max(1, _MAX_BLOCK_ELEMS // block_d)
+    block_qh = min(triton.next_power_of_2(n_qh), max_heads) if n_qh else 1
+    block_kh = min(triton.next_power_of_2(n_kh), max_heads) if n_kh else 1
+    # A batch-1 cos/sin is shared by every sequence of the batch: stride 0 over batch.
+    cos_sb = cos.stride(0) if cos.shape[0] == batch else 0
+    sin_sb = sin.stride(0) if sin.shape[0] == batch else 0
+    num_warps = 4 if block_qh * block_d <= 2048 else 8
+    _rope_kernel[(n_tokens,)](
+        q,
+        k,
+        q_out,
+        k_out,
+        cos,
+        sin,
+        seq_len,
+        n_qh,
+        n_kh,
+        *_bth_strides(q, seq_dim, head_dim),
+        *_bth_strides(k, seq_dim, head_dim),
+        *_bth_strides(q_out, seq_dim, head_dim),
+        *_bth_strides(k_out, seq_dim, head_dim),
+        cos_sb,
+        cos.stride(1),
+        sin_sb,
+        sin.stride(1),
+        HALF=half,
+        BLOCK_D=block_d,
+        BLOCK_QH=block_qh,
+        BLOCK_KH=block_kh,
+        BACKWARD=backward,
+        num_warps=num_warps,
+    )
+    return q_out, k_out
+
+
+class RoPEFunction(torch.autograd.Function):
+    """q, k -> (q_embed, k_embed); cos/sin receive no gradient (see module docstring)."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, seq_dim: int, head_dim: int):
+        cos = _last_dim_contiguous(cos)
+        sin = _last_dim_contiguous(sin)
+        ctx.save_for_backward(cos, sin)
+        ctx.dims = (seq_dim, head_dim)
+        return _rope_launch(q, k, cos, sin, seq_dim, head_dim, backward=False)
+
+    @staticmethod
+    def backward(ctx, dq_embed, dk_embed):
+        cos, sin = ctx.saved_tensors
+        seq_dim, head_dim = ctx.dims
+        dq, dk = _rope_launch(dq_embed, dk_embed, cos, sin, seq_dim, head_dim, backward=True)
+        return dq, dk, None, None, None, None
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_reference(q, k, cos, sin, unsqueeze_dim: int = 1):
+    """Torch specification: Hugging Face `apply_rotary_pos_emb`, math in fp32 (fp64 for fp64 inputs)."""
+
+    def apply(x):
+        compute = torch.promote_types(x.dtype, torch.float32)
+        c = cos.unsqueeze(unsqueeze_dim).to(compute)
+        s = sin.unsqueeze(unsqueeze_dim).to(compute)
+        xf = x.to(compute)
+        return (xf * c + _rotate_half(xf) * s).to(x.dtype)
+
+    return apply(q), apply(k)
+
+
+def _check_rope_inputs(q, k, cos, sin, unsqueeze_dim) -> tuple[int, int]:
+    """Validate shapes; return the (seq, head) dimensions of q and k."""
+    for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
+        check_float(name, t)
+    check_same_device(q=q, k=k, cos=cos, sin=sin)
+    if unsqueeze_dim in (1, -3):
+        seq_dim, head_dim, layout = 2, 1, "(batch, heads, seq, head_dim)"
+    elif unsqueeze_dim in (2, -2):
+        seq_dim, head_dim, layout = 1, 2, "(batch, seq, heads, head_dim)"
+    else:
+        raise ValueError(
+            f"unsqueeze_dim must be 1 (q, k as (batch, heads, seq, head_dim)) or 2 "
+            f"(q, k as (batch, seq, heads, head_dim)), got {unsqueeze_dim}"
+        )
+    for name, t in (("q", q), ("k", k)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D {layout}, got shape {tuple(t.shape)}")
+    batch, seq_len, dim = q.shape[0], q.shape[seq_dim], q.shape[-1]
+    if dim % 2:
+        raise ValueError(f"q has head_dim {dim}; rotate-half RoPE needs an even head_dim")
+    if k.shape[0] != batch or k.shape[seq_dim] != seq_len or k.shape[-1] != dim:
+        raise ValueError(
+            f"k {tuple(k.shape)} must match q {tuple(q.shape)} in batch, seq and head_dim "
+            f"(layout {layout}); only the head count may differ"
+        )
+    if cos.shape != sin.shape:
+        raise ValueError(f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must have one shape")
+    if cos.dim() != 3 or cos.shape[0] not in (1, batch) or cos.shape[1:] != (seq_len, dim):
+        raise ValueError(
+            f"cos/sin must be (1 or batch={batch}, seq={seq_len}, head_dim={dim}), "
+            f"got {tuple(cos.shape)}"
+        )
+    return seq_dim, head_dim
+
+
+def rope(q, k, cos, sin, unsqueeze_dim: int = 1):
+    """Hugging Face `apply_rotary_pos_emb` (rotate-half) on q and k -> (q_embed, k_embed), new tensors.
+
+    q: (B, Hq, T, D) for unsqueeze_dim=1, (B, T, Hq, D) for unsqueeze_dim=2; k likewise with its own
+    head count; cos, sin: (B or 1, T, D). Gradients flow to q and k; cos/sin get none on the Triton
+    path (they get exact ones, via the torch reference, if they require grad).
+    """
+    seq_dim, head_dim = _check_rope_inputs(q, k, cos, sin, unsqueeze_dim)
+    cos_needs_grad = torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)
+    if not use_triton(q, k, cos, sin) or cos_needs_grad:
+        return rope_reference(q, k, cos, sin, unsqueeze_dim)
+    return RoPEFunction.apply(q, k, cos, sin, seq_dim, head_dim)

@@ -1,0 +1,184 @@
+"""End-to-end training throughput: Hugging Face eager vs + Liger-Kernel vs + liger-plugins, on one GPU.
+
+The setup of ../shared/ANCHORS.md: Llama architecture (hidden 2048, 16 layers, 16 heads / 8 KV heads,
+intermediate 8192, vocab 128256, untied), bf16 weights, AdamW, SDPA attention, batch 8 x 2048 tokens;
+median step time of N steps after warm-up. Each setup runs in its own process, because Liger-Kernel
+patches transformers' classes globally and a CUDA allocator's peak must not carry over.
+
+    liger-plugins bench --e2e --out docs/e2e          (all setups; JSON + PNG)
+    python -m liger_plugins.bench_e2e --one ours      (one setup, prints one JSON line)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+FAMILIES = {
+    "llama": dict(model_type="llama", hidden_size=2048, num_hidden_layers=16, num_attention_heads=16,
+                  num_key_value_heads=8, intermediate_size=8192, vocab_size=128256,
+                  tie_word_embeddings=False, max_position_embeddings=4096),
+    "qwen3": dict(model_type="qwen3", hidden_size=2048, num_hidden_layers=16, num_attention_heads=16,
+                  num_key_value_heads=8, head_dim=128, intermediate_size=6144, vocab_size=151936,
+                  tie_word_embeddings=False, max_position_embeddings=4096),
+}
+# setup name -> (what patches the model, gradient checkpointing, torch.compile)
+SETUPS = {
+    "hf_eager": ("none", False, False),
+    "hf_eager_ckpt": ("none", True, False),
+    "hf_compile": ("none", False, True),
+    "liger_kernel": ("liger_kernel", False, False),
+    "liger_kernel_ckpt": ("liger_kernel", True, False),
+    "ours": ("ours", False, False),
+    "ours_ckpt": ("ours", True, False),
+    "ours_compile": ("ours", False, True),
+}
+
+
+def run_one(family: str, setup: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    patcher, checkpointing, compiled = SETUPS[setup]
+    spec = dict(FAMILIES[family])
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    config._attn_implementation = "sdpa"
+    if patcher == "liger_kernel":
+        import liger_kernel.transformers as lk
+
+        apply = getattr(lk, f"apply_liger_kernel_to_{family}")
+        apply(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    if patcher == "ours":
+        from liger_plugins.patching import apply_liger
+
+        apply_liger(model)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    forward = torch.compile(model) if compiled else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+    ids = torch.randint(0, config.vocab_size, (batch, seq), device="cuda")
+
+    def step():
+        loss = forward(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for _ in range(steps):
+        start = time.perf_counter()
+        loss = step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        losses.append(float(loss))
+    median = statistics.median(times)
+    return dict(family=family, setup=setup, batch=batch, seq=seq, steps=steps,
+                step_ms=median * 1e3, tokens_per_s=batch * seq / median,
+                peak_gib=torch.cuda.max_memory_allocated() / 2**30, losses=losses)
+
+
+def run_all(families, setups, batch, seq, steps, warmup, out_dir) -> list[dict]:
+    results = []
+    for family in families:
+        for setup in setups:
+            if SETUPS[setup][0] == "liger_kernel" and not _has_liger_kernel():
+                print(f"skip {family}/{setup}: liger_kernel is not installed", flush=True)
+                continue
+            cmd = [sys.executable, "-m", "liger_plugins.bench_e2e", "--one", setup, "--family", family,
+                   "--batch", str(batch), "--seq", str(seq), "--steps", str(steps), "--warmup", str(warmup)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+            if proc.returncode != 0 or not lines:
+                tail = (proc.stderr or proc.stdout)[-1500:]
+                print(f"FAILED {family}/{setup}:\n{tail}", flush=True)
+                results.append(dict(family=family, setup=setup, error=tail))
+                continue
+            result = json.loads(lines[-1])
+            results.append(result)
+            print(f"{family:6s} {setup:18s} {result['tokens_per_s'] / 1e3:7.1f} k tok/s  "
+                  f"{result['step_ms']:7.1f} ms/step  peak {result['peak_gib']:6.2f} GiB", flush=True)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "e2e.json"), "w") as f:
+            json.dump(dict(environment=_environment(), results=results), f, indent=1)
+        _plot(results, os.path.join(out_dir, "e2e.png"))
+    return results
+
+
+def _has_liger_kernel() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def _environment() -> dict:
+    import torch
+    import transformers
+    import triton
+
+    return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                transformers=transformers.__version__)
+
+
+def _plot(results, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    ok = [r for r in results if "error" not in r]
+    if not ok:
+        return
+    labels = [f"{r['family']}\n{r['setup']}" for r in ok]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8, len(ok) * 1.1), 4.5))
+    ax1.bar(labels, [r["tokens_per_s"] / 1e3 for r in ok], color="tab:blue")
+    ax1.set_ylabel("k tokens/s")
+    ax2.bar(labels, [r["peak_gib"] for r in ok], color="tab:orange")
+    ax2.set_ylabel("peak GiB")
+    for ax in (ax1, ax2):
+        ax.tick_params(axis="x", labelsize=7, rotation=60)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--one", choices=sorted(SETUPS), help="run one setup in this process, print JSON")
+    parser.add_argument("--family", default="llama", choices=sorted(FAMILIES))
+    parser.add_argument("--families", default="llama,qwen3")
+    parser.add_argument("--setups", default="hf_eager,liger_kernel,ours,hf_eager_ckpt,liger_kernel_ckpt,ours_ckpt")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--out", default="docs/e2e")
+    args = parser.parse_args(argv)
+    if args.one:
+        print(json.dumps(run_one(args.family, args.one, args.batch, args.seq, args.steps, args.warmup)))
+        return 0
+    setups = args.setups.split(",")
+    unknown = [s for s in setups if s not in SETUPS]
+    if unknown:
+        parser.error(f"unknown setups {unknown}; choose from {sorted(SETUPS)}")
+    run_all(args.families.split(","), setups, args.batch, args.seq, args.steps, args.warmup, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

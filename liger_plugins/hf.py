@@ -1,0 +1,258 @@
+"""Hugging Face Trainer adapter: the stock `transformers.Trainer` runs liger-plugins' kernels.
+
+Two ways in, pick one.
+
+1. The Trainer's own flag, after one call (needs transformers >= 5.2; checked on 5.17 and 5.24)::
+
+       import liger_plugins.hf
+       liger_plugins.hf.enable()
+       args = TrainingArguments(..., use_liger_kernel=True, liger_kernel_config={"rope": True, "swiglu": False})
+       Trainer(model=model, args=args, ...).train()
+
+   `enable()` replaces the function the Trainer calls for `use_liger_kernel=True`
+   (`transformers.integrations.liger.apply_liger_kernel`, bound by name in `transformers.trainer`) with
+   `apply_liger_kernel` below, which maps `liger_kernel_config` onto `liger_plugins.patching.apply_liger`.
+   The Trainer calls it at the start of `train()`, after `model_init` (if any) has built the model and
+   before `accelerate.prepare` wraps it (DDP, FSDP, DeepSpeed): the patch is instance level, on the
+   model the Trainer holds (a PEFT model's base model). Like the stock flag, `evaluate()` alone does
+   not patch; use the callback for that. `disable()` puts the Trainer's original back.
+
+   When the `liger-kernel` package is installed too, ours wins: after `enable()` the Trainer never
+   imports `liger_kernel`. Without `enable()`, the flag keeps its stock meaning (the `liger-kernel`
+   package, or an ImportError when it is missing).
+
+2. A callback, without the flag::
+
+       Trainer(model=model, args=args, callbacks=[liger_plugins.hf.LigerCallback()])
+
+   It patches in `on_init_end`: the end of `Trainer.__init__`, where the Trainer has only moved the
+   model to its device; wrapping happens later, in `train()` (`_prepare_for_training`, before
+   `on_train_begin`) and `evaluation_loop`. So `evaluate()`-only runs are patched too, and a bad
+   configuration fails when the Trainer is built. See `LigerCallback` for metrics logging.
+
+`liger_kernel_config` keys are Liger-Kernel's: rope, rms_norm, swiglu, geglu (the same gated-MLP
+kernel switch as swiglu: the architecture's activation picks swiglu or geglu), layer_norm,
+cross_entropy, fused_linear_cross_entropy. Values must be booleans. Any other key raises ValueError
+naming it (Liger-Kernel silently drops unknown keys; a typo should not silently train without a
+kernel). A model that cannot be patched (unsupported architecture, not a transformers model) raises
+ValueError naming it, before any training step.
+
+What the Trainer does with `use_liger_kernel` besides patching, and what the patched model does with
+it: with `prediction_loss_only`, its prediction step adds `skip_logits=True` to the inputs; under
+`torch.no_grad()` the patched causal LM runs its original forward (real logits and loss), which
+ignores that key. Gradient accumulation: the Trainer passes `num_items_in_batch` to the model's
+forward, and the fused loss divides its summed loss by it, exactly as transformers' own loss does.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Mapping
+
+import torch
+from transformers import PreTrainedModel, TrainerCallback
+
+from liger_plugins.patching import PatchSummary, apply_liger
+
+logger = logging.getLogger(__name__)
+
+# liger_kernel_config key (Liger-Kernel's names) -> keyword of liger_plugins.patching.apply_liger.
+CONFIG_KEYS = {
+    "rope": "rope",
+    "rms_norm": "rms_norm",
+    "swiglu": "swiglu",
+    "geglu": "swiglu",
+    "layer_norm": "layer_norm",
+    "cross_entropy": "cross_entropy",
+    "fused_linear_cross_entropy": "fused_linear_cross_entropy",
+}
+
+# Modules whose `apply_liger_kernel` attribute `enable()` replaced, with the value it replaced.
+_REPLACED: list[tuple[object, object]] = []
+
+
+def liger_kwargs(kernel_config: Mapping | None, what: str = "liger_kernel_config") -> dict[str, bool]:
+    """`apply_liger` keyword arguments for a Liger-Kernel style config; ValueError/TypeError naming a
+    bad key or value. None means the defaults."""
+    if kernel_config is None:
+        return {}
+    if not isinstance(kernel_config, Mapping):
+        raise TypeError(f"{what} must be a dict of kernel name -> bool, got {type(kernel_config).__name__}")
+    kwargs: dict[str, bool] = {}
+    for key, value in kernel_config.items():
+        if key not in CONFIG_KEYS:
+            raise ValueError(
+                f"{what} has unknown key {key!r}; liger-plugins accepts: {', '.join(CONFIG_KEYS)}"
+            )
+        if not isinstance(value, bool):
+            raise TypeError(f"{what}[{key!r}] must be True or False, got {value!r}")
+        name = CONFIG_KEYS[key]
+        if kwargs.get(name, value) != value:
+            raise ValueError(f"{what} sets 'swiglu' and 'geglu' differently; both switch the gated-MLP kernel")
+        kwargs[name] = value
+    return kwargs
+
+
+def apply_liger_kernel(model: torch.nn.Module, kernel_config: Mapping | None) -> PatchSummary:
+    """Drop-in for `transformers.integrations.liger.apply_liger_kernel(model, kernel_config)`, on
+    liger-plugins: patches `model` (a PEFT model's base model) in place, at instance level."""
+    kwargs = liger_kwargs(kernel_config)
+    summary = apply_liger(model, **kwargs)
+    logger.info("%s", summary)
+    return summary
+
+
+def enable() -> None:
+    """Make the stock Trainer's `use_liger_kernel=True` apply liger-plugins (see the module docstring).
+    Idempotent; process-wide until `disable()`."""
+    if _REPLACED:
+        return
+    try:
+        import transformers.integrations.liger as hf_liger
+        import transformers.trainer as hf_trainer
+    except ImportError as error:
+        raise ImportError(
+            "liger_plugins.hf.enable() needs transformers >= 5.2 (transformers.integrations.liger); with an "
+            "older transformers use liger_plugins.hf.LigerCallback instead of use_liger_kernel"
+        ) from error
+    if not callable(getattr(hf_trainer, "apply_liger_kernel", None)):
+        raise RuntimeError(
+            "this transformers' Trainer does not call transformers.integrations.liger.apply_liger_kernel, so "
+            "liger_plugins.hf.enable() cannot hook use_liger_kernel; use liger_plugins.hf.LigerCallback"
+        )
+    # The Trainer calls the name bound in its own module; `transformers.integrations` (a lazy module)
+    # may also hold it once someone imported it from there.
+    for module in (hf_liger, hf_trainer, sys.modules.get("transformers.integrations")):
+        if module is not None and "apply_liger_kernel" in vars(module):
+            _REPLACED.append((module, vars(module)["apply_liger_kernel"]))
+            module.apply_liger_kernel = apply_liger_kernel
+
+
+def disable() -> None:
+    """Undo `enable()`. Models already patched stay patched (`liger_plugins.patching.unpatch`)."""
+    while _REPLACED:
+        module, original = _REPLACED.pop()
+        module.apply_liger_kernel = original
+
+
+def is_enabled() -> bool:
+    return bool(_REPLACED)
+
+
+def _find_hf_model(model: torch.nn.Module | None) -> PreTrainedModel | None:
+    """The outermost transformers model inside `model` (itself, a PEFT model's base model, the module
+    of a DDP / FSDP wrapper)."""
+    if model is None:
+        return None
+    return next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+
+
+def _is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed import fsdp
+
+    kinds = tuple(k for k in (getattr(fsdp, "FullyShardedDataParallel", None), getattr(fsdp, "FSDPModule", None)) if k)
+    return any(isinstance(m, kinds) for m in model.modules())
+
+
+class LigerCallback(TrainerCallback):
+    """Patch the Trainer's model with liger-plugins' kernels, and log what it costs.
+
+    `LigerCallback(**kernels)` takes `liger_kernel_config` keys as keyword flags (`rope=False`, ...);
+    without any, it uses `TrainingArguments.liger_kernel_config` (None: the defaults). Do not also set
+    `use_liger_kernel=True` unless `enable()` was called: the stock flag would then apply the
+    `liger-kernel` package on top at `train()` (or fail without it); that combination raises at setup.
+
+    When: `on_init_end` (end of `Trainer.__init__`, before any wrapping; the `model` passed there is
+    the one given to the Trainer, a PEFT model included). With `model_init`, `train()` builds a fresh
+    model after `on_init_end`; it is patched in `on_train_begin`, which runs after the Trainer wrapped
+    it: fine for single-device and DDP (the wrapper calls the same module), refused for FSDP (use
+    `enable()` + `use_liger_kernel=True` there, which patches before wrapping).
+
+    Logging: what was patched goes to the `liger_plugins.hf` logger (INFO), and is kept in
+    `self.summary`. With `log_metrics` (default: when the model is on CUDA), every training log also
+    gets `tokens_per_second` (input tokens this process fed to training forwards since the previous
+    log, per wall-clock second) and, on CUDA, `peak_memory_gib` (`torch.cuda.max_memory_allocated` since
+    training began). They are added in `on_log`: the progress bar / printer and
+    `trainer.state.log_history` show them; reporting integrations (`report_to`) run before user
+    callbacks, so they do not.
+    """
+
+    def __init__(self, *, log_metrics: bool | None = None, **kernels: bool):
+        self.kernels = liger_kwargs(kernels, "LigerCallback flags") if kernels else None
+        self.log_metrics = log_metrics
+        self.summary: PatchSummary | None = None
+        self._patched: PreTrainedModel | None = None
+        self._hook = None
+        self._tokens = 0
+        self._last_time = 0.0
+        self._cuda_device = None
+
+    def _patch(self, args, model: torch.nn.Module, is_main: bool) -> None:
+        kwargs = self.kernels if self.kernels is not None else liger_kwargs(args.liger_kernel_config)
+        self.summary = apply_liger(model, **kwargs)
+        self._patched = _find_hf_model(model)
+        if is_main:
+            logger.info("%s", self.summary)
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        if args.use_liger_kernel and not is_enabled():
+            raise ValueError(
+                "use_liger_kernel=True together with LigerCallback: without liger_plugins.hf.enable() the "
+                "Trainer would apply the liger-kernel package at train() (or fail without it). Drop "
+                "use_liger_kernel, or call liger_plugins.hf.enable() first"
+            )
+        self._patch(args, model, state.is_local_process_zero)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        hf_model = _find_hf_model(model)
+        if hf_model is not self._patched:  # model_init built a new model in train()
+            if _is_sharded(model):
+                raise RuntimeError(
+                    "LigerCallback: model_init built a model that the Trainer sharded (FSDP) before any "
+                    "callback could patch it; use liger_plugins.hf.enable() with use_liger_kernel=True"
+                )
+            self._patch(args, model, state.is_local_process_zero)
+        param = next(hf_model.parameters(), None)
+        on_cuda = param is not None and param.device.type == "cuda"
+        metrics = self.log_metrics if self.log_metrics is not None else on_cuda
+        if not metrics:
+            return
+        if on_cuda:
+            self._cuda_device = param.device
+            torch.cuda.reset_peak_memory_stats(param.device)
+        # On the model the Trainer calls (a PEFT wrapper calls its base model's forward directly).
+        self._hook = model.register_forward_pre_hook(self._count_tokens, with_kwargs=True)
+        self._tokens = 0
+        self._last_time = time.perf_counter()
+
+    def _count_tokens(self, module, args, kwargs):
+        if not module.training:
+            return
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None:
+            self._tokens += ids.numel()
+        elif kwargs.get("inputs_embeds") is not None:
+            self._tokens += kwargs["inputs_embeds"].shape[:-1].numel()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self._hook is None or logs is None or "loss" not in logs:
+            return
+        if self._cuda_device is not None:
+            torch.cuda.synchronize(self._cuda_device)
+        now = time.perf_counter()
+        metrics = {"tokens_per_second": round(self._tokens / max(now - self._last_time, 1e-9), 2)}
+        if self._cuda_device is not None:
+            metrics["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(self._cuda_device) / 2**30, 3)
+        self._tokens, self._last_time = 0, now
+        logs.update(metrics)
+        # Trainer.log appended a copy of `logs` to log_history just before on_log: keep it in step.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(metrics)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self._cuda_device = None

@@ -1,0 +1,112 @@
+"""Put liger_kernels into Hugging Face causal LMs with one call.
+
+    from liger_plugins.patching import apply_liger, unpatch
+
+    apply_liger("llama")                  # class level: every Llama model built from now on
+    model = AutoModelForCausalLM.from_config(config)
+
+    summary = apply_liger(model)          # or instance level: this built model (PEFT models too)
+    print(summary)
+    unpatch(model)                        # restore the original forwards
+
+    model = AutoLigerKernelForCausalLM.from_pretrained(path, rope=True, swiglu=False)
+
+Kernels (keyword flags of `apply_liger` and `AutoLigerKernelForCausalLM`):
+- rope: the rotate-half rotary embedding (module-level `apply_rotary_pos_emb`; see patch.py on why an
+  instance-level patch of it applies to the whole modeling module).
+- rms_norm: every RMSNorm class with its offset / casting mode / in-place policy.
+- swiglu: gated MLPs and MoE expert gates: silu -> swiglu, gelu (tanh or erf) -> geglu.
+- fused_linear_cross_entropy: the causal LM's forward computes the training loss from the hidden states
+  without materializing logits (see fused_forward.py for exactly when).
+- cross_entropy: instead of the fused loss, the loss on materialized logits runs the CE kernel
+  (exclusive with fused_linear_cross_entropy).
+- layer_norm: LayerNorm classes (Cohere).
+
+Supported model types: `SUPPORTED_MODEL_TYPES`; anything else raises ValueError listing them.
+Patch before wrapping the model (FSDP, DeepSpeed, accelerate device maps): class level before
+building, instance level after building.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from liger_plugins.patching import patch
+from liger_plugins.patching.auto import AutoLigerKernelForCausalLM
+from liger_plugins.patching.patch import KernelOptions, PatchSummary
+from liger_plugins.patching.registry import SUPPORTED_MODEL_TYPES, TRAITS, ArchitectureTraits, get_traits
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "TRAITS",
+    "ArchitectureTraits",
+    "AutoLigerKernelForCausalLM",
+    "PatchSummary",
+    "apply_liger",
+    "get_traits",
+    "revert_liger",
+    "unpatch",
+]
+
+logger = logging.getLogger("liger_plugins.patching")
+
+
+def apply_liger(
+    model_or_model_type: str | nn.Module,
+    *,
+    rope: bool = True,
+    rms_norm: bool = True,
+    swiglu: bool = True,
+    cross_entropy: bool = False,
+    fused_linear_cross_entropy: bool = True,
+    layer_norm: bool = True,
+    verbose: bool = False,
+) -> PatchSummary:
+    """Patch a model type (str: class level) or a built model (instance level; a PEFT model is
+    unwrapped to its base model). Returns what was patched; logged on "liger_plugins.patching"
+    (INFO with verbose=True, else DEBUG). Idempotent: what is already patched stays as it is."""
+    options = KernelOptions(rope, rms_norm, swiglu, cross_entropy, fused_linear_cross_entropy, layer_norm)
+    if isinstance(model_or_model_type, str):
+        summary = patch.patch_classes(get_traits(model_or_model_type), options)
+    elif isinstance(model_or_model_type, nn.Module):
+        model = _unwrap(model_or_model_type)
+        summary = patch.patch_instance(model, get_traits(_model_type(model)), options)
+    else:
+        raise TypeError(
+            f"apply_liger takes a model type (str) or a model (nn.Module), got {type(model_or_model_type).__name__}"
+        )
+    logger.log(logging.INFO if verbose else logging.DEBUG, "%s", summary)
+    return summary
+
+
+def unpatch(model_or_model_type: str | nn.Module | None = None) -> None:
+    """Undo `apply_liger`: for a model type, its class-level patches; for a model, the patches applied
+    to that instance; with no argument, every class-level patch."""
+    if model_or_model_type is None:
+        patch.unpatch_all_classes()
+    elif isinstance(model_or_model_type, str):
+        patch.unpatch_classes(get_traits(model_or_model_type).model_type)
+    else:
+        model = _unwrap(model_or_model_type)
+        patch.unpatch_instance(model, TRAITS.get(_model_type(model)))
+
+
+revert_liger = unpatch
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # PEFT's PeftModel keeps the transformers model behind get_base_model().
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _model_type(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type is None:
+        raise ValueError(
+            f"{type(model).__name__} has no config.model_type; apply_liger patches Hugging Face "
+            f"transformers models of types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    return model_type

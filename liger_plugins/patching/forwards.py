@@ -1,0 +1,159 @@
+"""Replacement forwards for the modules named by the traits: norms, gated MLPs, MoE expert gates, the
+rotary function, and the causal-LM loss function. Each is built by a `make_*` factory from the traits
+entry and the original it replaces, and is marked with `__liger_original__` so that patching can tell
+its own functions apart (idempotence) and restore the original.
+
+They only rebind computation: weights are read from the module at call time (`self.weight`,
+`self.gate_proj`...), nothing is created or replaced, so sharding wrappers and PEFT adapters that
+replace sub-modules (LoRA on gate_proj) keep working.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from liger_kernels import functional as LF
+from liger_plugins.patching.registry import MLPSpec, NormSpec
+
+
+def mark(fn, original, name: str):
+    """Tag `fn` as a liger replacement of `original`."""
+    fn.__liger_original__ = original
+    fn.__name__ = name
+    fn.__qualname__ = f"liger.{name}"
+    return fn
+
+
+def is_liger(fn) -> bool:
+    return hasattr(getattr(fn, "__func__", fn), "__liger_original__")
+
+
+def norm_eps(module: nn.Module) -> float:
+    """HF norms keep eps as `variance_epsilon` (Llama family) or `eps` (Gemma family)."""
+    eps = getattr(module, "variance_epsilon", None)
+    return module.eps if eps is None else eps
+
+
+def make_rms_norm_forward(spec: NormSpec, original):
+    def forward(self, hidden_states):
+        if self.weight.dim() != 1:  # per-head weight: not this kernel's layout
+            return original(self, hidden_states)
+        return LF.rms_norm(
+            hidden_states, self.weight, norm_eps(self), spec.offset, spec.casting_mode, spec.in_place
+        )
+
+    return mark(forward, original, "rms_norm_forward")
+
+
+def make_layer_norm_forward(original):
+    def forward(self, hidden_states):
+        if self.weight.dim() != 1:  # Cohere's per-head q/k norms have a (heads, head_dim) weight
+            return original(self, hidden_states)
+        return LF.layer_norm(hidden_states, self.weight, getattr(self, "bias", None), norm_eps(self))
+
+    return mark(forward, original, "layer_norm_forward")
+
+
+def gated_kernel(act):
+    """The fused `act(gate) * up` kernel for an activation module, or None if there is none."""
+    name = type(act).__name__
+    if name in ("SiLU", "SiLUActivation"):
+        return LF.swiglu
+    if name in ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation"):
+        return LF.geglu  # approximate="tanh"
+    if name == "GELUActivation":  # exact (erf) gelu
+        return _geglu_erf
+    if isinstance(act, nn.GELU):
+        return LF.geglu if act.approximate == "tanh" else _geglu_erf
+    return None
+
+
+def _geglu_erf(a, b):
+    return LF.geglu(a, b, approximate="none")
+
+
+def make_mlp_forward(spec: MLPSpec, original):
+    if spec.layout == "split":
+
+        def forward(self, x):
+            kernel = gated_kernel(getattr(self, spec.act_attr))
+            if kernel is None:
+                return original(self, x)
+            return self.down_proj(kernel(self.gate_proj(x), self.up_proj(x)))
+
+    else:  # fused gate_up_proj, gate first (Phi3, GLM4)
+
+        def forward(self, x):
+            kernel = gated_kernel(getattr(self, spec.act_attr))
+            if kernel is None:
+                return original(self, x)
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(kernel(gate, up))
+
+    return mark(forward, original, "gated_mlp_forward")
+
+
+def make_apply_gate(original):
+    """MoE experts' `_apply_gate(gate_up_out)`: `act(gate) * up` on the halves, fused."""
+
+    def _apply_gate(self, gate_up_out):
+        kernel = gated_kernel(self.act_fn)
+        if kernel is None:
+            return original(self, gate_up_out)
+        gate, up = gate_up_out.chunk(2, dim=-1)
+        return kernel(gate, up)
+
+    return mark(_apply_gate, original, "experts_apply_gate")
+
+
+def make_rotary(original):
+    """Module-level `apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)` on the rope kernel.
+
+    A rotary dimension smaller than the head (Phi3's partial_rotary_factor) rotates the leading
+    channels and passes the rest through, as Phi3's own function does.
+    """
+
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        rot = cos.shape[-1]
+        if cos.dim() != 3 or rot > q.shape[-1] or rot % 2:
+            return original(q, k, cos, sin, unsqueeze_dim)
+        if rot == q.shape[-1]:
+            return LF.rope(q, k, cos, sin, unsqueeze_dim)
+        q_rot, k_rot = LF.rope(q[..., :rot], k[..., :rot], cos, sin, unsqueeze_dim)
+        return torch.cat((q_rot, q[..., rot:]), dim=-1), torch.cat((k_rot, k[..., rot:]), dim=-1)
+
+    return mark(apply_rotary_pos_emb, original, "apply_rotary_pos_emb")
+
+
+def shift_targets(labels, shift_labels, ignore_index: int):
+    """Next-token targets exactly as transformers' ForCausalLMLoss builds them: the given
+    `shift_labels`, else labels padded on the right with ignore_index and shifted left by one."""
+    if shift_labels is not None:
+        return shift_labels
+    return nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+
+
+def divide_by_items(loss_sum, num_items_in_batch):
+    """Gradient-accumulation normalization of transformers' fixed_cross_entropy."""
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(loss_sum.device)
+    return loss_sum / num_items_in_batch
+
+
+def causal_lm_cross_entropy(
+    logits, labels, vocab_size: int, num_items_in_batch=None, ignore_index: int = -100, shift_labels=None,
+    **kwargs,
+):
+    """Drop-in for transformers' ForCausalLMLoss on the cross-entropy kernel (logits are not upcast
+    to fp32 first: the kernel accumulates in fp32 anyway)."""
+    targets = shift_targets(labels, shift_labels, ignore_index)
+    logits = logits.reshape(-1, vocab_size)
+    targets = targets.reshape(-1).to(logits.device)
+    if num_items_in_batch is None:
+        return LF.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="mean")
+    loss = LF.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
+    return divide_by_items(loss, num_items_in_batch)
+
+
+causal_lm_cross_entropy.__liger_original__ = None  # marks it as ours (see is_liger)

@@ -1,0 +1,329 @@
+"""Applying and reverting patches, at class level (a model type, before building) or on one built model.
+
+Class level rebinds attributes of the modeling module's classes (`LlamaRMSNorm.forward`, ...), so every
+model of that type built or used afterwards runs the kernels. Instance level rebinds the attributes on
+the modules of one model (`module.forward = MethodType(...)`), after checking each module has the
+layout the traits expect, and refuses (ValueError naming the module) before touching anything if not.
+
+The rotary function is a module-level function of the modeling module (`apply_rotary_pos_emb`), called
+by the attention by name: it can only be replaced for the whole module. An instance-level patch
+therefore switches rope on for every model of that architecture in the process until the last patch
+holding it (class level or instance) is reverted.
+
+Every replaced attribute is recorded with its original, so `unpatch` restores exactly what was there.
+Patching what is already patched is a no-op (reported as such in the summary).
+"""
+
+from __future__ import annotations
+
+import types
+from collections import Counter
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from liger_plugins.patching import forwards
+from liger_plugins.patching.fused_forward import make_causal_lm_forward
+from liger_plugins.patching.registry import ArchitectureTraits, get_traits
+
+_MISSING = object()
+
+# model_type -> [(class, attribute, value in the class __dict__ before patching, or _MISSING)]
+_CLASS_PATCHES: dict[str, list[tuple[type, str, object]]] = {}
+# (module name, function name) -> [original function, set of holders]
+_FUNCTION_PATCHES: dict[tuple[str, str], list] = {}
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    rope: bool = True
+    rms_norm: bool = True
+    swiglu: bool = True  # every gated MLP activation: swiglu, geglu (tanh or erf)
+    cross_entropy: bool = False
+    fused_linear_cross_entropy: bool = True
+    layer_norm: bool = True
+
+    def __post_init__(self):
+        if self.cross_entropy and self.fused_linear_cross_entropy:
+            raise ValueError(
+                "cross_entropy=True and fused_linear_cross_entropy=True are exclusive: the fused loss "
+                "already computes the cross-entropy (pass fused_linear_cross_entropy=False to patch the "
+                "loss on materialized logits instead)"
+            )
+
+
+@dataclass
+class PatchSummary:
+    """What a call to `apply_liger` patched; `str()` gives a readable report."""
+
+    target: str
+    level: str  # "class" or "instance"
+    model_type: str
+    patched: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"liger patching of {self.target} ({self.level} level, model type {self.model_type!r}):"]
+        lines += [f"  patched  {item}" for item in self.patched] or ["  patched  nothing"]
+        lines += [f"  skipped  {item}" for item in self.skipped]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- class
+
+
+def patch_classes(traits: ArchitectureTraits, options: KernelOptions) -> PatchSummary:
+    summary = PatchSummary(f"model type {traits.model_type!r}", "class", traits.model_type)
+    records = _CLASS_PATCHES.setdefault(traits.model_type, [])
+
+    def rebind(owner: type, attr: str, make, what: str, wrap=lambda fn: fn):
+        current = owner.__dict__.get(attr, _MISSING)
+        if forwards.is_liger(current):
+            summary.skipped.append(f"{what}: already patched")
+            return
+        records.append((owner, attr, current))
+        setattr(owner, attr, wrap(make(getattr(owner, attr, None))))
+        summary.patched.append(what)
+
+    for kind, name, make in _module_patch_plan(traits, options):
+        cls = traits.cls(name)
+        if kind == "experts" and not hasattr(cls, "_apply_gate"):
+            summary.skipped.append(f"swiglu: {name} (this transformers version has no _apply_gate hook)")
+            continue
+        attr = "_apply_gate" if kind == "experts" else "forward"
+        rebind(cls, attr, make, f"{kind}: {name}.{attr}")
+    causal_lm = traits.cls(traits.causal_lm)
+    if options.fused_linear_cross_entropy:
+        rebind(causal_lm, "forward", lambda orig: make_causal_lm_forward(traits, orig),
+               f"fused_linear_cross_entropy: {traits.causal_lm}.forward")
+    if options.cross_entropy:
+        rebind(causal_lm, "_loss_function", lambda orig: forwards.causal_lm_cross_entropy,
+               f"cross_entropy: {traits.causal_lm}.loss_function", wrap=staticmethod)
+    if options.rope:
+        _patch_rope(traits, ("class", traits.model_type), summary)
+    return summary
+
+
+def unpatch_classes(model_type: str) -> None:
+    for owner, attr, original in reversed(_CLASS_PATCHES.pop(model_type, [])):
+        if original is _MISSING:
+            delattr(owner, attr)
+        else:
+            setattr(owner, attr, original)
+    _release_rope(get_traits(model_type), ("class", model_type))
+
+
+def unpatch_all_classes() -> None:
+    holders = {h[1] for entry in _FUNCTION_PATCHES.values() for h in entry[1] if h[0] == "class"}
+    for model_type in set(_CLASS_PATCHES) | holders:
+        unpatch_classes(model_type)
+
+
+# ------------------------------------------------------------------------------------------- instance
+
+
+def patch_instance(model: nn.Module, traits: ArchitectureTraits, options: KernelOptions) -> PatchSummary:
+    summary = PatchSummary(f"{type(model).__name__} instance", "instance", traits.model_type)
+    plan = [(kind, traits.cls(name), make) for kind, name, make in _module_patch_plan(traits, options)]
+    causal_lm = traits.cls(traits.causal_lm)
+    is_causal_lm = isinstance(model, causal_lm)
+
+    # 1. Decide and validate everything before changing anything.
+    todo = []  # (module, attr, replacement, label)
+    already = Counter()
+    for path, module in model.named_modules():
+        for kind, cls, make in plan:
+            if not isinstance(module, cls):
+                continue
+            attr = "_apply_gate" if kind == "experts" else "forward"
+            label = f"{kind}: {cls.__name__}.{attr}"
+            if kind == "experts" and not hasattr(cls, "_apply_gate"):
+                summary.skipped.append(f"{label} (this transformers version has no _apply_gate hook)")
+                continue
+            if forwards.is_liger(getattr(module, attr)):
+                already[label] += 1
+                continue
+            if attr in module.__dict__:
+                summary.skipped.append(
+                    f"{label} at {path or 'model'}: its {attr} is already overridden on the instance "
+                    "(e.g. accelerate hooks); patch before dispatching the model"
+                )
+                continue
+            reason = _check_module(kind, module, traits)
+            if reason is not None:
+                raise ValueError(
+                    f"refusing to patch module {path!r} ({type(module).__name__}) of a "
+                    f"{traits.model_type!r} model: {reason}"
+                )
+            if kind in ("rms_norm", "layer_norm") and module.weight.dim() != 1:
+                continue  # per-head norm weight: keeps its own forward
+            unsupported = _unsupported_activation(kind, module, traits)
+            if unsupported:
+                summary.skipped.append(f"{label} at {path}: activation {unsupported} has no fused kernel")
+                continue
+            todo.append((module, attr, make(getattr(type(module), attr)), label))
+
+    if is_causal_lm:
+        _check_causal_lm(model, traits)
+        loss_todo = _causal_lm_plan(model, traits, options, summary, already)
+        todo += loss_todo
+    elif options.fused_linear_cross_entropy or options.cross_entropy:
+        summary.skipped.append(f"loss: the model is not a {traits.causal_lm}")
+
+    # 2. Apply.
+    records = model.__dict__.setdefault("_liger_patches", [])
+    counts = Counter()
+    for module, attr, replacement, label in todo:
+        bound = replacement if attr == "_loss_function" else types.MethodType(replacement, module)
+        object.__setattr__(module, attr, bound)
+        records.append((module, attr))
+        counts[label] += 1
+    summary.patched += [f"{label} ({n} module{'s' * (n > 1)})" for label, n in counts.items()]
+    summary.skipped += [f"{label}: already patched ({n} module{'s' * (n > 1)})" for label, n in already.items()]
+    if options.rope:
+        _patch_rope(traits, ("instance", id(model)), summary)
+    return summary
+
+
+def unpatch_instance(model: nn.Module, traits: ArchitectureTraits | None) -> None:
+    for module, attr in reversed(model.__dict__.pop("_liger_patches", [])):
+        if forwards.is_liger(module.__dict__.get(attr)):
+            delattr(module, attr)
+    if traits is not None:
+        _release_rope(traits, ("instance", id(model)))
+
+
+def _causal_lm_plan(model, traits, options, summary, already):
+    if options.fused_linear_cross_entropy:
+        label = f"fused_linear_cross_entropy: {traits.causal_lm}.forward"
+        if forwards.is_liger(model.forward):
+            already[label] += 1
+        elif "forward" in model.__dict__:
+            summary.skipped.append(f"{label}: forward already overridden on the instance")
+        else:
+            return [(model, "forward", make_causal_lm_forward(traits, type(model).forward), label)]
+    if options.cross_entropy:
+        label = f"cross_entropy: {traits.causal_lm}.loss_function"
+        current = getattr(model, "_loss_function", None)
+        if forwards.is_liger(current):
+            already[label] += 1
+        elif current is not None:
+            summary.skipped.append(f"{label}: the model has a custom loss_function")
+        else:
+            return [(model, "_loss_function", forwards.causal_lm_cross_entropy, label)]
+    return []
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def _module_patch_plan(traits: ArchitectureTraits, options: KernelOptions):
+    """(kind, class name, factory of the replacement from the original) for the enabled kernels."""
+    plan = []
+    if options.rms_norm:
+        for name, spec in traits.norms.items():
+            plan.append(("rms_norm", name, lambda orig, spec=spec: forwards.make_rms_norm_forward(spec, orig)))
+    if options.layer_norm:
+        plan += [("layer_norm", name, forwards.make_layer_norm_forward) for name in traits.layer_norms]
+    if options.swiglu:
+        for name, spec in traits.mlps.items():
+            plan.append(("swiglu", name, lambda orig, spec=spec: forwards.make_mlp_forward(spec, orig)))
+        plan += [("experts", name, forwards.make_apply_gate) for name in traits.experts]
+    return plan
+
+
+def _check_module(kind: str, module: nn.Module, traits: ArchitectureTraits) -> str | None:
+    """Why `module` does not have the layout its replacement forward reads, or None if it does."""
+    if kind in ("rms_norm", "layer_norm"):
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, nn.Parameter) or weight.dim() not in (1, 2):
+            return "expected a 1-D `weight` parameter"
+        eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+        if not isinstance(eps, (int, float)):
+            return "expected a float `variance_epsilon` or `eps` attribute"
+        if kind == "rms_norm" and weight.dim() != 1:
+            return "expected a 1-D `weight` parameter"
+        return None
+    if kind == "swiglu":
+        spec = _mlp_spec(module, traits)
+        names = ("gate_proj", "up_proj", "down_proj") if spec.layout == "split" else ("gate_up_proj", "down_proj")
+        missing = [n for n in names if not isinstance(getattr(module, n, None), nn.Module)]
+        if missing:
+            return f"expected sub-modules {', '.join(names)}; missing {', '.join(missing)}"
+        if not callable(getattr(module, spec.act_attr, None)):
+            return f"expected an activation module `{spec.act_attr}`"
+        out = getattr(module.gate_up_proj, "out_features", 0) if spec.layout == "fused" else 0
+        if out % 2:
+            return f"gate_up_proj has an odd out_features {out}; expected [gate; up] halves"
+        return None
+    if kind == "experts":
+        weight = getattr(module, "gate_up_proj", None)
+        if not isinstance(weight, nn.Parameter) or weight.dim() != 3 or weight.shape[1] % 2:
+            return "expected a 3-D `gate_up_proj` parameter (experts, 2 * intermediate, hidden)"
+        if not callable(getattr(module, "act_fn", None)):
+            return "expected an activation module `act_fn`"
+        return None
+    raise AssertionError(kind)
+
+
+def _mlp_spec(module: nn.Module, traits: ArchitectureTraits):
+    return next(spec for name, spec in traits.mlps.items() if isinstance(module, traits.cls(name)))
+
+
+def _unsupported_activation(kind: str, module: nn.Module, traits: ArchitectureTraits) -> str | None:
+    if kind == "swiglu":
+        act = getattr(module, _mlp_spec(module, traits).act_attr)
+    elif kind == "experts":
+        act = module.act_fn
+    else:
+        return None
+    return None if forwards.gated_kernel(act) is not None else type(act).__name__
+
+
+def _check_causal_lm(model: nn.Module, traits: ArchitectureTraits) -> None:
+    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    lm_head = getattr(model, "lm_head", None)
+    if not isinstance(base, nn.Module) or not isinstance(lm_head, nn.Module):
+        raise ValueError(
+            f"refusing to patch {type(model).__name__}: expected a base model attribute "
+            f"{getattr(model, 'base_model_prefix', 'model')!r} and an `lm_head` module"
+        )
+    hidden = getattr(model.config, "hidden_size", None)
+    weight = getattr(lm_head, "weight", None)
+    if isinstance(lm_head, nn.Linear) and hidden is not None and weight.dim() == 2 and weight.shape[1] != hidden:
+        raise ValueError(
+            f"refusing to patch {type(model).__name__}: lm_head weight {tuple(weight.shape)} does not "
+            f"take hidden_size {hidden}"
+        )
+
+
+def _patch_rope(traits: ArchitectureTraits, holder, summary: PatchSummary) -> None:
+    if traits.rope is None:
+        summary.skipped.append("rope: this architecture's rotary layout is not rotate-half")
+        return
+    module = traits.modeling_module()
+    key = (module.__name__, traits.rope)
+    label = f"rope: {module.__name__}.{traits.rope} (module level)"
+    if key in _FUNCTION_PATCHES:
+        _FUNCTION_PATCHES[key][1].add(holder)
+        summary.skipped.append(f"{label}: already patched")
+        return
+    original = getattr(module, traits.rope)
+    _FUNCTION_PATCHES[key] = [original, {holder}]
+    setattr(module, traits.rope, forwards.make_rotary(original))
+    summary.patched.append(label)
+
+
+def _release_rope(traits: ArchitectureTraits, holder) -> None:
+    if traits.rope is None:
+        return
+    module = traits.modeling_module()
+    key = (module.__name__, traits.rope)
+    entry = _FUNCTION_PATCHES.get(key)
+    if entry is None:
+        return
+    entry[1].discard(holder)
+    if not entry[1]:
+        setattr(module, traits.rope, entry[0])
+        del _FUNCTION_PATCHES[key]
+
