@@ -372,11 +372,14 @@ class CudaTimer:
     after a fresh forward each time. (Repeating one backward with retain_graph=True would not do:
     torch.compile's backward refuses retain_graph when it donates buffers, and in-place kernels
     would keep rewriting their own saved inputs.) Each op runs at least `min_reps` times and for at
-    least `min_rep_ms` milliseconds.
+    least `min_rep_ms` milliseconds of timed work, except that `ms_after` stops after about
+    `max_after_ms` of wall time (min_reps still run).
     """
 
-    def __init__(self, min_rep_ms: float = 40.0, min_reps: int = 10):
-        self.min_rep_ms, self.min_reps = min_rep_ms, min_reps
+    def __init__(self, min_rep_ms: float = 40.0, min_reps: int = 10, max_after_ms: float = 1000.0):
+        # max_after_ms matters where the untimed forward dwarfs the backward (a fused loss computes
+        # its gradients in the forward: its backward is only a scaling)
+        self.min_rep_ms, self.min_reps, self.max_after_ms = min_rep_ms, min_reps, max_after_ms
 
     def _estimate(self, run) -> float:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -412,8 +415,11 @@ class CudaTimer:
             end.record()
 
         fn(setup())
+        torch.cuda.synchronize()
+        wall = time.perf_counter()
         estimate = self._estimate(once)
-        n = max(self.min_reps, math.ceil(self.min_rep_ms / estimate))
+        wall = (time.perf_counter() - wall) * 1e3
+        n = max(self.min_reps, min(math.ceil(self.min_rep_ms / estimate), math.ceil(self.max_after_ms / wall)))
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
         for start, end in events:
             once(start, end)
@@ -468,16 +474,23 @@ def warm_up_gpu(seconds: float) -> None:
         torch.cuda.synchronize()
 
 
+def _copy_ms(timer, device, nbytes) -> float:
+    src = torch.randn(nbytes // 4, device=device, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    return timer.ms(lambda: dst.copy_(src))
+
+
+def _matmul_ms(timer, device, n) -> float:
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    c = torch.empty_like(a)
+    return timer.ms(lambda: torch.mm(a, b, out=c))
+
+
 def measure_ceilings(timer, device, copy_bytes: int = 4 << 30, matmul_n: int = 8192) -> dict:
     """Copy bandwidth (bytes read + written per second) and bf16 matmul rate, on random data."""
-    src = torch.randn(copy_bytes // 4, device=device, dtype=torch.float32)
-    dst = torch.empty_like(src)
-    copy_ms = timer.ms(lambda: dst.copy_(src))
-    del src, dst
-    a = torch.randn(matmul_n, matmul_n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(matmul_n, matmul_n, device=device, dtype=torch.bfloat16)
-    c = torch.empty_like(a)
-    mm_ms = timer.ms(lambda: torch.mm(a, b, out=c))
+    copy_ms = _copy_ms(timer, device, copy_bytes)
+    mm_ms = _matmul_ms(timer, device, matmul_n)
     return {
         "copy_bytes_per_s": 2 * copy_bytes / (copy_ms * 1e-3),
         "matmul_flops_per_s": 2 * matmul_n ** 3 / (mm_ms * 1e-3),
@@ -492,8 +505,8 @@ def _as_tuple(out):
 def rel_err(actual, expected) -> float:
     """max over outputs of ||a - b|| / ||b|| in float32 (NaN stays NaN)."""
     worst = 0.0
-    for a, b in zip(_as_tuple(actual), _as_tuple(expected)):
-        a, b = a.detach().float(), b.detach().float()
+    for a, b in zip(_as_tuple(actual), _as_tuple(expected), strict=True):
+        a, b = a.detach().float(), b.detach().to(a.device).float()
         err = (torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-30)).item()
         worst = err if math.isnan(err) else max(worst, err)
         if math.isnan(worst):
@@ -538,8 +551,9 @@ def _error_text(e: BaseException) -> str:
 
 
 def _free(device) -> None:
-    gc.collect()
+    """Return the last case's memory to the device, so a big case cannot fail on fragmentation."""
     if torch.device(device).type == "cuda":
+        gc.collect()
         torch.cuda.empty_cache()
 
 
@@ -563,6 +577,7 @@ def run_case(op: str, dims: dict, tags, impl_fns: dict, device, dtype, timer, ce
     for impl, fn in impl_fns.items():
         rec = {"op": op, "impl": impl, "label": spec.label(dims), "dims": dict(dims), "tags": list(tags),
                "work": work, "unit": spec.unit, "ideal_ms": ideal}
+        start = time.perf_counter()
         try:
             torch.manual_seed(seed)
             rec.update(measure(fn, spec.make(dims, device, dtype), timer, reference))
@@ -570,6 +585,7 @@ def run_case(op: str, dims: dict, tags, impl_fns: dict, device, dtype, timer, ce
         except Exception as e:  # one failing implementation (OOM, compile error) must not stop the run
             rec["error"] = _error_text(e)
         _free(device)
+        rec["seconds"] = time.perf_counter() - start  # wall time of this row, compilation included
         records.append(rec)
     return records
 
@@ -706,18 +722,10 @@ def format_table(result) -> str:
     return "\n".join(out)
 
 
-def format_markdown(result) -> str:
-    """Headline table (anchor shapes, fwd+bwd) and one full table per op, for docs/ and the README."""
-    env, impls = result["env"], result["impls"]
-    lines = [f"# Benchmarks: {env.get('gpu') or env['device']}", "",
-             f"torch {env['torch']}, triton {env['triton']}, {env['dtype']}, liger-kernel "
-             f"{env.get('liger_kernel') or 'not installed'}, {env['date_utc']}, commit {env.get('git_commit')}. "
-             "Medians: `triton.testing.do_bench` (fwd, fwd+bwd); CUDA events around the backward alone "
-             f"after an untimed forward (bwd); L2 flushed before each run. {format_ceilings(result['ceilings'])}.",
-             "", "## Forward+backward at the anchor shapes", "",
-             "ms (peak MiB beyond the inputs, gradients included). Ideal: minimal work over the measured ceiling; "
-             "ours %: ideal / our time.", "",
-             "| op | shape | ideal ms | " + " | ".join(impls) + " | ours % |",
+def format_headline(result) -> str:
+    """Markdown table of forward+backward at the anchor shapes: ms (+ peak MiB) per implementation."""
+    impls = result["impls"]
+    lines = ["| op | shape | ideal ms | " + " | ".join(impls) + " | ours % |",
              "|---|---|---|" + "---|" * len(impls) + "---|"]
     for op in result["ops"]:
         for label, records in _by_case(result, op).items():
@@ -738,7 +746,20 @@ def format_markdown(result) -> str:
             pct = _fmt_pct(ours["frac_of_ceiling"]["fwd_bwd"]) if "ms" in ours else "-"
             lines.append(f"| {op} | {label} | {_fmt_ms(records[0]['ideal_ms']['fwd_bwd'])} | "
                          + " | ".join(cells) + f" | {pct} |")
-    lines.append("")
+    return "\n".join(lines)
+
+
+def format_markdown(result) -> str:
+    """Headline table (anchor shapes, fwd+bwd) and one full table per op, for docs/ and the README."""
+    env = result["env"]
+    lines = [f"# Benchmarks: {env.get('gpu') or env['device']}", "",
+             f"torch {env['torch']}, triton {env['triton']}, {env['dtype']}, liger-kernel "
+             f"{env.get('liger_kernel') or 'not installed'}, {env['date_utc']}, commit {env.get('git_commit')}. "
+             "Medians: `triton.testing.do_bench` (fwd, fwd+bwd); CUDA events around the backward alone "
+             f"after an untimed forward (bwd); L2 flushed before each run. {format_ceilings(result['ceilings'])}.",
+             "", "## Forward+backward at the anchor shapes", "",
+             "ms (peak MiB beyond the inputs, gradients included). Ideal: minimal work over the measured ceiling; "
+             "ours %: ideal / our time.", "", format_headline(result), ""]
     for op, info in result["ops"].items():
         lines += [f"## {op}", "", f"Minimal {info['unit']}: {info['formula']}.", "",
                   "| shape | impl | fwd ms | bwd ms | f+b ms | ideal / f+b | MiB fwd | MiB f+b | err vs eager |",
@@ -780,17 +801,14 @@ def plot(result, path, ops=None) -> None:
         if any(r["tags"] == ["anchor"] for r in records):
             groups.append("anchor")
 
-        def members(group):
-            return [r for r in records if (r["tags"] == ["anchor"] if group == "anchor" else group in r["tags"])]
-
         for gi, group in enumerate(groups):
             style = ("-", "--", ":", "-.")[gi % 4]
+            members = [r for r in records if (r["tags"] == ["anchor"] if group == "anchor" else group in r["tags"])]
             for impl, (color, width) in IMPL_STYLE.items():
-                pts = sorted((r["work"]["fwd_bwd"] / scale, r["ms"]["fwd_bwd"]) for r in members(group)
-                             if r["impl"] == impl)
+                pts = sorted((r["work"]["fwd_bwd"] / scale, r["ms"]["fwd_bwd"]) for r in members if r["impl"] == impl)
                 if pts:
                     ax.plot(*zip(*pts), style, marker="o", ms=3, color=color, lw=width, label=f"{impl} ({group})")
-            ideal = sorted({(r["work"]["fwd_bwd"] / scale, r["ideal_ms"]["fwd_bwd"]) for r in members(group)})
+            ideal = sorted({(r["work"]["fwd_bwd"] / scale, r["ideal_ms"]["fwd_bwd"]) for r in members})
             ax.plot(*zip(*ideal), style, color="k", lw=0.8, label=f"ideal ({group})")
         ax.set(title=op, xlabel=xlabel, ylabel="fwd+bwd ms", xscale="log", yscale="log")
         ax.grid(True, which="both", lw=0.3)
@@ -850,7 +868,10 @@ def bench_main(args, log=print) -> int:
         log(TABLE_HEADER)
         result = run_bench(cases, args.impls, device, dtype, timer, ceilings, env, args.out,
                            args.time_limit, log)
-        log("\n" + format_table(result))
+        # the rows above are the full table; end with the headline (a log's tail is what gets read)
+        log("\n" + format_headline(result))
+        for s in result["skipped"]:
+            log(f"skipped {s['op']} {s['label']}: {s['why']}")
         log(f"total {result['elapsed_s']:.0f} s")
     for path in write_outputs(result, args.out, args.plots):
         log(f"wrote {path}")

@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--dtypes", type=_choices(DTYPES), default=("fp32", "bf16"))
     check.add_argument("--ops", type=_choices(OPS), default=OPS)
 
-    sub.add_parser("demo", add_help=False, help="train a tiny model with and without the kernels (options: demo --help)")
+    sub.add_parser("demo", add_help=False,
+                   help="train a tiny model with and without the kernels (its options: demo --help)")
     return parser
 
 

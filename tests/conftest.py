@@ -22,3 +22,14 @@ def device():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests need CUDA at real sizes: on CPU they are deselected (they run with `make gpu-test`)."""
+    if DEVICE == "cuda":
+        return
+    kept = [item for item in items if "gpu" not in item.keywords]
+    deselected = [item for item in items if "gpu" in item.keywords]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = kept

@@ -41,10 +41,10 @@ def test_work_matches_the_anchors():
     # the "ideal" column of ANCHORS.md
     assert _ideal_ms("rms_norm", {"M": m, "N": n}) == pytest.approx(0.31, abs=0.01)
     assert _ideal_ms("rope", rope) == pytest.approx(0.157, abs=0.002)
-    assert _ideal_ms("swiglu", {"M": 16384, "I": 14336}) == pytest.approx(0.87, abs=0.01)
+    assert _ideal_ms("swiglu", {"M": 16384, "I": 14336}) == pytest.approx(0.87, abs=0.02)
     assert _ideal_ms("cross_entropy", {"M": 8192, "V": 128256}) == pytest.approx(0.98, abs=0.01)
     assert _ideal_ms("fused_linear_cross_entropy", {"M": 8192, "H": 4096, "V": 128256}) == pytest.approx(32.7, abs=0.1)
-    assert _ideal_ms("fused_linear_cross_entropy", {"M": 8192, "H": 2304, "V": 256000}) == pytest.approx(36, abs=0.5)
+    assert _ideal_ms("fused_linear_cross_entropy", {"M": 8192, "H": 2304, "V": 256000}) == pytest.approx(36, abs=1)
 
 
 def test_plan_runs_anchors_first_once_each():
@@ -59,7 +59,8 @@ def test_plan_runs_anchors_first_once_each():
     assert tags["32768x4096"] == ["anchor", "tokens", "hidden"]
     assert tags["32768x16384"] == ["hidden"]
     assert all(tags for _, _, tags in full)
-    assert set(op for op, _, _ in full) == set(bench.OPS) == set(cli.OPS)
+    assert set(op for op, _, _ in full) == set(bench.OPS)
+    assert cli.OPS == bench.DEFAULT_OPS and cli.IMPLS == bench.IMPLS and set(cli.DTYPES) == set(bench.DTYPES)
 
 
 def test_rel_err():
@@ -119,7 +120,8 @@ def test_run_bench_on_cpu_writes_every_output(tmp_path):
     assert len(lines) == 3 and "rms_norm 3x40" in lines[0]
 
     table = bench.format_table(result)
-    assert "ceilings: copy" in table and "cross_entropy 4x37" in table and table.count("eager") == 3
+    assert "ceilings: copy" in table and "cross_entropy 4x37" in table
+    assert [line.split()[0] for line in table.splitlines() if line.startswith(" ")] == ["eager"] * 3
     written = bench.write_outputs(result, tmp_path)
     assert {p.name for p in written} == {"results.json", "results.md", "bench.png", "rms_norm.png",
                                          "cross_entropy.png"}
@@ -134,8 +136,8 @@ def test_run_bench_on_cpu_writes_every_output(tmp_path):
     # the same outputs again from the JSON alone (how docs/ is regenerated without a GPU)
     again = tmp_path / "again"
     assert cli.main(["bench", "--from-json", str(tmp_path / "results.json"), "--out", str(again),
-                     "--plots", "combined"]) == 0
-    assert sorted(p.name for p in again.iterdir()) == ["bench.png", "results.json", "results.md"]
+                     "--plots", "none"]) == 0
+    assert sorted(p.name for p in again.iterdir()) == ["results.json", "results.md"]
     assert (again / "results.md").read_text() == md
 
 
@@ -209,10 +211,9 @@ def test_liger_kernel_calls_bind_to_its_signatures(monkeypatch):
             sig = inspect.signature(fn)
             monkeypatch.setattr(lf, name, lambda *a, _n=name, _s=sig, **k: calls.setdefault(_n, _s.bind(*a, **k)))
     x = object()
-    for op, spec in bench.OPS.items():
-        n_args = {"rms_norm": 2, "fused_add_rms_norm": 3, "layer_norm": 3, "rope": 4}.get(op, 2)
-        n_args = 3 if op == "fused_linear_cross_entropy" else n_args
-        bench._liger(op)(*[x] * n_args)
+    for op, spec in bench.OPS.items():  # called with as many arguments as our inputs hold
+        torch.manual_seed(0)
+        bench._liger(op)(*[x] * len(spec.make(spec.tiny, "cpu", torch.float32).args()))
     assert calls["liger_rms_norm"].arguments["eps"] == bench.RMS_EPS
     assert calls["liger_layer_norm"].arguments["eps"] == bench.LN_EPS
     assert calls["liger_fused_linear_cross_entropy"].arguments["target"] is x

@@ -29,3 +29,19 @@ def assert_close(actual, expected, dtype, *, reduction=False, name=""):
     expected = expected.detach().to(torch.float64).cpu()
     assert not torch.isnan(actual).any(), f"{name}: NaN in output (unwritten element or bad math)"
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+# Whole-model parity (patched vs unpatched model in the same dtype, tests/patching): the largest
+# elementwise difference relative to the largest magnitude of the tensor. bf16: both models round
+# every activation to bf16, in different orders, through every layer and back.
+MODEL_RTOL = {torch.float32: 1e-4, torch.bfloat16: 6e-2}
+
+
+def assert_model_close(actual, expected, dtype, name=""):
+    actual = actual.detach().to(torch.float64).cpu()
+    expected = expected.detach().to(torch.float64).cpu()
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert not torch.isnan(actual).any(), f"{name}: NaN"
+    scale = expected.abs().max().item()
+    err = (actual - expected).abs().max().item()
+    assert err <= MODEL_RTOL[dtype] * scale, f"{name}: max error {err:.3g} > {MODEL_RTOL[dtype]} * {scale:.3g}"

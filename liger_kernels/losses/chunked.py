@@ -73,64 +73,74 @@ def _row_stats_kernel(
     entropy_ptr,
     mean_ptr,
     top1_ptr,
+    n_rows,
     n_cols,
     inv_t,
     WITH_STATS: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
-    """One row of logits x: z = x * inv_t; lse = logsumexp(z); logp = z[target] - lse; and with
-    WITH_STATS the entropy of softmax(z), mean(z) and whether target is the (first) argmax of z."""
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * x_stride
-    target = tl.load(target_ptr + row)
-    z_target = tl.load(x_row + target).to(tl.float32) * inv_t
-    m = float("-inf")
-    s = 0.0
-    ez = 0.0  # sum of exp(z - m) * z, rescaled with m like s
-    z_sum = 0.0
-    max_before_target = float("-inf")  # ties with an earlier column make argmax pick that column
-    for start in range(0, n_cols, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        z = tl.load(x_row + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-        new_m = tl.maximum(m, tl.max(z, axis=0))
+    """BLOCK_M rows of logits x, in one sweep over the columns: z = x * inv_t; lse = logsumexp(z);
+    logp = z[target] - lse; and with WITH_STATS the entropy of softmax(z), mean(z) and whether the
+    target is the (first) argmax of z. Wide vocabularies use BLOCK_M = 1; narrow ones pack rows."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < n_rows
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * x_stride
+    target = tl.load(target_ptr + rows, mask=row_mask, other=0)
+    z_target = tl.load(x_rows + target[:, None], mask=row_mask[:, None], other=0.0)
+    z_target = tl.sum(z_target, axis=1).to(tl.float32) * inv_t
+    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_M,), tl.float32)
+    ez = tl.zeros((BLOCK_M,), tl.float32)  # sum of exp(z - m) * z, rescaled with m like s
+    z_sum = tl.zeros((BLOCK_M,), tl.float32)
+    # a tie with an earlier column makes argmax pick that column
+    max_before_target = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    for start in range(0, n_cols, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        mask = row_mask[:, None] & (cols < n_cols)[None, :]
+        z = tl.load(x_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_t
+        new_m = tl.maximum(m, tl.max(z, axis=1))
+        new_m = tl.where(row_mask, new_m, 0.0)  # rows past the end: keep the arithmetic finite
         scale = tl.exp(m - new_m)
-        e = tl.exp(z - new_m)
-        s = s * scale + tl.sum(e, axis=0)
+        e = tl.exp(z - new_m[:, None])
+        s = s * scale + tl.sum(e, axis=1)
         if WITH_STATS:
             z0 = tl.where(mask, z, 0.0)
-            ez = ez * scale + tl.sum(e * z0, axis=0)
-            z_sum += tl.sum(z0, axis=0)
-            before = tl.where(cols < target, z, float("-inf"))
-            max_before_target = tl.maximum(max_before_target, tl.max(before, axis=0))
+            ez = ez * scale + tl.sum(e * z0, axis=1)
+            z_sum += tl.sum(z0, axis=1)
+            before = tl.where(cols[None, :] < target[:, None], z, float("-inf"))
+            max_before_target = tl.maximum(max_before_target, tl.max(before, axis=1))
         m = new_m
+    s = tl.where(row_mask, s, 1.0)
     lse = m + tl.log(s)
-    tl.store(lse_ptr + row, lse)
-    tl.store(logp_ptr + row, z_target - lse)
+    tl.store(lse_ptr + rows, lse, mask=row_mask)
+    tl.store(logp_ptr + rows, z_target - lse, mask=row_mask)
     if WITH_STATS:
-        tl.store(entropy_ptr + row, lse - ez / s)
-        tl.store(mean_ptr + row, z_sum / n_cols)
+        tl.store(entropy_ptr + rows, lse - ez / s, mask=row_mask)
+        tl.store(mean_ptr + rows, z_sum / n_cols, mask=row_mask)
         is_top1 = (z_target >= m) & (z_target > max_before_target)
-        tl.store(top1_ptr + row, is_top1.to(tl.int8))
+        tl.store(top1_ptr + rows, is_top1.to(tl.int8), mask=row_mask)
 
 
 @triton.jit
 def _logprob_grad_kernel(
-    x_ptr, x_stride, target_ptr, lse_ptr, g_ptr, n_cols, inv_t, BLOCK: tl.constexpr
-):
+    x_ptr, x_stride, target_ptr, lse_ptr, g_ptr, n_rows, n_cols, inv_t,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
     """In place: x[row] <- g * (onehot(target) - softmax(x * inv_t)) * inv_t, the gradient of
     g * logp[target] w.r.t. the logits x (g = 0 on ignored rows gives zeros)."""
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    x_row = x_ptr + row * x_stride
-    g = tl.load(g_ptr + row)
-    lse = tl.load(lse_ptr + row)
-    target = tl.load(target_ptr + row)
-    z = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32) * inv_t
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
+    mask = row_mask[:, None] & (cols < n_cols)[None, :]
+    ptrs = x_ptr + rows.to(tl.int64)[:, None] * x_stride + cols[None, :]
+    g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)[:, None]
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)[:, None]
+    target = tl.load(target_ptr + rows, mask=row_mask, other=0)[:, None]
+    z = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) * inv_t
     p = tl.exp(z - lse)
-    grad = (tl.where(cols == target, g, 0.0) - g * p) * inv_t
-    tl.store(x_row + cols, grad.to(x_ptr.dtype.element_ty), mask=mask)
+    grad = (tl.where(cols[None, :] == target, g, 0.0) - g * p) * inv_t
+    tl.store(ptrs, grad.to(x_ptr.dtype.element_ty), mask=mask)
 
 
 def row_stats_reference(logits: torch.Tensor, target: torch.Tensor, inv_t: float, with_stats: bool):
@@ -174,6 +184,12 @@ def logprob_grad_reference(
         logits[r0:r1] = grad.mul_(inv_t)
 
 
+def _tile(vocab: int, max_cols: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N): up to `max_cols` columns per step; rows packed until a tile has that many."""
+    block_n = min(max_cols, triton.next_power_of_2(vocab))
+    return max(1, min(64, max_cols // block_n)), block_n
+
+
 def _row_stats(logits, target, inv_t, with_stats):
     if not use_triton(logits):
         return row_stats_reference(logits, target, inv_t, with_stats)
@@ -184,11 +200,11 @@ def _row_stats(logits, target, inv_t, with_stats):
     if with_stats:
         entropy, mean = torch.empty(rows, **f32), torch.empty(rows, **f32)
         top1 = torch.empty(rows, dtype=torch.int8, device=logits.device)
-    block = min(_STATS_BLOCK, triton.next_power_of_2(vocab))
-    _row_stats_kernel[(rows,)](
+    block_m, block_n = _tile(vocab, _STATS_BLOCK)
+    _row_stats_kernel[(triton.cdiv(rows, block_m),)](
         logits, logits.stride(0), target, lse, logp,
         entropy if with_stats else lse, mean if with_stats else lse, top1 if with_stats else lse,
-        vocab, inv_t, WITH_STATS=with_stats, BLOCK=block, num_warps=8 if block >= 2048 else 4,
+        rows, vocab, inv_t, WITH_STATS=with_stats, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8,
     )  # fmt: skip
     return lse, logp, entropy, mean, (top1.bool() if with_stats else None)
 
@@ -197,11 +213,12 @@ def _logprob_grad_(logits, target, lse, g, inv_t):
     if not use_triton(logits):
         return logprob_grad_reference(logits, target, lse, g, inv_t)
     rows, vocab = logits.shape
-    block = min(_GRAD_BLOCK, triton.next_power_of_2(vocab))
-    grid = (rows, triton.cdiv(vocab, block))
+    block_m, block_n = _tile(vocab, _GRAD_BLOCK)
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(vocab, block_n))
     _logprob_grad_kernel[grid](
-        logits, logits.stride(0), target, lse, g, vocab, inv_t, BLOCK=block, num_warps=4
-    )
+        logits, logits.stride(0), target, lse, g, rows, vocab, inv_t,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------

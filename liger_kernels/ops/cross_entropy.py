@@ -30,8 +30,8 @@ grad_output, and skips even that (inside the kernel, no host sync) when grad_out
 Memory: the default allocates one gradient buffer the size of the logits. `in_place=True` writes the
 gradient into the logits buffer itself (no extra memory); the caller must not use the logits
 afterwards. The version counter of the logits is bumped, so an earlier autograd op that saved them
-(e.g. a tanh) fails loudly in backward instead of using overwritten values. Non-contiguous logits
-are copied first; the gradient then goes into the copy.
+(e.g. a tanh) fails loudly in backward instead of using overwritten values. For non-contiguous
+logits `in_place` has no effect (a gradient buffer is allocated).
 """
 
 from __future__ import annotations
@@ -382,7 +382,7 @@ class CrossEntropyFunction(torch.autograd.Function):
                 grad, saved = x, logits
                 torch.autograd.graph.increment_version(logits)
             else:
-                grad = saved = x if in_place else new_output((n_rows, n_cols), x.dtype, x.device)
+                grad = saved = new_output((n_rows, n_cols), x.dtype, x.device)
         loss_rows = new_output((n_rows,), torch.float32, x.device)
         z_rows = new_output((n_rows,), torch.float32, x.device) if opts.lse_square_scale else None
         launch_cross_entropy(x, grad, target, weight, loss_rows, z_rows, denoms, None, opts)
@@ -409,7 +409,8 @@ class CrossEntropyFunction(torch.autograd.Function):
         ctx.used = True
         if ctx.reduction == "none":
             # Per-row grad_output: fp32 math, result written back into the saved gradient.
-            torch.mul(grad, grad_loss.reshape(-1, 1).float(), out=grad)
+            rows = grad.view(-1, ctx.logits_shape[-1])
+            torch.mul(rows, grad_loss.reshape(-1, 1).float(), out=rows)
         else:
             scale_(grad, grad_loss)
         return grad.view(ctx.logits_shape), None, None, None, None, None

@@ -35,7 +35,9 @@ def _activation(a, ACT: tl.constexpr):
         df = sig * (1.0 + a * (1.0 - sig))
     elif ACT == 1:  # gelu, tanh approximation; 0.7978845608028654 = sqrt(2 / pi)
         u = 0.7978845608028654 * (a + 0.044715 * a * a * a)
-        th = 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)  # tanh(u), saturates cleanly to +-1
+        e = tl.exp(-2.0 * tl.abs(u))  # in (0, 1]: tanh without overflow for large |u|
+        th = (1.0 - e) / (1.0 + e)
+        th = tl.where(u < 0, -th, th)
         f = 0.5 * a * (1.0 + th)
         du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * a * a)
         df = 0.5 * (1.0 + th) + 0.5 * a * (1.0 - th * th) * du

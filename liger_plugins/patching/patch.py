@@ -305,7 +305,10 @@ def _patch_rope(traits: ArchitectureTraits, holder, summary: PatchSummary) -> No
     key = (module.__name__, traits.rope)
     label = f"rope: {module.__name__}.{traits.rope} (module level)"
     if key in _FUNCTION_PATCHES:
-        _FUNCTION_PATCHES[key][1].add(holder)
+        holders = _FUNCTION_PATCHES[key][1]
+        # An instance holds the function too only if no class-level patch does (as for its modules).
+        if holder[0] == "class" or not any(h[0] == "class" for h in holders):
+            holders.add(holder)
         summary.skipped.append(f"{label}: already patched")
         return
     original = getattr(module, traits.rope)

@@ -28,8 +28,20 @@ def _check(x, weight, dy, mode, offset=0.0, eps=1e-6, in_place=False, out_dtype=
     assert x.grad.dtype == x.dtype and weight.grad.dtype == weight.dtype
     assert_close(y, y64, x.dtype, name=f"{mode} y")
     assert_close(x.grad, x64.grad, x.dtype, name=f"{mode} dx")
-    assert_close(weight.grad, w64.grad, x.dtype, reduction=True, name=f"{mode} dweight")
+    assert_close(weight.grad, expected_dweight(x, dy, w64.grad, mode, eps), x.dtype, reduction=True, name=f"{mode} dweight")
     assert torch.equal(x.detach(), x_before)  # the saved input is never written
+
+
+def expected_dweight(x, dy, dw64, mode, eps):
+    """float64 dweight of the specification. In "llama" mode the weight multiplies x * rstd rounded to
+    x's dtype, so dweight is the float64 sum of dy times that rounded value (over many bf16 rows it
+    differs from exact-math dweight by ~sqrt(rows) * 2**-9, which no reduction tolerance absorbs)."""
+    if mode != "llama":
+        return dw64
+    hidden = x.shape[-1]
+    ones = torch.ones(hidden, dtype=x.dtype)
+    normalized = rms_norm_reference(x.detach().cpu(), ones, eps, 0.0, "llama").double()
+    return (dy.detach().double().cpu() * normalized).reshape(-1, hidden).sum(0)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -1,0 +1,129 @@
+"""The shared chunking engine: its vocab-wide kernels (interpreter) and torch reference vs float64,
+`chunked_logprobs`, gradient accumulation dtypes, and input errors."""
+
+import pytest
+import torch
+
+import liger_kernels._utils
+from liger_kernels.losses import chunked_logprobs
+from liger_kernels.losses.chunked import (
+    _logprob_grad_,
+    _row_stats,
+    chunked_fused_linear_loss,
+    logprob_grad_reference,
+    row_groups,
+    row_stats_reference,
+)
+from tests.losses.reference import leaf64, logits64, make_inputs, token_logps, token_stats
+from tests.tolerances import DTYPES, assert_close
+
+
+def _stats64(x, target, temperature):
+    z = x.double()
+    lp, _, logsm = token_logps(z, target, temperature=temperature)
+    entropy, mean, top1 = token_stats(z, target, None, temperature)
+    return torch.logsumexp(z / temperature, -1), lp, entropy, mean, top1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,vocab", [(1, 1), (5, 7), (70, 1000), (3, 4097)])
+def test_row_stats_and_grad_kernels(dtype, rows, vocab, device):
+    x = (torch.randn(rows, vocab, device=device) * 3).to(dtype)
+    target = torch.randint(0, vocab, (rows,), device=device)
+    g = torch.randn(rows, device=device)
+    g[0] = 0.0  # an ignored row: its gradient must be exactly zero
+    expected = _stats64(x, target, 0.7)
+    for use_kernel in (True, False):
+        stats = _row_stats(x, target, 1 / 0.7, True) if use_kernel else row_stats_reference(x, target, 1 / 0.7, True)
+        for got, exp, name in zip(stats[:4], expected[:4], ("lse", "logp", "entropy", "mean")):
+            assert_close(got, exp, torch.float32, reduction=True, name=name)
+        assert torch.equal(stats[4], expected[4])
+
+        grad = x.clone()
+        lse = stats[0]
+        if use_kernel:
+            _logprob_grad_(grad, target, lse, g, 1 / 0.7)
+        else:
+            logprob_grad_reference(grad, target, lse, g, 1 / 0.7)
+        x64 = x.double().requires_grad_()
+        lp = torch.log_softmax(x64 / 0.7, -1).gather(1, target[:, None]).squeeze(1)
+        (lp * g.double()).sum().backward()
+        assert_close(grad, x64.grad, dtype, name="logits grad")
+        assert torch.all(grad[0] == 0)
+
+
+def test_top1_ties_pick_the_first_column(device):
+    x = torch.tensor([[1.0, 3.0, 3.0, 0.0], [3.0, 3.0, 1.0, 1.0]], device=device)
+    target = torch.tensor([2, 0], device=device)
+    for stats in (_row_stats(x, target, 1.0, True), row_stats_reference(x, target, 1.0, True)):
+        assert stats[4].tolist() == [False, True]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_logprobs(dtype, device):
+    h, w, b, target = make_inputs(5, 9, 12, 301, dtype, device)
+    out = chunked_logprobs(h, w, target, b, temperature=1.3, chunk_size=2, with_stats=True)
+    h64, w64, b64 = leaf64(h, w, b)
+    z = logits64(h64, w64, b64)
+    lp, mask, _ = token_logps(z, target, temperature=1.3)
+    entropy, mean, top1 = token_stats(z, target, mask, 1.3)
+    assert_close(out["logps"], lp, dtype, reduction=True, name="logps")
+    assert_close(out["entropy"], entropy, dtype, reduction=True, name="entropy")
+    assert_close(out["mean_logits"], mean, dtype, reduction=True, name="mean_logits")
+    assert torch.all(out["logps"][~mask] == 0)
+
+
+def test_chunked_logprobs_torch_path_matches_kernels(monkeypatch, device):
+    h, w, b, target = make_inputs(4, 6, 8, 50, torch.float32, device)
+    kernel = chunked_logprobs(h, w, target, b, with_stats=True)
+    monkeypatch.setattr(liger_kernels._utils, "INTERPRET", False)
+    torch_path = chunked_logprobs(h, w, target, b, with_stats=True)
+    for key in ("logps", "entropy", "mean_logits"):
+        torch.testing.assert_close(kernel[key], torch_path[key], atol=1e-5, rtol=1e-5)
+    assert torch.equal(kernel["is_top1"], torch_path["is_top1"])
+
+
+def _nll_loss(h, w, b, target, accum_dtype, chunk_size):
+    count = (target != -100).sum()
+    return chunked_fused_linear_loss(
+        h, w, target, lambda lp, chunk: -lp.sum() / count, row_groups(h.shape[0], chunk_size, h.device),
+        bias=b, accum_dtype=accum_dtype,
+    )[0]  # fmt: skip
+
+
+@pytest.mark.parametrize("accum_dtype", [torch.float32, torch.bfloat16])
+def test_weight_grad_accumulation_dtype(accum_dtype, device):
+    h, w, b, target = make_inputs(8, 5, 16, 40, torch.bfloat16, device)
+    h, w, b = (t.detach().requires_grad_() for t in (h, w, b))
+    _nll_loss(h, w, b, target, accum_dtype, chunk_size=1).backward()
+    assert w.grad.dtype == torch.bfloat16
+    h64, w64, b64 = leaf64(h, w, b)
+    lp, mask, _ = token_logps(logits64(h64, w64, b64), target)
+    (-lp.sum() / mask.sum()).backward()
+    assert_close(w.grad, w64.grad, torch.bfloat16, reduction=True, name="grad weight")
+    assert_close(b.grad, b64.grad, torch.bfloat16, reduction=True, name="grad bias")
+    assert_close(h.grad, h64.grad, torch.bfloat16, name="grad input")
+
+
+def test_non_contiguous_input(device):
+    # TRL-style shifted hidden states: a strided view of the model's output.
+    full, w, b, target = make_inputs(4, 8, 16, 30, torch.float32, device)
+    full = full.detach().requires_grad_()
+    h = full[:, :-1]
+    _nll_loss(h, w, b, target[:, 1:], torch.float32, chunk_size=3).backward()
+    f64 = full.detach().double().requires_grad_()
+    lp, mask, _ = token_logps(logits64(f64[:, :-1], w.double(), b.double()), target[:, 1:])
+    (-lp.sum() / mask.sum()).backward()
+    assert_close(full.grad, f64.grad, torch.float32, name="grad input")
+
+
+def test_engine_errors(device):
+    h, w, b, target = make_inputs(2, 4, 8, 10, torch.float32, device)
+    with pytest.raises(ValueError, match="temperature"):
+        chunked_logprobs(h, w, target, b, temperature=0.0)
+    with pytest.raises(ValueError, match=r"input must be \(batch, seq_len, hidden\)"):
+        chunked_logprobs(h[0], w, target, b)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        chunked_logprobs(h, w, target, b[:-1])
+    with pytest.raises(ValueError, match="outside"):
+        chunked_logprobs(h, w, torch.full_like(target, -1), b)

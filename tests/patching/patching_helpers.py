@@ -1,0 +1,29 @@
+"""Tiny real transformers models built from configs/tiny/*.json, and their inputs."""
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig
+from transformers.utils import logging as hf_logging
+
+TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny"
+ARCHITECTURES = sorted(p.stem for p in TINY.glob("*.json"))
+
+hf_logging.set_verbosity_error()  # the tiny vocabularies make transformers warn about token ids
+
+
+def tiny_config(model_type: str, **overrides):
+    spec = json.loads((TINY / f"{model_type}.json").read_text())
+    assert spec.pop("model_type") == model_type
+    spec.update(overrides)
+    return AutoConfig.for_model(model_type, **spec)
+
+
+def batch(vocab_size: int, batch_size: int = 2, seq: int = 8, seed: int = 1):
+    """input_ids and labels (a few ignored positions), tokens >= 3 (0-2 are pad/bos/eos)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab_size, (batch_size, seq), generator=g)
+    labels = ids.clone()
+    labels[0, :3] = -100
+    return ids, labels
