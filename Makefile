@@ -5,6 +5,11 @@ PY := $(VENV)/bin/python
 # CPU build of torch: on these machines pip takes it from the local disk (no CUDA download).
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# Axolotl pins exact transformers/trl/peft/accelerate/datasets versions, so its tests get a venv of their own.
+# 0.19.0 is the newest release for Python 3.11 (0.20+ need Python >= 3.12).
+AXOLOTL_VENV ?= .venv-axolotl
+AXOLOTL_SPEC ?= axolotl==0.19.0
+AXOLOTL_STAMP := $(AXOLOTL_VENV)/.installed
 
 .PHONY: venv test demo bench gpu-test clean
 
@@ -17,8 +22,16 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-test: $(STAMP)
+$(AXOLOTL_STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(AXOLOTL_VENV)
+	$(AXOLOTL_VENV)/bin/python -m pip install -q --upgrade pip
+	$(AXOLOTL_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" "$(AXOLOTL_SPEC)" pytest -e .
+	touch $(AXOLOTL_STAMP)
+
+# The main suite deselects tests/plugins/test_axolotl.py (axolotl is not in $(VENV)); it runs in its own venv.
+test: $(STAMP) $(AXOLOTL_STAMP)
 	$(PY) -m pytest -q -n 2 --durations=15 -m "not gpu" tests
+	$(AXOLOTL_VENV)/bin/python -m pytest -q --durations=5 tests/plugins/test_axolotl.py
 
 demo: $(STAMP)
 	$(VENV)/bin/liger-plugins demo
@@ -31,4 +44,4 @@ bench:
 	$(PYTHON) -m liger_plugins.cli bench --out docs/bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(AXOLOTL_VENV) .pytest_cache

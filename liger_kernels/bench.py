@@ -305,11 +305,17 @@ def plan(ops=DEFAULT_OPS, quick=False) -> list:
 
 # --- implementations ----------------------------------------------------------------------------------
 
+# Options only our implementation takes: cross-entropy writes its gradient over the logits (zero extra
+# memory), which is how the fused forward and the patched models call it.
+OURS_ONLY_KWARGS = {"cross_entropy": {"in_place": True}}
+
+
 def _ours(spec: OpSpec) -> Callable:
     mod = importlib.import_module(f"liger_kernels.ops.{spec.module}")
+    kwargs = {**spec.kwargs, **OURS_ONLY_KWARGS.get(spec.name, {})}
 
     def call(*args):  # looked up at call time, so a patched module attribute is what runs
-        return getattr(mod, spec.name)(*args, **spec.kwargs)
+        return getattr(mod, spec.name)(*args, **kwargs)
 
     return call
 

@@ -2,7 +2,8 @@
 
 Two ways in, pick one.
 
-1. The Trainer's own flag, after one call (needs transformers >= 5.2; checked on 5.17 and 5.24)::
+1. The Trainer's own flag, after one call (transformers >= 5.2: the hook point below is the same in the
+   5.2, 5.3, 5.8, 5.17 and 5.24 sources; tests run on 5.24; 5.0/5.1 inline the call, use the callback)::
 
        import liger_plugins.hf
        liger_plugins.hf.enable()
@@ -12,10 +13,11 @@ Two ways in, pick one.
    `enable()` replaces the function the Trainer calls for `use_liger_kernel=True`
    (`transformers.integrations.liger.apply_liger_kernel`, bound by name in `transformers.trainer`) with
    `apply_liger_kernel` below, which maps `liger_kernel_config` onto `liger_plugins.patching.apply_liger`.
-   The Trainer calls it at the start of `train()`, after `model_init` (if any) has built the model and
-   before `accelerate.prepare` wraps it (DDP, FSDP, DeepSpeed): the patch is instance level, on the
-   model the Trainer holds (a PEFT model's base model). Like the stock flag, `evaluate()` alone does
-   not patch; use the callback for that. `disable()` puts the Trainer's original back.
+   The Trainer calls it at the start of `train()` (5.2 called it in `__init__`), after `model_init`
+   (if any) has built the model and before `accelerate.prepare` wraps it (DDP, FSDP, DeepSpeed): the
+   patch is instance level, on the model the Trainer holds (a PEFT model's base model). Like the stock
+   flag, `evaluate()` alone does not patch; use the callback for that. `disable()` puts the Trainer's
+   original back.
 
    When the `liger-kernel` package is installed too, ours wins: after `enable()` the Trainer never
    imports `liger_kernel`. Without `enable()`, the flag keeps its stock meaning (the `liger-kernel`
@@ -98,10 +100,16 @@ def liger_kwargs(kernel_config: Mapping | None, what: str = "liger_kernel_config
 def apply_liger_kernel(model: torch.nn.Module, kernel_config: Mapping | None) -> PatchSummary:
     """Drop-in for `transformers.integrations.liger.apply_liger_kernel(model, kernel_config)`, on
     liger-plugins: patches `model` (a PEFT model's base model) in place, at instance level."""
-    kwargs = liger_kwargs(kernel_config)
-    summary = apply_liger(model, **kwargs)
+    summary = _patch(model, liger_kwargs(kernel_config), "use_liger_kernel")
     logger.info("%s", summary)
     return summary
+
+
+def _patch(model: torch.nn.Module, kwargs: dict[str, bool], who: str) -> PatchSummary:
+    try:
+        return apply_liger(model, **kwargs)
+    except ValueError as error:  # unsupported architecture, not a transformers model, unexpected layout
+        raise ValueError(f"{who}: cannot patch {type(model).__name__}: {error}") from error
 
 
 def enable() -> None:
@@ -191,7 +199,7 @@ class LigerCallback(TrainerCallback):
 
     def _patch(self, args, model: torch.nn.Module, is_main: bool) -> None:
         kwargs = self.kernels if self.kernels is not None else liger_kwargs(args.liger_kernel_config)
-        self.summary = apply_liger(model, **kwargs)
+        self.summary = _patch(model, kwargs, "LigerCallback")
         self._patched = _find_hf_model(model)
         if is_main:
             logger.info("%s", self.summary)

@@ -18,15 +18,19 @@ DDP, FSDP, DeepSpeed) -> `on_fit_start`. So the callback patches:
 - right after `LightningModule.setup` and `LightningModule.configure_model` return: models built there.
   For that, its `setup` wraps those two methods on the module instance (`functools.wraps`, so
   Lightning's `is_overridden` checks see the user's methods); its `teardown` removes the wrappers.
-Either way, before the strategy wraps the model. A model built in `configure_model` under a sharding
-strategy's context is already sharded (parameters partitioned); instance patching only rebinds
-forwards and never touches parameters, and the fused loss reads `lm_head` inside its own hooks.
+Either way, before the strategy wraps the model. Where `configure_model` itself shards the model
+(`ModelParallelStrategy`: the user's `fully_shard`; DeepSpeed ZeRO-3: `zero.Init`), the callback
+patches the sharded model, which is fine: instance patching only rebinds forwards, never touches
+parameters, and the fused loss runs `lm_head` inside its own hooks (the gathered weight).
 
 Once the module is set up (after `configure_model`), finding no Hugging Face model, or one that
 cannot be patched, raises ValueError naming the module / the model's attribute path and type.
 
-Checked on CPU: single-device, and DDP (strategy="ddp", 2 processes, gloo) in tests/plugins.
-FSDPStrategy, ModelParallelStrategy (FSDP2) and DeepSpeedStrategy need GPUs and are not verified here.
+Checked on CPU in tests/plugins/test_lightning.py, training a tiny Llama and comparing with an
+unpatched run: single-device; strategy="ddp" (2 processes, gloo; model built in `__init__` and in
+`configure_model`); `ModelParallelStrategy` (2 processes, gloo; `configure_model` applies FSDP2
+`fully_shard`, so the callback patches an already sharded model). Not verified here:
+`FSDPStrategy` (FSDP1; Lightning requires a GPU for it) and `DeepSpeedStrategy` (GPU, not installed).
 """
 
 from __future__ import annotations
@@ -85,8 +89,8 @@ class LigerCallback(pl.Callback):
 
     def _patch_after(self, pl_module: pl.LightningModule, name: str, final: bool) -> None:
         original = getattr(pl_module, name)
-        if getattr(original, "_liger_wrapper", False):  # setup again without teardown
-            return
+        if getattr(original, "_liger_wrapper", False):  # left by a run that ended without teardown
+            original = original.__wrapped__
 
         @functools.wraps(original)
         def hook(*args, **kwargs):

@@ -8,16 +8,16 @@ One line, either a subclass or an existing trainer:
     from liger_plugins import trl as liger_trl
     trainer = liger_trl.enable(trl.DPOTrainer(...))        # same, on a trainer already built
 
-Covered (tested with TRL 1.16.0, transformers 5.24; the overridden methods have the same contract in
-TRL 1.9.0's source, untested there):
+Covered (tests/plugins/test_trl.py passes with TRL 1.16.0 and with TRL 1.9.0, Axolotl 0.19's pin, both
+on transformers 5.24):
 
-| trainer | overridden method | fused loss |
-|---|---|---|
-| `trl.DPOTrainer` | `_compute_loss` | `fused_linear_dpo_loss` (all loss types but "aot", "aot_unpaired"; weighted combinations) |
-| `trl.KTOTrainer` | `_compute_loss` | `fused_linear_kto_loss` ("kto", "apo_zero_unpaired") |
-| `trl.GRPOTrainer` | `_compute_loss` | `fused_linear_grpo_loss` ("grpo", "bnpo", "dr_grpo", "dapo") |
-| `trl.experimental.orpo.ORPOTrainer` | `get_batch_loss_metrics` | `fused_linear_orpo_loss` |
-| `trl.experimental.cpo.CPOTrainer` | `get_batch_loss_metrics` | `fused_linear_cpo_loss` (sigmoid, hinge, ipo, simpo, AlphaPO) |
+- `trl.DPOTrainer`, `_compute_loss` -> `fused_linear_dpo_loss`: every loss type but "aot" and
+  "aot_unpaired", and weighted combinations of them (`loss_weights`).
+- `trl.KTOTrainer`, `_compute_loss` -> `fused_linear_kto_loss`: "kto", "apo_zero_unpaired".
+- `trl.GRPOTrainer`, `_compute_loss` -> `fused_linear_grpo_loss`: "grpo", "bnpo", "dr_grpo", "dapo".
+- `trl.experimental.orpo.ORPOTrainer`, `get_batch_loss_metrics` -> `fused_linear_orpo_loss`.
+- `trl.experimental.cpo.CPOTrainer`, `get_batch_loss_metrics` -> `fused_linear_cpo_loss`: "sigmoid",
+  "hinge", "ipo", "simpo" (SimPO), AlphaPO (`alpha`).
 
 What stays TRL's: data collation and padding, the reference model (a separate model, the PEFT adapter
 disabled or the "ref" adapter, precomputed reference log-probs), `num_items_in_batch` and gradient
@@ -54,11 +54,11 @@ from liger_kernels.losses import (
     fused_linear_orpo_loss,
 )
 
-TESTED_TRL_VERSIONS = ("1.16.0",)
+TESTED_TRL_VERSIONS = ("1.9.0", "1.16.0")
 _HOOKED = "_liger_head_hooked"
 _SCALING_ATTRS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
-_MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "token_type_ids",
-                    "mm_token_type_ids", "image_position_ids", "spatial_shapes", "num_tiles")  # fmt: skip
+_MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "mm_token_type_ids",
+                    "image_position_ids", "spatial_shapes", "num_tiles")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -137,10 +137,11 @@ def _fallback(trainer, reason: str) -> None:
     key = f"{type(trainer).__name__}: {reason}"
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(f"liger_plugins.trl: {key} are not covered by the fused losses; using TRL's loss", stacklevel=3)
+        warnings.warn(f"liger_plugins.trl: {key} is not covered by the fused losses; using TRL's loss", stacklevel=3)
 
 
-def _no_grad_ctx(trainer):
+def _no_checkpointing(trainer):
+    """TRL's context for no-grad forwards: gradient checkpointing off (it only warns without grads)."""
     from trl.models.utils import disable_gradient_checkpointing
 
     return disable_gradient_checkpointing(trainer.model, trainer.args.gradient_checkpointing_kwargs)
@@ -151,7 +152,7 @@ def _reference_model_call(trainer, model_kwargs, head):
     model, or the policy with its adapter disabled / switched to the "ref" adapter)."""
     from trl.trainer.utils import use_adapter
 
-    with torch.no_grad(), _no_grad_ctx(trainer):
+    with torch.no_grad(), _no_checkpointing(trainer):
         if trainer.ref_model is None and _is_peft(trainer.accelerator.unwrap_model(trainer.model)):
             unwrapped = trainer.accelerator.unwrap_model(trainer.model)
             with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
@@ -159,11 +160,11 @@ def _reference_model_call(trainer, model_kwargs, head):
         return trainer.ref_model(**model_kwargs, liger_head=head)
 
 
-def _sequence_logps_head(target, temperature=1.0):
+def _sequence_logps_head(target):
     """A head returning summed per-sequence log-probs of `target` (aligned with hidden[:, :-1])."""
 
     def head(hidden, weight, bias):
-        return chunked_logprobs(hidden[:, :-1], weight, target, bias, temperature=temperature)["logps"].sum(-1)
+        return chunked_logprobs(hidden[:, :-1], weight, target, bias)["logps"].sum(-1)
 
     return head
 
@@ -259,7 +260,7 @@ class _DPOMixin(_LigerMixin):
         metrics["entropy"].append(total / count if count > 0 else 0.0)
         if mode == "train":
             tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
-            self._total_train_tokens += tokens // self._tp_size
+            self._total_train_tokens += tokens // getattr(self, "_tp_size", 1)  # TRL < 1.16 has no TP correction
         metrics["num_tokens"] = [self._total_train_tokens]
         chosen_mask, rejected_mask = mask.chunk(2)
         chosen_logits, rejected_logits = m["per_token_mean_logits"].chunk(2)
@@ -298,7 +299,8 @@ class _KTOMixin(_LigerMixin):
         model_kwargs["use_cache"] = False
         target = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)[:, 1:]
         if self.calculate_KL:
-            kl_kwargs = {"input_ids": batch["KL_input_ids"], "attention_mask": batch["KL_attention_mask"], "use_cache": False}
+            kl_kwargs = {"input_ids": batch["KL_input_ids"], "attention_mask": batch["KL_attention_mask"]}
+            kl_kwargs["use_cache"] = False
             kl_target = batch["KL_input_ids"].masked_fill(batch["KL_completion_mask"] == 0, -100)[:, 1:]
             with torch.no_grad():
                 kl_logps = model(**kl_kwargs, liger_head=_sequence_logps_head(kl_target))
@@ -337,7 +339,7 @@ class _KTOMixin(_LigerMixin):
         metrics["entropy"].append(total / count if count > 0 else 0.0)
         if mode == "train":
             tokens = gather(batch["attention_mask"].sum()).sum().item()
-            self._total_train_tokens += tokens // self._tp_size
+            self._total_train_tokens += tokens // getattr(self, "_tp_size", 1)  # TRL < 1.16 has no TP correction
         metrics["num_tokens"] = [self._total_train_tokens]
         for name, rows in (("chosen", desirable), ("rejected", ~desirable)):
             total, count = _masked_total(self, m["per_token_mean_logits"], mask & rows[:, None])
@@ -500,7 +502,10 @@ class _ORPOMixin(_PairedExperimentalMixin):
 
     def _liger_extra_metrics(self, m):
         gather = self.accelerator.gather_for_metrics
-        return {"log_odds_ratio": gather(m["log_odds_ratio"]).mean(), "log_odds_chosen": gather(m["log_odds_chosen"]).mean()}
+        return {
+            "log_odds_ratio": gather(m["log_odds_ratio"]).mean(),
+            "log_odds_chosen": gather(m["log_odds_chosen"]).mean(),
+        }
 
 
 class _CPOMixin(_PairedExperimentalMixin):
@@ -545,7 +550,8 @@ def _trainer_class(name: str) -> type:
 
         module, base_name, mixin = _TRAINERS[name]
         base = getattr(importlib.import_module(module), base_name)
-        _built[name] = type(name, (mixin, base), {"__module__": __name__, "__doc__": f"{base_name} with liger_kernels fused losses."})
+        doc = f"{base_name} computing its loss with liger_kernels' fused losses."
+        _built[name] = type(name, (mixin, base), {"__module__": __name__, "__doc__": doc})
     return _built[name]
 
 

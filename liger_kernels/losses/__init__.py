@@ -7,6 +7,11 @@ Functional forms return `LossOutput(loss, metrics)`; modules take the options at
 - Unpaired: `fused_linear_kto_loss`.  RL: `fused_linear_grpo_loss` (grpo, bnpo, dr_grpo, dapo).
 - Distillation: `fused_linear_jsd_loss` (generalized JSD; beta 0 / 1 = forward / reverse KL).
 - `chunked_logprobs`: per-token log-probabilities (no gradient), e.g. for reference models.
+
+Common keywords: `chunk_size` (pairs / sequences / tokens per chunk; default about 2^28 logits per
+chunk), `accum_dtype` (grad_weight accumulation, fp32 by default), `temperature`, `ignore_index`, and
+`fused=False`, which computes the same loss the plain PyTorch way (full logits): the unfused baseline
+for benchmarks.
 """
 
 from liger_kernels.losses.chunked import LossOutput, chunked_logprobs

@@ -25,9 +25,9 @@ Reference models (DPO, KTO, GRPO) and teachers (distillation) are projected the 
 without gradients.
 
 On CUDA (or under ``TRITON_INTERPRET=1``) two Triton kernels do the vocab-wide passes of the logprob
-mode: one program per row for the log-sum-exp and the statistics (one read of the logits), and a 2-D
-grid for the in-place gradient (one read, one write). Elsewhere ``row_stats_reference`` and
-``logprob_grad_reference`` do the same with torch ops; they are the specification.
+mode: one program per row (a few rows for narrow vocabularies) for the log-sum-exp and the statistics
+(one read of the logits), and a 2-D grid for the in-place gradient (one read, one write). Elsewhere
+``row_stats_reference`` and ``logprob_grad_reference`` do the same with torch ops: the specification.
 
 Precision: matmuls in the compute dtype (the inputs' dtype, or the autocast dtype), every softmax-side
 quantity in fp32, ``grad_bias`` accumulated in fp32, ``grad_weight`` accumulated in ``accum_dtype``
@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -331,15 +332,11 @@ def _addmm_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
-@torch.no_grad()
-def _ref_logps(head: Head, rows, target, valid, inv_t, buf_shape, cdt) -> torch.Tensor:
-    n, T = valid.shape
-    h = head.hidden.index_select(0, rows).reshape(n * T, -1).to(cdt)
-    w = head.weight.to(cdt)
-    b = None if head.bias is None else head.bias.to(cdt)
-    logits = _project(h, w, b, torch.empty(buf_shape, dtype=cdt, device=h.device))
-    _, logp, *_ = _row_stats(logits, target, inv_t, with_stats=False)
-    return torch.where(valid.reshape(-1), logp, 0.0).view(n, T)
+def _cast_head(head: Head | None, dtype):
+    """The head's weight and bias in the matmul dtype, cast once per call (not per chunk)."""
+    if head is None:
+        return None, None
+    return head.weight.to(dtype), None if head.bias is None else head.bias.to(dtype)
 
 
 def _walk(hidden, weight, bias, plan: _Plan, need_grad: tuple[bool, bool, bool]):
@@ -351,6 +348,8 @@ def _walk(hidden, weight, bias, plan: _Plan, need_grad: tuple[bool, bool, bool])
     cdt, ref_cdt, teacher_cdt = plan.compute_dtypes
     w = weight.to(cdt)
     b = None if bias is None else bias.to(cdt)
+    ref_w, ref_b = _cast_head(plan.ref, ref_cdt)
+    teacher_w, teacher_b = _cast_head(plan.teacher, teacher_cdt)
     any_grad = any(need_grad)
 
     grad_input = new_output(hidden.shape, hidden.dtype, device) if need_grad[0] else None
@@ -368,22 +367,30 @@ def _walk(hidden, weight, bias, plan: _Plan, need_grad: tuple[bool, bool, bool])
             out["mean_logits"] = torch.zeros(n_rows, seq_len, **f32)
             out["is_top1"] = torch.zeros(n_rows, seq_len, dtype=torch.bool, device=device)
 
+    # The one vocab-sized buffer: each group's logits, then (in place) their gradient.
     max_rows = max(g.numel() for g in plan.groups) * seq_len
     buf = torch.empty(max_rows, vocab, dtype=cdt, device=device)
     total = torch.zeros((), dtype=torch.float32, device=device)
     for rows in plan.groups:
         n = rows.numel()
         m = n * seq_len
-        h = hidden.index_select(0, rows).reshape(m, hid).to(cdt)
         target = plan.target.index_select(0, rows).reshape(m)
         valid = target != plan.ignore_index
         safe_target = torch.where(valid, target, 0)
-        logits = _project(h, w, b, buf[:m])
         chunk = Chunk(
             rows=rows,
             mask=valid.view(n, seq_len),
             data={k: v.index_select(0, rows) for k, v in plan.row_data.items()},
         )
+        if plan.ref is not None:  # before the policy's logits, so it can borrow their buffer
+            with torch.no_grad():
+                ref_h = plan.ref.hidden.index_select(0, rows).reshape(m, -1).to(ref_cdt)
+                ref_buf = buf[:m] if ref_cdt == cdt else torch.empty(m, vocab, dtype=ref_cdt, device=device)
+                _, ref_logp, *_ = _row_stats(_project(ref_h, ref_w, ref_b, ref_buf), safe_target, plan.inv_t, False)
+                chunk.ref_logps = torch.where(valid, ref_logp, 0.0).view(n, seq_len)
+                out["ref_logps"][rows] = chunk.ref_logps
+        h = hidden.index_select(0, rows).reshape(m, hid).to(cdt)
+        logits = _project(h, w, b, buf[:m])
 
         if plan.mode == "logprob":
             lse, logp, entropy, mean, top1 = _row_stats(logits, safe_target, plan.inv_t, plan.with_stats)
@@ -393,11 +400,6 @@ def _walk(hidden, weight, bias, plan: _Plan, need_grad: tuple[bool, bool, bool])
                 out["entropy"][rows] = entropy.view(n, seq_len)
                 out["mean_logits"][rows] = mean.view(n, seq_len)
                 out["is_top1"][rows] = top1.view(n, seq_len)
-            if plan.ref is not None:
-                chunk.ref_logps = _ref_logps(
-                    plan.ref, rows, safe_target, chunk.mask, plan.inv_t, (m, vocab), ref_cdt
-                )
-                out["ref_logps"][rows] = chunk.ref_logps
             if plan.loss_fn is None:
                 continue
             if any_grad:
@@ -414,13 +416,9 @@ def _walk(hidden, weight, bias, plan: _Plan, need_grad: tuple[bool, bool, bool])
             chunk.target = safe_target
             if plan.teacher is not None:
                 with torch.no_grad():
-                    t = plan.teacher
-                    th = t.hidden.index_select(0, rows).reshape(m, -1).to(teacher_cdt)
-                    tb = None if t.bias is None else t.bias.to(teacher_cdt)
-                    chunk.teacher_logits = _project(
-                        th, t.weight.to(teacher_cdt), tb,
-                        torch.empty(m, vocab, dtype=teacher_cdt, device=device),
-                    ).float()  # fmt: skip
+                    teacher_h = plan.teacher.hidden.index_select(0, rows).reshape(m, -1).to(teacher_cdt)
+                    teacher_buf = torch.empty(m, vocab, dtype=teacher_cdt, device=device)
+                    chunk.teacher_logits = _project(teacher_h, teacher_w, teacher_b, teacher_buf).float()
             if any_grad:
                 leaf = logits.float().requires_grad_()
                 with torch.enable_grad():
@@ -445,6 +443,40 @@ def _walk(hidden, weight, bias, plan: _Plan, need_grad: tuple[bool, bool, bool])
     if grad_bias is not None:
         grad_bias = grad_bias.to(bias.dtype)
     return total, grad_input, grad_weight, grad_bias
+
+
+def _unfused(hidden, weight, bias, plan: _Plan):
+    """The whole batch as one chunk through plain autograd: materializes the (N, T, V) logits."""
+    n_rows, seq_len, _ = hidden.shape
+    target = plan.target
+    valid = target != plan.ignore_index
+    safe_target = torch.where(valid, target, 0)
+    chunk = Chunk(rows=torch.arange(n_rows, device=hidden.device), mask=valid, data=plan.row_data)
+    logits = F.linear(hidden, weight, bias)
+    out = plan.outputs
+    if plan.mode == "logits":
+        chunk.target = safe_target.reshape(-1)
+        if plan.teacher is not None:
+            t = plan.teacher
+            chunk.teacher_logits = F.linear(t.hidden, t.weight, t.bias).reshape(n_rows * seq_len, -1).float()
+        return plan.loss_fn(logits.reshape(n_rows * seq_len, -1).float(), chunk), out
+    z = logits.float() * plan.inv_t
+    log_probs = torch.log_softmax(z, dim=-1)
+    logp = log_probs.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1) * valid
+    out["logps"] = logp.detach()
+    if plan.ref is not None:
+        with torch.no_grad():
+            r = plan.ref
+            ref_z = F.linear(r.hidden, r.weight, r.bias).float() * plan.inv_t
+            ref_logp = torch.log_softmax(ref_z, dim=-1).gather(-1, safe_target.unsqueeze(-1)).squeeze(-1)
+            chunk.ref_logps = out["ref_logps"] = ref_logp * valid
+    if plan.with_stats:
+        with torch.no_grad():
+            out["entropy"] = -(log_probs.exp() * log_probs).sum(-1)
+            out["mean_logits"] = z.mean(-1)
+            out["is_top1"] = z.argmax(-1) == target
+    loss = plan.loss_fn(logp, chunk) if plan.loss_fn is not None else torch.zeros((), device=hidden.device)
+    return loss, out
 
 
 class _ChunkedFusedLinearFunction(torch.autograd.Function):
@@ -526,6 +558,7 @@ def chunked_fused_linear_loss(
     row_data: dict[str, torch.Tensor] | None = None,
     with_stats: bool = False,
     accum_dtype: torch.dtype = torch.float32,
+    fused: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Runs `loss_fn` over `groups` of rows (a partition of the batch) and returns (loss, outputs).
 
@@ -535,6 +568,9 @@ def chunked_fused_linear_loss(
     logprob mode "logps" (N, T), "ref_logps" with `ref`, and with `with_stats` "entropy", "mean_logits"
     (per-token mean over the vocabulary of the temperature-scaled logits) and "is_top1".
     Callers check their inputs (`check_head`, `check_target`) before.
+
+    `fused=False` computes the same loss the plain PyTorch way (`_unfused`): full logits, one
+    autograd graph. It is the unfused baseline for benchmarks and a whole-loss reference for tests.
     """
     if mode not in ("logprob", "logits"):
         raise ValueError(f"mode must be 'logprob' or 'logits', got {mode!r}")
@@ -566,6 +602,8 @@ def chunked_fused_linear_loss(
             None if teacher is None else _compute_dtype(teacher.hidden, teacher.weight, "teacher"),
         ),
     )
+    if not fused:
+        return _unfused(hidden, weight, bias, plan)
     grad_on = torch.is_grad_enabled() and loss_fn is not None
     need_grad = (
         grad_on and hidden.requires_grad,

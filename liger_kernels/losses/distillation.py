@@ -73,6 +73,7 @@ def fused_linear_jsd_loss(
     ignore_index: int = -100,
     chunk_size: int | None = None,
     accum_dtype: torch.dtype = torch.float32,
+    fused: bool = True,
 ) -> LossOutput:
     """Generalized JSD distillation fused with both heads (teacher under no_grad).
 
@@ -83,6 +84,8 @@ def fused_linear_jsd_loss(
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     student = _as_rows("student_input", student_input)
     teacher = _as_rows("teacher_input", teacher_input)
     check_head("student_", student, student_weight, student_bias)
@@ -101,7 +104,7 @@ def fused_linear_jsd_loss(
         check_target("target", target, student, vocab, ignore_index)
     n_valid = (target != ignore_index).sum().clamp(min=1)
     inv_t = 1.0 / temperature
-    parts = {"soft_loss": torch.zeros((), device=student.device), "hard_loss": torch.zeros((), device=student.device)}
+    parts = {name: torch.zeros((), device=student.device) for name in ("soft_loss", "hard_loss")}
 
     def loss_fn(logits, chunk):
         valid = chunk.mask.reshape(-1)
@@ -123,7 +126,7 @@ def fused_linear_jsd_loss(
     loss, _ = chunked_fused_linear_loss(
         student, student_weight, target, loss_fn, row_groups(student.shape[0], chunk_size, student.device),
         bias=student_bias, mode="logits", temperature=temperature, ignore_index=ignore_index,
-        teacher=Head(teacher, teacher_weight, teacher_bias), accum_dtype=accum_dtype,
+        teacher=Head(teacher, teacher_weight, teacher_bias), accum_dtype=accum_dtype, fused=fused,
     )  # fmt: skip
     return LossOutput(loss, parts)
 

@@ -83,6 +83,7 @@ def fused_linear_grpo_loss(
     temperature: float = 1.0,
     chunk_size: int | None = None,
     accum_dtype: torch.dtype = torch.float32,
+    fused: bool = True,
 ) -> LossOutput:
     """GRPO / BNPO / Dr. GRPO / DAPO policy loss fused with the final linear layer.
 
@@ -108,7 +109,9 @@ def fused_linear_grpo_loss(
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(1)
     if advantages.dim() != 2 or advantages.shape[0] != n_seqs or advantages.shape[1] not in (1, seq_len):
-        raise ValueError(f"advantages must have shape ({n_seqs},) or ({n_seqs}, {seq_len}), got {tuple(advantages.shape)}")
+        raise ValueError(
+            f"advantages must have shape ({n_seqs},) or ({n_seqs}, {seq_len}), got {tuple(advantages.shape)}"
+        )
     row_data = {"advantages": advantages.float().to(input.device)}
     for name, t in (("old_logps", old_logps), ("ref_logps", ref_logps)):
         if t is not None:
@@ -158,7 +161,7 @@ def fused_linear_grpo_loss(
     loss, out = chunked_fused_linear_loss(
         input, weight, target, loss_fn, groups,
         bias=bias, temperature=temperature, ignore_index=ignore_index, ref=ref, row_data=row_data,
-        with_stats=True, accum_dtype=accum_dtype,
+        with_stats=True, accum_dtype=accum_dtype, fused=fused,
     )  # fmt: skip
 
     _, coef_1, per_token_kl = terms(out["logps"], mask, row_data, out.get("ref_logps"))

@@ -63,6 +63,7 @@ def fused_linear_kto_loss(
     temperature: float = 1.0,
     chunk_size: int | None = None,
     accum_dtype: torch.dtype = torch.float32,
+    fused: bool = True,
 ) -> LossOutput:
     """KTO fused with the final linear layer.
 
@@ -118,7 +119,7 @@ def fused_linear_kto_loss(
     loss, out = chunked_fused_linear_loss(
         input, weight, target, loss_fn, groups,
         bias=bias, temperature=temperature, ignore_index=ignore_index, ref=ref, row_data=row_data,
-        with_stats=True, accum_dtype=accum_dtype,
+        with_stats=True, accum_dtype=accum_dtype, fused=fused,
     )  # fmt: skip
 
     mask = target != ignore_index

@@ -215,6 +215,7 @@ def fused_linear_dpo_loss(
     temperature: float = 1.0,
     chunk_size: int | None = None,
     accum_dtype: torch.dtype = torch.float32,
+    fused: bool = True,
 ) -> LossOutput:
     """DPO fused with the final linear layer.
 
@@ -299,7 +300,7 @@ def fused_linear_dpo_loss(
     loss, out = chunked_fused_linear_loss(
         input, weight, target, loss_fn, _groups(n_pairs, target.shape[1], weight.shape[0], chunk_size, input.device),
         bias=bias, temperature=temperature, ignore_index=ignore_index, ref=ref, row_data=row_data,
-        with_stats=True, accum_dtype=accum_dtype,
+        with_stats=True, accum_dtype=accum_dtype, fused=fused,
     )  # fmt: skip
 
     seq = sequence_logps(out["logps"], mask, average_log_prob)
@@ -336,6 +337,7 @@ def fused_linear_orpo_loss(
     temperature: float = 1.0,
     chunk_size: int | None = None,
     accum_dtype: torch.dtype = torch.float32,
+    fused: bool = True,
 ) -> LossOutput:
     """ORPO: NLL(chosen) - beta * mean(logsigmoid(log odds ratio)), fused with the final linear layer.
 
@@ -373,7 +375,7 @@ def fused_linear_orpo_loss(
         input, weight, engine_target, loss_fn,
         _groups(n_pairs, target.shape[1], weight.shape[0], chunk_size, input.device),
         bias=bias, temperature=temperature, ignore_index=ignore_index, row_data={"pref_mask": pref_mask},
-        with_stats=True, accum_dtype=accum_dtype,
+        with_stats=True, accum_dtype=accum_dtype, fused=fused,
     )  # fmt: skip
 
     seq = sequence_logps(out["logps"], pref_mask, average_log_prob)
@@ -409,6 +411,7 @@ def fused_linear_cpo_loss(
     temperature: float = 1.0,
     chunk_size: int | None = None,
     accum_dtype: torch.dtype = torch.float32,
+    fused: bool = True,
 ) -> LossOutput:
     """CPO: mean(pair loss on reward(chosen) - reward(rejected)) + cpo_alpha * NLL(chosen).
 
@@ -437,7 +440,8 @@ def fused_linear_cpo_loss(
 
     loss, out = chunked_fused_linear_loss(
         input, weight, target, loss_fn, _groups(n_pairs, target.shape[1], weight.shape[0], chunk_size, input.device),
-        bias=bias, temperature=temperature, ignore_index=ignore_index, with_stats=True, accum_dtype=accum_dtype,
+        bias=bias, temperature=temperature, ignore_index=ignore_index, with_stats=True,
+        accum_dtype=accum_dtype, fused=fused,
     )  # fmt: skip
 
     seq = sequence_logps(out["logps"], mask, average)
@@ -461,6 +465,7 @@ def fused_linear_simpo_loss(
     temperature: float = 1.0,
     chunk_size: int | None = None,
     accum_dtype: torch.dtype = torch.float32,
+    fused: bool = True,
 ) -> LossOutput:
     """SimPO: -logsigmoid(beta * (mean logp(chosen) - mean logp(rejected)) - gamma), reference-free,
     with an optional NLL term (`cpo_alpha`). CPO's "simpo" loss type with the SimPO paper's beta."""
@@ -468,7 +473,7 @@ def fused_linear_simpo_loss(
         input, weight, target, bias,
         loss_type="simpo", beta=beta, label_smoothing=label_smoothing, cpo_alpha=cpo_alpha,
         simpo_gamma=gamma, ignore_index=ignore_index, temperature=temperature,
-        chunk_size=chunk_size, accum_dtype=accum_dtype,
+        chunk_size=chunk_size, accum_dtype=accum_dtype, fused=fused,
     )  # fmt: skip
 
 

@@ -25,13 +25,16 @@ max and sum of exponentials (online softmax) and, with label smoothing, the (wei
 Pass 2 writes d loss / d x of the row, already divided by the mean normalizer, which is read from
 device memory (no host sync). Pass 2 walks the blocks in reverse order so that the blocks read last
 in pass 1 are read first again while still in L2. The backward only multiplies the saved gradient by
-grad_output, and skips even that (inside the kernel, no host sync) when grad_output is 1.
+grad_output, and skips even that (inside the kernel, no host sync) when grad_output is 1
+(reduction="none": one fp32 multiply per row).
+Target checks: see `check_target` (a device-side assert on CUDA, no host sync).
 
 Memory: the default allocates one gradient buffer the size of the logits. `in_place=True` writes the
 gradient into the logits buffer itself (no extra memory); the caller must not use the logits
 afterwards. The version counter of the logits is bumped, so an earlier autograd op that saved them
 (e.g. a tanh) fails loudly in backward instead of using overwritten values. For non-contiguous
-logits `in_place` has no effect (a gradient buffer is allocated).
+logits `in_place` has no effect (a gradient buffer is allocated). On the CPU path (the torch
+reference under autograd) `in_place` has no effect either.
 """
 
 from __future__ import annotations
@@ -53,8 +56,9 @@ from liger_kernels._utils import (
 )
 
 _REDUCTIONS = ("mean", "sum", "none")
-# Widest vocabulary block one loop iteration holds in registers (16 fp32 values per thread at 32
-# warps). The tests lower it to exercise the multi-block loop on small vocabularies.
+# Widest vocabulary block one loop iteration holds in registers (32 fp32 values per thread at the
+# 16 warps `row_launch_config` gives it; ~60 registers). The launch knob to tune on the GPU; the
+# tests lower it to exercise the multi-block loops on small vocabularies.
 _MAX_BLOCK = 16384
 # Elements per iteration of the backward's scale kernel.
 _SCALE_BLOCK = 4096
@@ -62,7 +66,6 @@ _SCALE_BLOCK = 4096
 _SYNC_TARGET_CHECK = os.environ.get("LIGER_CHECK_TARGETS", "0") == "1"
 # exp(x) = exp2(x * log2(e)); keep the tensor on the left of products with it (interpreter).
 _LOG2E = tl.constexpr(1.4426950408889634)
-
 
 
 @dataclass(frozen=True)
@@ -161,17 +164,19 @@ def _cross_entropy_kernel(
         lse = m + tl.log(d)
 
         # The target's logit, read before pass 2 may overwrite it (in place).
-        t_safe = tl.where((t >= 0) & (t < n_cols), t, 0)
-        z_t = _transform(tl.load(x_row + t_safe).to(tl.float32), logit_scale, softcap, HAS_SOFTCAP)
+        t_col = tl.where((t >= 0) & (t < n_cols), t, 0).to(tl.int32)
+        z_t = _transform(tl.load(x_row + t_col).to(tl.float32), logit_scale, softcap, HAS_SOFTCAP)
         w_t = 1.0
         if HAS_WEIGHT:
-            w_t = tl.load(weight_ptr + t_safe)
-        if not HAS_WEIGHT:
-            sum_w = n_cols.to(tl.float32)
+            w_t = tl.load(weight_ptr + t_col)
+        # Smoothing term eps / V * sum_j w_j (lse - z_j) = smooth_coef * lse - eps / V * sum_z.
         eps_over_v = label_smoothing / n_cols
+        smooth_coef = label_smoothing  # eps / V * sum_j w_j, with w = 1
+        if HAS_WEIGHT:
+            smooth_coef = eps_over_v * sum_w
         loss = w_t * (lse - z_t)
         if HAS_SMOOTHING:
-            loss = (1.0 - label_smoothing) * loss + eps_over_v * (sum_w * lse - sum_z)
+            loss = (1.0 - label_smoothing) * loss + smooth_coef * lse - eps_over_v * sum_z
         tl.store(loss_ptr + row, loss)
         if HAS_Z:
             tl.store(z_loss_ptr + row, lse_square_scale * lse * lse)
@@ -193,7 +198,7 @@ def _cross_entropy_kernel(
             if HAS_SMOOTHING:
                 c_target = c_target * (1.0 - label_smoothing)
                 c_smooth = ce_scale * eps_over_v
-                p_coef = c_target + c_smooth * sum_w
+                p_coef = c_target + ce_scale * smooth_coef
             if HAS_Z:
                 p_coef += z_scale * 2.0 * lse_square_scale * lse
             # Pass 2, last block first (it is the most recently read, likeliest still in L2).
@@ -209,7 +214,7 @@ def _cross_entropy_kernel(
                         g -= c_smooth * tl.load(weight_ptr + offs, mask=mask, other=0.0)
                     else:
                         g -= c_smooth
-                g = tl.where(offs == t, g - c_target, g)
+                g = tl.where(offs == t_col, g - c_target, g)
                 if HAS_SOFTCAP:
                     th = z / softcap
                     g = g * (logit_scale * (1.0 - th * th))
@@ -234,7 +239,7 @@ def _scale_kernel(x_ptr, scale_ptr, n, BLOCK: tl.constexpr):
 
 
 def scale_(t: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
-    """Multiply a contiguous gradient in place by grad_output (a 1-element tensor); free when it is 1."""
+    """Multiply a contiguous gradient in place by grad_output (1 element); free when that is 1."""
     if t.numel():
         n_blocks = triton.cdiv(t.numel(), _SCALE_BLOCK)
         grid = (num_programs_for_rows(n_blocks, t.device),)
@@ -372,7 +377,9 @@ class CrossEntropyFunction(torch.autograd.Function):
         target = target.reshape(-1).contiguous()
         weight = weight.float().contiguous() if weight is not None else None
         n_rows = x.shape[0]
-        denoms = mean_denominators(target, weight, opts.ignore_index) if reduction == "mean" else None
+        denoms = None
+        if reduction == "mean":
+            denoms = mean_denominators(target, weight, opts.ignore_index)
 
         grad = saved = None
         if ctx.needs_input_grad[0]:
@@ -440,7 +447,10 @@ def cross_entropy_reference(
     safe_target = torch.where(valid, target, 0)
     lse = torch.logsumexp(z, dim=-1)
     logp = z - lse[:, None]
-    w = weight.to(compute) if weight is not None else torch.ones(n_cols, dtype=compute, device=z.device)
+    if weight is not None:
+        w = weight.to(compute)
+    else:
+        w = torch.ones(n_cols, dtype=compute, device=z.device)
     w_t = w[safe_target]
     ce = -w_t * logp.gather(1, safe_target[:, None]).squeeze(1)
     if label_smoothing > 0:
@@ -488,7 +498,9 @@ def cross_entropy(
         raise ValueError(f"logits must have shape (..., V) with V >= 1, got {tuple(logits.shape)}")
     n_cols = logits.shape[-1]
     n_rows = logits.numel() // n_cols
-    opts = CrossEntropyOptions(ignore_index, label_smoothing, lse_square_scale, softcap, logit_scale)
+    opts = CrossEntropyOptions(
+        ignore_index, label_smoothing, lse_square_scale, softcap, logit_scale
+    )
     check_options(opts, reduction)
     check_class_weight("weight", weight, n_cols)
     check_same_device(logits=logits, target=target, weight=weight)

@@ -22,15 +22,21 @@ backward recomputes the chunks with the row weights folded into the kernel (one 
 Memory beyond the inputs: dX + dW + one logits chunk of about `CHUNK_BYTES`. The dW update
 `dW += g.T @ x_c` reads and writes all of dW once per chunk, so its time is
 max(2|dW| / bandwidth, 2 V H rows / FLOPs): with fewer than ~400 rows per chunk on an H200 it is
-memory-bound. 128 MiB of bf16 logits is 512 rows at V = 128256 (Llama 3; 1.16 GiB in all with dW,
-dX at N=8192, H=4096) and 256 rows at V = 256000 (Gemma).
+memory-bound. 128 MiB of bf16 logits is 512 rows at V = 128256 (Llama 3: dW 0.98 GiB + dX 0.06 +
+chunk 0.12 = 1.16 GiB at N=8192, H=4096) and 256 rows at V = 256000 (Gemma, H=2304: 1.26 GiB).
+Gradients are computed unscaled in the forward: with fp16 and a loss scaler, tiny gradients can
+flush to zero before grad_output (the loss scale) multiplies them.
 
 `accum_dtype=torch.float32` accumulates dW in fp32 (a Triton GEMM adds each chunk's fp32 product
-into an fp32 buffer) and rounds once at the end; the default accumulates in the weight's dtype.
+into an fp32 buffer) and rounds once at the end; the default accumulates in the weight's dtype
+(one rounding per chunk). For 16-bit weights the option costs 2|dW| more memory at the end (the
+fp32 buffer and its rounded copy) and is slower; it is for checking precision, not for speed.
 Under autocast, input, weight and bias are cast to the autocast dtype first, as F.linear would be.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -96,7 +102,7 @@ def _grad_weight_fp32_kernel(
             mask=(ks[:, None] < n_k) & (offs_h[None, :] < n_h),
             other=0.0,
         )
-        if UPCAST:  # the interpreter's tl.dot multiplies bf16 bit patterns; products are exact in fp32
+        if UPCAST:  # the interpreter's tl.dot multiplies bf16 bit patterns; fp32 products are exact
             g, x = g.to(tl.float32), x.to(tl.float32)
         acc = tl.dot(g, x, acc=acc)
     out = out_ptr + offs_v[:, None].to(tl.int64) * out_stride + offs_h[None, :]
@@ -138,17 +144,24 @@ def _accumulate_grad_weight(grad_w: torch.Tensor, g: torch.Tensor, x: torch.Tens
     )
 
 
-def _chunked_pass(
-    x, w, b, target, ce_weight, opts, denoms, row_scale, need_dx, need_dw, need_db, rows, accum_dtype
-):
-    """Per-row losses (fp32) and, when asked, dX, dW, db over row chunks of `rows`."""
+@dataclass(frozen=True)
+class _Plan:
+    opts: CrossEntropyOptions
+    rows: int  # rows per chunk
+    accum_dtype: torch.dtype  # of the weight gradient
+
+
+def _chunked_pass(x, w, b, target, ce_weight, plan: _Plan, needs, denoms=None, row_scale=None):
+    """Per-row losses (fp32) and, as `needs` = (dX, dW, db) asks, the gradients, chunk by chunk."""
     n, h = x.shape
     v = w.shape[0]
     device = x.device
+    opts, rows = plan.opts, plan.rows
+    need_dx, need_dw, need_db = needs
     loss_rows = new_output((n,), torch.float32, device)
     z_rows = new_output((n,), torch.float32, device) if opts.lse_square_scale else None
     grad_x = new_output((n, h), x.dtype, device) if need_dx else None
-    grad_w = new_output((v, h), accum_dtype, device) if need_dw else None
+    grad_w = new_output((v, h), plan.accum_dtype, device) if need_dw else None
     grad_b = torch.zeros((v,), dtype=torch.float32, device=device) if need_db else None
     need_grad = need_dx or need_dw or need_db
     logits_buf = new_output((min(rows, n), v), x.dtype, device)
@@ -182,18 +195,15 @@ def _chunked_pass(
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx, x, w, b, target, ce_weight, opts: CrossEntropyOptions, reduction, num_items, rows, accum
-    ):
+    def forward(ctx, x, w, b, target, ce_weight, plan: _Plan, reduction, num_items):
         out_shape = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1]).contiguous()
         w = w.contiguous()
         target = target.reshape(-1).contiguous()
         ce_weight = ce_weight.float().contiguous() if ce_weight is not None else None
-        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_db = b is not None and ctx.needs_input_grad[2]
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
         if reduction == "mean":
-            denoms = mean_denominators(target, ce_weight, opts.ignore_index)
+            denoms = mean_denominators(target, ce_weight, plan.opts.ignore_index)
         elif num_items is not None:
             denoms = (num_items, num_items)
         else:
@@ -201,17 +211,16 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
 
         ctx.reduction = reduction
         ctx.used = False
-        ctx.dtypes = (x.dtype, w.dtype, b.dtype if b is not None else None)
+        ctx.w_dtype, ctx.b_dtype = w.dtype, (b.dtype if b is not None else None)
         if reduction == "none":
             # Gradients need the per-row grad_output: computed in backward.
-            loss_rows, z_rows, *_ = _chunked_pass(
-                x, w, b, target, ce_weight, opts, None, None, False, False, False, rows, accum
-            )
+            no_grads = (False, False, False)
+            loss_rows, z_rows, *_ = _chunked_pass(x, w, b, target, ce_weight, plan, no_grads)
             ctx.save_for_backward(x, w, b, target, ce_weight)
-            ctx.args = (opts, rows, accum, need_dx, need_dw, need_db)
+            ctx.plan, ctx.needs = plan, needs
         else:
             loss_rows, z_rows, grad_x, grad_w, grad_b = _chunked_pass(
-                x, w, b, target, ce_weight, opts, denoms, None, need_dx, need_dw, need_db, rows, accum
+                x, w, b, target, ce_weight, plan, needs, denoms
             )
             ctx.save_for_backward(grad_x, grad_w, grad_b)
         ctx.x_shape = out_shape + (x.shape[-1],)
@@ -221,31 +230,30 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_z_loss):
-        if ctx.used:
-            raise RuntimeError(
-                "fused_linear_cross_entropy's backward reuses its saved gradients and can run only once"
-            )
-        ctx.used = True
         if ctx.reduction == "none":
             x, w, b, target, ce_weight = ctx.saved_tensors
-            opts, rows, accum, need_dx, need_dw, need_db = ctx.args
             row_scale = grad_loss.reshape(-1).float().contiguous()
             _, _, grad_x, grad_w, grad_b = _chunked_pass(
-                x, w, b, target, ce_weight, opts, None, row_scale, need_dx, need_dw, need_db, rows, accum
+                x, w, b, target, ce_weight, ctx.plan, ctx.needs, row_scale=row_scale
             )
         else:
+            if ctx.used:
+                raise RuntimeError(
+                    "fused_linear_cross_entropy's backward scales its saved gradients in place "
+                    "and can run only once"
+                )
+            ctx.used = True
             grad_x, grad_w, grad_b = ctx.saved_tensors
             for grad in (grad_x, grad_w, grad_b):
                 if grad is not None:
                     scale_(grad, grad_loss)
-        x_dtype, w_dtype, b_dtype = ctx.dtypes
         if grad_x is not None:
             grad_x = grad_x.view(ctx.x_shape)
         if grad_w is not None:
-            grad_w = grad_w.to(w_dtype)
+            grad_w = grad_w.to(ctx.w_dtype)
         if grad_b is not None:
-            grad_b = grad_b.to(b_dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+            grad_b = grad_b.to(ctx.b_dtype)
+        return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
 def fused_linear_cross_entropy_reference(
@@ -266,7 +274,8 @@ def fused_linear_cross_entropy_reference(
     """Torch specification of `fused_linear_cross_entropy`: materialized logits in fp32 (fp64 for
     fp64 inputs), then `cross_entropy_reference`. Outputs in the input dtype. The CPU path."""
     compute = torch.promote_types(input.dtype, torch.float32)
-    logits = input.to(compute) @ weight.to(compute).t()
+    with torch.autocast(input.device.type, enabled=False):
+        logits = input.to(compute) @ weight.to(compute).t()
     if bias is not None:
         logits = logits + bias.to(compute)
     loss, z_loss = cross_entropy_reference(
@@ -296,9 +305,8 @@ def _check_num_items(num_items_in_batch, reduction: str) -> None:
                 f"{tuple(num_items_in_batch.shape)}"
             )
     elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)):
-        raise TypeError(
-            f"num_items_in_batch must be an int or a tensor, got {type(num_items_in_batch).__name__}"
-        )
+        kind = type(num_items_in_batch).__name__
+        raise TypeError(f"num_items_in_batch must be an int or a tensor, got {kind}")
     elif num_items_in_batch <= 0:
         raise ValueError(f"num_items_in_batch must be positive, got {num_items_in_batch}")
 
@@ -345,7 +353,9 @@ def fused_linear_cross_entropy(
         raise ValueError(f"bias must have shape ({n_classes},), got {tuple(bias.shape)}")
     check_class_weight("ce_weight", ce_weight, n_classes)
     check_same_device(input=input, weight=weight, target=target, bias=bias, ce_weight=ce_weight)
-    opts = CrossEntropyOptions(ignore_index, label_smoothing, lse_square_scale, softcap, logit_scale)
+    opts = CrossEntropyOptions(
+        ignore_index, label_smoothing, lse_square_scale, softcap, logit_scale
+    )
     check_options(opts, reduction)
     _check_num_items(num_items_in_batch, reduction)
     if accum_dtype not in (None, torch.float32, weight.dtype):
@@ -360,9 +370,10 @@ def fused_linear_cross_entropy(
         input, weight = input.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
     if input.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
+        bias_dtype = bias.dtype if bias is not None else None
         raise TypeError(
-            f"input ({input.dtype}), weight ({weight.dtype}) and bias "
-            f"({bias.dtype if bias is not None else None}) must have one dtype (or run under autocast)"
+            f"input ({input.dtype}), weight ({weight.dtype}) and bias ({bias_dtype}) must have "
+            "one dtype (or run under autocast)"
         )
 
     if n_rows == 0 or not use_triton(input, weight, target, bias, ce_weight):
@@ -376,9 +387,12 @@ def fused_linear_cross_entropy(
         num_items = torch.full((), float(num_items_in_batch), device=input.device)
     else:
         num_items = None
-    rows = chunk_size or chunk_rows(n_rows, n_classes, input.element_size())
-    loss, z_loss = FusedLinearCrossEntropyFunction.apply(
-        input, weight, bias, target, ce_weight, opts, reduction, num_items, rows,
+    plan = _Plan(
+        opts,
+        chunk_size or chunk_rows(n_rows, n_classes, input.element_size()),
         accum_dtype or weight.dtype,
+    )
+    loss, z_loss = FusedLinearCrossEntropyFunction.apply(
+        input, weight, bias, target, ce_weight, plan, reduction, num_items
     )
     return (loss, z_loss) if return_z_loss else loss

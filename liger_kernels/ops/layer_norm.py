@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from liger_kernels import _utils
-from liger_kernels.ops.rms_norm import as_rows, sum_partials, tile_config
+from liger_kernels.ops.rms_norm import tile_rows, as_rows, sum_partials, tile_config
 
 
 @triton.jit
@@ -43,12 +43,9 @@ def _layer_norm_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
-    row_ok = rows < n_rows
     col_ok = cols < n_cols
-    mask = row_ok[:, None] & col_ok[None, :]
-    rows = rows.to(tl.int64)  # element offsets may pass 2**31
+    rows, row_ok, mask = tile_rows(tl.program_id(0), n_rows, col_ok, BLOCK_M)
     x = tl.load(x_ptr + rows[:, None] * x_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     mean = tl.sum(x, axis=1) / n_cols
     xc = tl.where(mask, x - mean[:, None], 0.0)
@@ -89,10 +86,7 @@ def _layer_norm_bwd_kernel(
     dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     db = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for tile in range(pid, tl.cdiv(n_rows, BLOCK_M), n_programs):
-        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < n_rows
-        mask = row_ok[:, None] & col_ok[None, :]
-        rows = rows.to(tl.int64)
+        rows, row_ok, mask = tile_rows(tile, n_rows, col_ok, BLOCK_M)
         xy = rows[:, None] * n_cols + cols[None, :]
         dy = tl.load(dy_ptr + rows[:, None] * dy_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + xy, mask=mask, other=0.0).to(tl.float32)

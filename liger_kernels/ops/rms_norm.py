@@ -24,9 +24,10 @@ dtype, the value the weight actually multiplied (as the Hugging Face autograd gr
 Kernels. Rows are processed as [BLOCK_M, BLOCK_N] tiles: one row per tile when it is wide, several
 narrow rows packed together otherwise, so every program moves a few KiB. The forward is one pass with
 one program per tile (read x and w, write y and a fp32 rstd per row). The backward is one pass on a
-persistent grid (`_utils.num_programs_for_rows`): each program strides over tiles, writes dx and
-accumulates its share of dweight in fp32 registers, then stores one partial row; `sum_partials` adds
-the partial rows up (one small launch, no atomics). The residual add of fused_add_rms_norm is a
+persistent grid (`_utils.num_programs_for_rows`): each program strides over tiles, loading the next
+tile while it works on the current one, writes dx and accumulates its share of dweight in fp32
+registers, then stores one partial row; `sum_partials` adds the partial rows up (one small launch, no
+atomics). Only x and the fp32 rstd are saved for backward. The residual add of fused_add_rms_norm is a
 constexpr mode of the same two kernels (see fused_add_rms_norm.py), so the math lives here once.
 
 Hidden sizes up to `_utils.MAX_FUSED_SIZE` (65536) run in Triton; wider rows raise ValueError (the
@@ -48,7 +49,7 @@ CASTING_MODES = ("llama", "gemma", "none")
 _LLAMA = tl.constexpr(0)
 _GEMMA = tl.constexpr(1)
 _NONE = tl.constexpr(2)
-_CAST_CODES = {"llama": 0, "gemma": 1, "none": 2}
+_CAST_CODES = {"llama": _LLAMA.value, "gemma": _GEMMA.value, "none": _NONE.value}
 # Narrow rows are packed into tiles of at least this many elements (BLOCK_M rows x BLOCK_N columns).
 _TILE_ELEMENTS = 4096
 # Columns per program of the partial-sum reduction: small, so that even H=4096 spreads over 128 programs.
@@ -108,6 +109,14 @@ def _rms_norm_rows_backward(dy, x, w_eff, rstd, n_cols, CAST: tl.constexpr, X_DT
 
 
 @triton.jit
+def tile_rows(tile, n_rows, col_ok, BLOCK_M: tl.constexpr):
+    """Row indices (int64: element offsets may pass 2**31), row mask and element mask of a row tile."""
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    return rows.to(tl.int64), row_ok, row_ok[:, None] & col_ok[None, :]
+
+
+@triton.jit
 def _rms_norm_fwd_kernel(
     x_ptr,
     x_stride,
@@ -128,12 +137,9 @@ def _rms_norm_fwd_kernel(
 ):
     """One tile of rows. With HAS_RESIDUAL, the normalized input is x + residual, rounded to (and
     stored as) sum_ptr's dtype; y, sum and rstd are contiguous."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
-    row_ok = rows < n_rows
     col_ok = cols < n_cols
-    mask = row_ok[:, None] & col_ok[None, :]
-    rows = rows.to(tl.int64)  # element offsets may pass 2**31
+    rows, row_ok, mask = tile_rows(tl.program_id(0), n_rows, col_ok, BLOCK_M)
     out = rows[:, None] * n_cols + cols[None, :]
 
     x = tl.load(x_ptr + rows[:, None] * x_stride + cols[None, :], mask=mask, other=0.0)
@@ -148,6 +154,17 @@ def _rms_norm_fwd_kernel(
     y, rstd = _rms_norm_rows(x.to(tl.float32), w_eff, n_cols, eps, CAST, x_dtype)
     tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(rstd_ptr + rows, rstd, mask=row_ok)
+
+
+@triton.jit
+def _rms_norm_bwd_loads(
+    dy_ptr, dy_stride, x_ptr, rstd_ptr, tile, n_rows, n_cols, cols, col_ok, BLOCK_M: tl.constexpr
+):
+    """dy and x of a row tile (in their storage dtypes) and its rstd."""
+    rows, row_ok, mask = tile_rows(tile, n_rows, col_ok, BLOCK_M)
+    dy = tl.load(dy_ptr + rows[:, None] * dy_stride + cols[None, :], mask=mask, other=0.0)
+    x = tl.load(x_ptr + rows[:, None] * n_cols + cols[None, :], mask=mask, other=0.0)
+    return dy, x, tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
 
 
 @triton.jit
@@ -184,21 +201,25 @@ def _rms_norm_bwd_kernel(
     w = tl.load(w_ptr + cols, mask=col_ok, other=0.0)
     w_eff = _effective_weight(w, offset, CAST, x_dtype)
     dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # Software pipelining: the loads of the next tile are issued before this tile's math, so they are
+    # in flight while it is reduced and stored (only ~2 programs of 8 warps fit per SM at ~120 regs).
+    dy_next, x_next, rstd_next = _rms_norm_bwd_loads(
+        dy_ptr, dy_stride, x_ptr, rstd_ptr, pid, n_rows, n_cols, cols, col_ok, BLOCK_M
+    )
     for tile in range(pid, tl.cdiv(n_rows, BLOCK_M), n_programs):
-        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < n_rows
-        mask = row_ok[:, None] & col_ok[None, :]
-        rows = rows.to(tl.int64)
-        xy = rows[:, None] * n_cols + cols[None, :]
-        dy_offsets = rows[:, None] * dy_stride + cols[None, :]
-        dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + xy, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
-        dx, dw_tile = _rms_norm_rows_backward(dy, x, w_eff, rstd, n_cols, CAST, x_dtype)
+        rows, row_ok, mask = tile_rows(tile, n_rows, col_ok, BLOCK_M)
+        dy = dy_next.to(tl.float32)
+        x = x_next.to(tl.float32)
+        rstd = rstd_next
+        dy_next, x_next, rstd_next = _rms_norm_bwd_loads(  # masked off past the last tile
+            dy_ptr, dy_stride, x_ptr, rstd_ptr, tile + n_programs, n_rows, n_cols, cols, col_ok, BLOCK_M
+        )
         if HAS_DRES:
             dres = tl.load(dres_ptr + rows[:, None] * dres_stride + cols[None, :], mask=mask, other=0.0)
+        dx, dw_tile = _rms_norm_rows_backward(dy, x, w_eff, rstd, n_cols, CAST, x_dtype)
+        if HAS_DRES:
             dx += dres.to(tl.float32)
-        tl.store(dx_ptr + xy, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + rows[:, None] * n_cols + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if COMPUTE_DW:
             dw += dw_tile
     if COMPUTE_DW:

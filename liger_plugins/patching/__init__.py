@@ -75,7 +75,8 @@ def apply_liger(
         summary = patch.patch_instance(model, get_traits(_model_type(model)), options)
     else:
         raise TypeError(
-            f"apply_liger takes a model type (str) or a model (nn.Module), got {type(model_or_model_type).__name__}"
+            "apply_liger takes a model type (str) or a model (nn.Module), got "
+            f"{type(model_or_model_type).__name__}"
         )
     logger.log(logging.INFO if verbose else logging.DEBUG, "%s", summary)
     return summary

@@ -51,6 +51,7 @@ def make_causal_lm_forward(traits: ArchitectureTraits, original):
     # (torch.compile traces it without graph breaks).
     params = list(inspect.signature(original).parameters.values())[1:]
     positional = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
+    aux_loss_fn = traits.modeling_module().load_balancing_loss_func if traits.moe else None
 
     def forward(self, *args, **kwargs):
         if len(args) > len(positional):
@@ -59,21 +60,26 @@ def make_causal_lm_forward(traits: ArchitectureTraits, original):
             if name in kwargs:
                 raise TypeError(f"forward() got multiple values for argument {name!r}")
             kwargs[name] = value
-        if kwargs.get("labels") is None or not torch.is_grad_enabled() or self.loss_function is not _DEFAULT_LOSS:
+        fused = (
+            kwargs.get("labels") is not None
+            and torch.is_grad_enabled()
+            and self.loss_function is _DEFAULT_LOSS
+        )
+        if not fused:
             return original(self, **kwargs)
-        return _fused_loss_forward(self, traits, kwargs)
+        return _fused_loss_forward(self, traits, aux_loss_fn, kwargs)
 
     forward.__doc__ = original.__doc__
     return mark(forward, original, "causal_lm_forward")
 
 
-def _fused_loss_forward(self, traits: ArchitectureTraits, kwargs: dict):
+def _fused_loss_forward(self, traits: ArchitectureTraits, aux_loss_fn, kwargs: dict):
     labels = kwargs.pop("labels")
     logits_to_keep = kwargs.pop("logits_to_keep", 0)
     return_dict = kwargs.pop("return_dict", None)
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
-    if traits.moe and kwargs.get("output_router_logits") is None:
+    if aux_loss_fn is not None and kwargs.get("output_router_logits") is None:
         kwargs["output_router_logits"] = self.config.output_router_logits
 
     # Like the original: every remaining argument goes to the base model (it ignores the loss kwargs).
@@ -91,12 +97,15 @@ def _fused_loss_forward(self, traits: ArchitectureTraits, kwargs: dict):
 
     fields = {"loss": loss, "logits": None}
     output_class = CausalLMOutputWithPast
-    if traits.moe:
+    if aux_loss_fn is not None:
         output_class = MoeCausalLMOutputWithPast
         fields["aux_loss"] = None
         if kwargs["output_router_logits"]:
-            aux_loss = traits.modeling_module().load_balancing_loss_func(
-                outputs.router_logits, self.num_experts, self.num_experts_per_tok, kwargs.get("attention_mask")
+            aux_loss = aux_loss_fn(
+                outputs.router_logits,
+                self.num_experts,
+                self.num_experts_per_tok,
+                kwargs.get("attention_mask"),
             )
             fields["aux_loss"] = aux_loss
             fields["loss"] = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)

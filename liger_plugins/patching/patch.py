@@ -85,12 +85,11 @@ def patch_classes(traits: ArchitectureTraits, options: KernelOptions) -> PatchSu
         setattr(owner, attr, wrap(make(getattr(owner, attr, None))))
         summary.patched.append(what)
 
-    for kind, name, make in _module_patch_plan(traits, options):
+    for kind, role, name, attr, make in _module_patch_plan(traits, options):
         cls = traits.cls(name)
-        if kind == "experts" and not hasattr(cls, "_apply_gate"):
-            summary.skipped.append(f"swiglu: {name} (this transformers version has no _apply_gate hook)")
+        if not hasattr(cls, attr):
+            summary.skipped.append(f"{kind}: {name} (this transformers version has no {attr} hook)")
             continue
-        attr = "_apply_gate" if kind == "experts" else "forward"
         rebind(cls, attr, make, f"{kind}: {name}.{attr}")
     causal_lm = traits.cls(traits.causal_lm)
     if options.fused_linear_cross_entropy:
@@ -124,7 +123,8 @@ def unpatch_all_classes() -> None:
 
 def patch_instance(model: nn.Module, traits: ArchitectureTraits, options: KernelOptions) -> PatchSummary:
     summary = PatchSummary(f"{type(model).__name__} instance", "instance", traits.model_type)
-    plan = [(kind, traits.cls(name), make) for kind, name, make in _module_patch_plan(traits, options)]
+    plan = [(kind, role, traits.cls(name), attr, make)
+            for kind, role, name, attr, make in _module_patch_plan(traits, options)]
     causal_lm = traits.cls(traits.causal_lm)
     is_causal_lm = isinstance(model, causal_lm)
 
@@ -132,13 +132,12 @@ def patch_instance(model: nn.Module, traits: ArchitectureTraits, options: Kernel
     todo = []  # (module, attr, replacement, label)
     already = Counter()
     for path, module in model.named_modules():
-        for kind, cls, make in plan:
+        for kind, role, cls, attr, make in plan:
             if not isinstance(module, cls):
                 continue
-            attr = "_apply_gate" if kind == "experts" else "forward"
             label = f"{kind}: {cls.__name__}.{attr}"
-            if kind == "experts" and not hasattr(cls, "_apply_gate"):
-                summary.skipped.append(f"{label} (this transformers version has no _apply_gate hook)")
+            if not hasattr(cls, attr):
+                _skip(summary, f"{kind}: {cls.__name__} (this transformers version has no {attr} hook)")
                 continue
             if forwards.is_liger(getattr(module, attr)):
                 already[label] += 1
@@ -149,17 +148,17 @@ def patch_instance(model: nn.Module, traits: ArchitectureTraits, options: Kernel
                     "(e.g. accelerate hooks); patch before dispatching the model"
                 )
                 continue
-            reason = _check_module(kind, module, traits)
+            reason = _check_module(role, module, traits)
             if reason is not None:
                 raise ValueError(
                     f"refusing to patch module {path!r} ({type(module).__name__}) of a "
                     f"{traits.model_type!r} model: {reason}"
                 )
-            if kind in ("rms_norm", "layer_norm") and module.weight.dim() != 1:
+            if role == "norm" and module.weight.dim() != 1:
                 continue  # per-head norm weight: keeps its own forward
-            unsupported = _unsupported_activation(kind, module, traits)
+            unsupported = _unsupported_activation(role, module, traits)
             if unsupported:
-                summary.skipped.append(f"{label} at {path}: activation {unsupported} has no fused kernel")
+                _skip(summary, f"{label}: activation {unsupported} has no fused kernel (kept the original)")
                 continue
             todo.append((module, attr, make(getattr(type(module), attr)), label))
 
@@ -175,11 +174,12 @@ def patch_instance(model: nn.Module, traits: ArchitectureTraits, options: Kernel
     counts = Counter()
     for module, attr, replacement, label in todo:
         bound = replacement if attr == "_loss_function" else types.MethodType(replacement, module)
-        object.__setattr__(module, attr, bound)
+        setattr(module, attr, bound)
         records.append((module, attr))
         counts[label] += 1
     summary.patched += [f"{label} ({n} module{'s' * (n > 1)})" for label, n in counts.items()]
-    summary.skipped += [f"{label}: already patched ({n} module{'s' * (n > 1)})" for label, n in already.items()]
+    summary.skipped += [f"{label}: already patched ({n} module{'s' * (n > 1)})"
+                        for label, n in already.items()]
     if options.rope:
         _patch_rope(traits, ("instance", id(model)), summary)
     return summary
@@ -218,35 +218,44 @@ def _causal_lm_plan(model, traits, options, summary, already):
 
 
 def _module_patch_plan(traits: ArchitectureTraits, options: KernelOptions):
-    """(kind, class name, factory of the replacement from the original) for the enabled kernels."""
+    """(kernel flag, module role, class name, attribute, factory of the replacement from the
+    original) for the enabled kernels."""
     plan = []
     if options.rms_norm:
         for name, spec in traits.norms.items():
-            plan.append(("rms_norm", name, lambda orig, spec=spec: forwards.make_rms_norm_forward(spec, orig)))
+            make = lambda orig, spec=spec: forwards.make_rms_norm_forward(spec, orig)  # noqa: E731
+            plan.append(("rms_norm", "norm", name, "forward", make))
     if options.layer_norm:
-        plan += [("layer_norm", name, forwards.make_layer_norm_forward) for name in traits.layer_norms]
+        for name in traits.layer_norms:
+            plan.append(("layer_norm", "norm", name, "forward", forwards.make_layer_norm_forward))
     if options.swiglu:
         for name, spec in traits.mlps.items():
-            plan.append(("swiglu", name, lambda orig, spec=spec: forwards.make_mlp_forward(spec, orig)))
-        plan += [("experts", name, forwards.make_apply_gate) for name in traits.experts]
+            make = lambda orig, spec=spec: forwards.make_mlp_forward(spec, orig)  # noqa: E731
+            plan.append(("swiglu", "mlp", name, "forward", make))
+        plan += [("swiglu", "experts", n, "_apply_gate", forwards.make_apply_gate) for n in traits.experts]
     return plan
 
 
-def _check_module(kind: str, module: nn.Module, traits: ArchitectureTraits) -> str | None:
+def _skip(summary: PatchSummary, message: str) -> None:
+    if message not in summary.skipped:
+        summary.skipped.append(message)
+
+
+def _check_module(role: str, module: nn.Module, traits: ArchitectureTraits) -> str | None:
     """Why `module` does not have the layout its replacement forward reads, or None if it does."""
-    if kind in ("rms_norm", "layer_norm"):
+    if role == "norm":
         weight = getattr(module, "weight", None)
+        # 2-D: per-head weights (Cohere's q/k norms), which keep their own forward
         if not isinstance(weight, nn.Parameter) or weight.dim() not in (1, 2):
             return "expected a 1-D `weight` parameter"
         eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
         if not isinstance(eps, (int, float)):
             return "expected a float `variance_epsilon` or `eps` attribute"
-        if kind == "rms_norm" and weight.dim() != 1:
-            return "expected a 1-D `weight` parameter"
         return None
-    if kind == "swiglu":
+    if role == "mlp":
         spec = _mlp_spec(module, traits)
-        names = ("gate_proj", "up_proj", "down_proj") if spec.layout == "split" else ("gate_up_proj", "down_proj")
+        split = spec.layout == "split"
+        names = ("gate_proj", "up_proj", "down_proj") if split else ("gate_up_proj", "down_proj")
         missing = [n for n in names if not isinstance(getattr(module, n, None), nn.Module)]
         if missing:
             return f"expected sub-modules {', '.join(names)}; missing {', '.join(missing)}"
@@ -256,24 +265,24 @@ def _check_module(kind: str, module: nn.Module, traits: ArchitectureTraits) -> s
         if out % 2:
             return f"gate_up_proj has an odd out_features {out}; expected [gate; up] halves"
         return None
-    if kind == "experts":
+    if role == "experts":
         weight = getattr(module, "gate_up_proj", None)
         if not isinstance(weight, nn.Parameter) or weight.dim() != 3 or weight.shape[1] % 2:
             return "expected a 3-D `gate_up_proj` parameter (experts, 2 * intermediate, hidden)"
         if not callable(getattr(module, "act_fn", None)):
             return "expected an activation module `act_fn`"
         return None
-    raise AssertionError(kind)
+    raise AssertionError(role)
 
 
 def _mlp_spec(module: nn.Module, traits: ArchitectureTraits):
     return next(spec for name, spec in traits.mlps.items() if isinstance(module, traits.cls(name)))
 
 
-def _unsupported_activation(kind: str, module: nn.Module, traits: ArchitectureTraits) -> str | None:
-    if kind == "swiglu":
+def _unsupported_activation(role: str, module: nn.Module, traits: ArchitectureTraits) -> str | None:
+    if role == "mlp":
         act = getattr(module, _mlp_spec(module, traits).act_attr)
-    elif kind == "experts":
+    elif role == "experts":
         act = module.act_fn
     else:
         return None
@@ -290,7 +299,7 @@ def _check_causal_lm(model: nn.Module, traits: ArchitectureTraits) -> None:
         )
     hidden = getattr(model.config, "hidden_size", None)
     weight = getattr(lm_head, "weight", None)
-    if isinstance(lm_head, nn.Linear) and hidden is not None and weight.dim() == 2 and weight.shape[1] != hidden:
+    if isinstance(lm_head, nn.Linear) and hidden is not None and weight.shape[1] != hidden:
         raise ValueError(
             f"refusing to patch {type(model).__name__}: lm_head weight {tuple(weight.shape)} does not "
             f"take hidden_size {hidden}"

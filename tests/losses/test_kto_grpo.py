@@ -163,7 +163,9 @@ def test_grpo(case, path, device):
     )  # fmt: skip
     n_items = 17.0 if loss_type == "dapo" else None
     h, w, b = _leaves(h, w, b)
-    out = fused_linear_grpo_loss(h, w, target, adv, b, old_logps=old, ref_logps=ref, num_items_in_batch=n_items, **options)
+    out = fused_linear_grpo_loss(
+        h, w, target, adv, b, old_logps=old, ref_logps=ref, num_items_in_batch=n_items, **options
+    )
     out.loss.backward()
 
     h64, w64, b64 = leaf64(h, w, b)

@@ -140,7 +140,8 @@ def test_dpo_half_precision(dtype, device):
     assert out.loss.dtype == torch.float32
     assert h.grad.dtype == dtype and w.grad.dtype == dtype and b.grad.dtype == dtype
     h64, w64, b64 = leaf64(h, w, b)
-    ref_loss, ref_metrics, _ = _dpo_ref(h64, w64, b64, target, ["sigmoid"], [1.0], ref=(ref_h.double(), w64.detach(), b64.detach()), beta=0.5)
+    ref = (ref_h.double(), w64.detach(), b64.detach())
+    ref_loss, ref_metrics, _ = _dpo_ref(h64, w64, b64, target, ["sigmoid"], [1.0], ref=ref, beta=0.5)
     ref_loss.backward()
     assert_close(out.loss, ref_loss, dtype, reduction=True, name="loss")
     _check_metrics(out.metrics, ref_metrics, dtype)

@@ -15,7 +15,8 @@ from liger_plugins.patching import unpatch
 
 @pytest.fixture
 def build():
-    """build(model_type, dtype=float32, seed=0, **config overrides) -> a fresh model (same seed, same weights)."""
+    """build(model_type, dtype=float32, seed=0, **config overrides) -> a fresh model; the same
+    seed gives the same weights."""
     built = []
 
     def _build(model_type, dtype=torch.float32, seed=0, **overrides):

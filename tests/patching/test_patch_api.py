@@ -204,7 +204,7 @@ def test_partial_rotary_matches_phi3():
 
 def test_fused_forward_arguments(build):
     reference, model = build("llama"), build("llama")
-    apply_liger(model, rope=False)  # rope is covered by the parity tests; it is the slowest under the interpreter
+    apply_liger(model, rope=False)  # rope (slowest under the interpreter) is covered by the parity tests
     ids, labels = batch(model.config.vocab_size)
     # gradient accumulation: summed loss / items of the whole accumulated batch
     _assert_same_training(model, reference, input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(23))
@@ -244,7 +244,9 @@ def test_moe_router_aux_loss(build):
     reference, model = build("mixtral"), build("mixtral")
     apply_liger(model, rope=False)
     ids, labels = batch(model.config.vocab_size)
-    out, out_ref = _assert_same_training(model, reference, input_ids=ids, labels=labels, output_router_logits=True)
+    out, out_ref = _assert_same_training(
+        model, reference, input_ids=ids, labels=labels, output_router_logits=True
+    )
     assert isinstance(out, MoeCausalLMOutputWithPast) and out.router_logits is not None
     assert_model_close(out.aux_loss, out_ref.aux_loss, FP32, "aux_loss")
 
@@ -305,8 +307,8 @@ def test_peft_lora_model_is_patched_and_trains(build, lora_on_lm_head):
     def lora_model():
         base = build("llama")
         torch.manual_seed(1)
-        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
-        return model
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+        return get_peft_model(base, config)
 
     reference, model = lora_model(), lora_model()
     summary = apply_liger(model, rope=False)

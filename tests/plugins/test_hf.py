@@ -3,10 +3,12 @@
 Most runs use the kernels' torch-reference dispatch (`reference` fixture): they test the adapter (when and
 what is patched, what reaches the patched forward), and the patched forwards still go through
 `liger_kernels.functional`, counted by the `kernel_calls` fixture. One run uses the Triton kernels under
-the interpreter end to end.
+the interpreter end to end. One spawns a real 2-process DDP run (torchrun, gloo).
 """
 
+import json
 import os
+import runpy
 import subprocess
 import sys
 import types
@@ -31,7 +33,7 @@ from transformers.models.llama import modeling_llama  # noqa: E402
 import liger_kernels._utils as kernel_utils  # noqa: E402
 import liger_kernels.functional as LF  # noqa: E402
 from liger_plugins import hf  # noqa: E402
-from liger_plugins.patching import unpatch  # noqa: E402
+from liger_plugins.patching import apply_liger, unpatch  # noqa: E402
 from liger_plugins.patching.forwards import is_liger  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,6 +62,7 @@ class TokenData(torch.utils.data.Dataset):
 def make_model():
     """Tiny Llama with fixed initial weights; every model handed out is unpatched afterwards (an
     instance patch also holds the module-level rotary function of modeling_llama)."""
+    assert not is_liger(modeling_llama.apply_rotary_pos_emb), "an earlier test left a Llama model patched"
     models = []
 
     def make():
@@ -335,7 +338,7 @@ def test_flag_misconfiguration_fails_before_training(make_model, reference, kern
     with pytest.raises(ValueError, match="'rms_norms'"):
         trainer.train()
     trainer = make_trainer(tiny_gpt2(), tmp_path, use_liger_kernel=True)
-    with pytest.raises(ValueError, match="'gpt2'.*llama"):
+    with pytest.raises(ValueError, match="use_liger_kernel: cannot patch GPT2LMHeadModel: .*'gpt2'.*llama"):
         trainer.train()
     assert trainer.state.global_step == 0 and not any(kernel_calls.values())
 
@@ -345,10 +348,97 @@ def test_callback_misconfiguration_fails_when_the_trainer_is_built(make_model, r
         hf.LigerCallback(rms_norms=True)
     with pytest.raises(ValueError, match="'bogus'"):
         make_trainer(make_model(), tmp_path, liger_kernel_config={"bogus": True}, callbacks=[hf.LigerCallback()])
-    with pytest.raises(ValueError, match="'gpt2'"):
+    with pytest.raises(ValueError, match="LigerCallback: cannot patch GPT2LMHeadModel: .*'gpt2'"):
         make_trainer(tiny_gpt2(), tmp_path, callbacks=[hf.LigerCallback()])
     with pytest.raises(ValueError, match="enable()"):
         make_trainer(make_model(), tmp_path, use_liger_kernel=True, callbacks=[hf.LigerCallback()])
+
+
+# ----------------------------------------------------------------------------------- two processes
+
+DDP_SCRIPT = """
+import json, sys
+import torch
+import torch.distributed as dist
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+import liger_kernels.functional as LF
+from liger_plugins import hf
+from liger_plugins.patching import unpatch
+from liger_plugins.patching.forwards import is_liger
+
+calls = {"rms_norm": 0, "fused_linear_cross_entropy": 0}
+for name in calls:
+    def spy(*args, _original=getattr(LF, name), _name=name, **kwargs):
+        calls[_name] += 1
+        return _original(*args, **kwargs)
+    setattr(LF, name, spy)
+
+
+class Data(torch.utils.data.Dataset):
+    def __init__(self):
+        g = torch.Generator().manual_seed(1)
+        self.ids = torch.randint(0, 300, (16, 16), generator=g)
+        self.labels = self.ids.masked_fill(torch.rand(16, 16, generator=g) < 0.25, -100)
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+def run(liger):
+    before = dict(calls)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=300, max_position_embeddings=64))
+    args = TrainingArguments(
+        output_dir=sys.argv[1], max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        optim="sgd", learning_rate=0.1, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
+        report_to="none", use_cpu=True, ddp_backend="gloo", disable_tqdm=True, seed=0, use_liger_kernel=liger)
+    trainer = Trainer(model=model, args=args, train_dataset=Data())
+    trainer.train()
+    result = dict(
+        losses=[e["loss"] for e in trainer.state.log_history if "loss" in e],
+        calls={k: calls[k] - before[k] for k in calls}, patched=is_liger(model.forward),
+        wrapper=type(trainer.model_wrapped).__name__, world_size=trainer.args.world_size,
+        params={n: p.detach().flatten().tolist() for n, p in model.named_parameters()})
+    unpatch(model)
+    return result
+
+
+runs = {"base": run(False)}
+hf.enable()
+runs["liger"] = run(True)
+with open(f"{sys.argv[1]}/rank{dist.get_rank()}.json", "w") as f:
+    json.dump(runs, f)
+"""
+
+
+@pytest.mark.multiprocess
+def test_ddp_two_processes_with_gradient_accumulation(tmp_path):
+    """torchrun, 2 CPU processes (gloo), DDP, 2 x batch 2 accumulation with ignored labels: the flag
+    path gives the same losses and parameters as the unpatched Trainer on every rank (the Trainer
+    counts num_items_in_batch across ranks). Kernels run their torch reference in the children."""
+    script = tmp_path / "ddp_run.py"
+    script.write_text(DDP_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LIGER_POISON_OUTPUTS")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    atol, rtol = RTOL_ATOL
+    for rank in (0, 1):
+        runs = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        base, ours = runs["base"], runs["liger"]
+        assert base["calls"] == {"rms_norm": 0, "fused_linear_cross_entropy": 0} and not base["patched"]
+        assert ours["patched"] and ours["wrapper"] == "DistributedDataParallel" and ours["world_size"] == 2
+        assert ours["calls"] == {"rms_norm": 3 * 2 * 5, "fused_linear_cross_entropy": 3 * 2}
+        torch.testing.assert_close(torch.tensor(ours["losses"]), torch.tensor(base["losses"]), atol=atol, rtol=rtol)
+        for name, values in base["params"].items():
+            torch.testing.assert_close(torch.tensor(ours["params"][name]), torch.tensor(values), atol=atol, rtol=rtol)
 
 
 # ------------------------------------------------------------------------------------- Triton kernels
@@ -366,10 +456,16 @@ def test_triton_interpreter_training_matches_unpatched(make_model, kernel_calls,
     assert_same_training(trainer, baseline)
 
 
-def test_example_runs(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LIGER_POISON_OUTPUTS")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "hf_trainer.py"), "--steps", "2"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "norm forward: liger.rms_norm_forward" in proc.stdout
+def test_example_runs(make_model, reference, tmp_path, monkeypatch, capsys):
+    """examples/hf_trainer.py as a user runs it (in this process, with the kernels' CPU dispatch)."""
+    patched = []
+    monkeypatch.setattr(hf, "apply_liger", lambda model, **kw: patched.append(model) or apply_liger(model, **kw))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["hf_trainer.py", "--steps", "2"])
+    try:
+        runpy.run_path(str(ROOT / "examples" / "hf_trainer.py"), run_name="__main__")
+    finally:
+        for model in patched:
+            unpatch(model)
+    assert len(patched) == 1
+    assert "norm forward: liger.rms_norm_forward" in capsys.readouterr().out

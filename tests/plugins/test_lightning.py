@@ -7,6 +7,7 @@ As in test_hf.py, most runs use the kernels' torch-reference dispatch and count 
 
 import json
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -23,8 +24,9 @@ from transformers.models.llama import modeling_llama  # noqa: E402
 
 import liger_kernels._utils as kernel_utils  # noqa: E402
 import liger_kernels.functional as LF  # noqa: E402
+from liger_plugins import lightning as liger_lightning  # noqa: E402
 from liger_plugins.lightning import LigerCallback, find_hf_models  # noqa: E402
-from liger_plugins.patching import unpatch  # noqa: E402
+from liger_plugins.patching import apply_liger, unpatch  # noqa: E402
 from liger_plugins.patching.forwards import is_liger  # noqa: E402
 from tests.tolerances import REDUCTION_TOLERANCES  # noqa: E402
 
@@ -115,6 +117,7 @@ def fit(module, *, steps=2, batch=4, accumulate=1, callbacks=()):
 
 @pytest.fixture(autouse=True)
 def _unpatch_models():
+    assert not is_liger(modeling_llama.apply_rotary_pos_emb), "an earlier test left a Llama model patched"
     yield
     while BUILT:
         unpatch(BUILT.pop())
@@ -220,10 +223,12 @@ def test_triton_interpreter_training_matches_unpatched(kernel_calls):
     assert_same_training(module, baseline)
 
 
-DDP_SCRIPT = """
+DISTRIBUTED_SCRIPT = """
 import json, sys
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.fsdp import fully_shard
 from transformers import LlamaConfig, LlamaForCausalLM
 import liger_kernels.functional as LF
 from liger_plugins.lightning import LigerCallback
@@ -241,20 +246,27 @@ for name in calls:
 class Module(pl.LightningModule):
     def __init__(self, build_in):
         super().__init__()
-        self.model, self.losses = None, []
+        self.build_in, self.model, self.losses = build_in, None, []
         if build_in == "init":
             self.configure_model()
 
     def configure_model(self):
-        if self.model is None:
-            torch.manual_seed(0)
-            self.model = LlamaForCausalLM(LlamaConfig(
-                hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=300, max_position_embeddings=64))
+        if self.model is not None:
+            return
+        torch.manual_seed(0)
+        self.model = LlamaForCausalLM(LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=300, max_position_embeddings=64))
+        if self.build_in == "fully_shard":  # ModelParallelStrategy: the module shards itself (FSDP2)
+            mesh = self.device_mesh["data_parallel"]
+            for layer in self.model.model.layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(self.model, mesh=mesh)
 
     def training_step(self, batch, batch_idx):
         loss = self.model(**batch).loss
         self.losses.append(loss.item())
+        self.wrapper = type(self.trainer.strategy.model).__name__  # what the strategy trains
         return loss
 
     def configure_optimizers(self):
@@ -263,21 +275,27 @@ class Module(pl.LightningModule):
 
 def run(build_in, liger):
     before = dict(calls)
+    strategy = "ddp"
+    if build_in == "fully_shard":
+        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_steps=3, logger=False, enable_checkpointing=False,
+        accelerator="cpu", devices=2, strategy=strategy, max_steps=3, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[LigerCallback()] if liger else [])
     module = Module(build_in)
     ids = torch.randint(0, 300, (16, 16), generator=torch.Generator().manual_seed(1))
     trainer.fit(module, torch.utils.data.DataLoader([dict(input_ids=r, labels=r) for r in ids], batch_size=2))
     result = dict(
         losses=module.losses, calls={k: calls[k] - before[k] for k in calls}, patched=is_liger(module.model.forward),
-        wrapper=type(trainer.strategy.model).__name__, world_size=trainer.world_size)
+        wrapper=module.wrapper, model_class=type(module.model).__name__, world_size=trainer.world_size)
     unpatch(module.model)
     return trainer.global_rank, result
 
 
 runs = {}
-for name, build_in, liger in [("base", "init", False), ("init", "init", True), ("configure_model", "configure_model", True)]:
+for name, build_in, liger in [
+    ("ddp_base", "init", False), ("ddp_init", "init", True), ("ddp_configure_model", "configure_model", True),
+    ("fsdp2_base", "fully_shard", False), ("fsdp2", "fully_shard", True),
+]:
     rank, runs[name] = run(build_in, liger)
 with open(f"{sys.argv[1]}/rank{rank}.json", "w") as f:
     json.dump(runs, f)
@@ -285,33 +303,38 @@ with open(f"{sys.argv[1]}/rank{rank}.json", "w") as f:
 
 
 @pytest.mark.multiprocess
-def test_ddp_two_processes(tmp_path):
-    """strategy="ddp", 2 CPU processes (gloo): Lightning relaunches the script for rank 1; each rank
-    trains without the callback, then with the model built in __init__, then in configure_model.
-    The kernels run their torch reference (no TRITON_INTERPRET in the children)."""
-    script = tmp_path / "ddp_run.py"
-    script.write_text(DDP_SCRIPT)
+def test_ddp_and_model_parallel_two_processes(tmp_path):
+    """2 CPU processes (gloo); Lightning relaunches the script for rank 1. Each rank trains:
+    strategy="ddp" without the callback, then with the model built in __init__, then in configure_model;
+    ModelParallelStrategy (FSDP2: configure_model calls fully_shard, so the callback patches a sharded
+    model) without and with the callback. The kernels run their torch reference (no TRITON_INTERPRET)."""
+    script = tmp_path / "distributed_run.py"
+    script.write_text(DISTRIBUTED_SCRIPT)
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LIGER_POISON_OUTPUTS")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=400)
+                          capture_output=True, text=True, timeout=500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     atol, rtol = REDUCTION_TOLERANCES[torch.float32]
     for rank in (0, 1):
         runs = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert runs["base"]["calls"] == {"rms_norm": 0, "fused_linear_cross_entropy": 0}
-        for name in ("init", "configure_model"):
+        for name, base, wrapper in [("ddp_init", "ddp_base", "DistributedDataParallel"),
+                                    ("ddp_configure_model", "ddp_base", "DistributedDataParallel"),
+                                    ("fsdp2", "fsdp2_base", "Module")]:
             run = runs[name]
-            assert run["world_size"] == 2 and run["wrapper"] == "DistributedDataParallel" and run["patched"]
-            assert run["calls"] == {"rms_norm": 3 * 5, "fused_linear_cross_entropy": 3}
-            torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(runs["base"]["losses"]),
+            assert runs[base]["calls"] == {"rms_norm": 0, "fused_linear_cross_entropy": 0}
+            assert run["world_size"] == 2 and run["wrapper"] == wrapper and run["patched"], name
+            assert run["calls"] == {"rms_norm": 3 * 5, "fused_linear_cross_entropy": 3}, name
+            torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(runs[base]["losses"]),
                                        atol=atol, rtol=rtol)
+        assert runs["fsdp2"]["model_class"] == "FSDPLlamaForCausalLM"
 
 
-def test_example_runs(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LIGER_POISON_OUTPUTS")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "lightning_train.py"), "--steps", "2"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "norm forward: liger.rms_norm_forward" in proc.stdout
+def test_example_runs(reference, tmp_path, monkeypatch, capsys):
+    """examples/lightning_train.py as a user runs it (in this process, with the kernels' CPU dispatch)."""
+    monkeypatch.setattr(liger_lightning, "apply_liger", lambda model, **kw: BUILT.append(model) or apply_liger(model, **kw))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["lightning_train.py", "--steps", "2"])
+    runpy.run_path(str(ROOT / "examples" / "lightning_train.py"), run_name="__main__")
+    assert len(BUILT) == 1
+    assert "norm forward: liger.rms_norm_forward" in capsys.readouterr().out

@@ -1,0 +1,169 @@
+"""Axolotl plugin: an Axolotl YAML config turns on liger-plugins' kernels.
+
+    plugins:
+      - liger_plugins.axolotl.LigerPlugin
+    liger_rope: true
+    liger_rms_norm: true
+    liger_glu_activation: true
+    liger_fused_linear_cross_entropy: true   # or liger_cross_entropy: true, not both
+    liger_layer_norm: true                   # LayerNorm models (Cohere)
+
+Written against Axolotl 0.19.0 (the newest release for Python 3.11) and the plugin API that 0.21 keeps:
+`axolotl.integrations.base.BasePlugin`, its `get_input_args` schema mixin, and the model loader's
+`pre_model_load` / `post_model_build` hooks. Needs no `liger-kernel` package.
+
+Keys: the names of Axolotl's own Liger plugin, each a YAML boolean; unset or false leaves that kernel
+off. liger_rope -> rope, liger_rms_norm -> rms_norm, liger_glu_activation -> the gated MLP kernel
+(swiglu or geglu, picked by the model's activation), liger_layer_norm -> layer_norm,
+liger_cross_entropy -> cross_entropy, liger_fused_linear_cross_entropy -> fused_linear_cross_entropy
+(keywords of `liger_plugins.patching.apply_liger`).
+
+Validation happens inside Axolotl's own (`load_cfg` -> `validate_config`), which merges `LigerPluginsArgs`
+into its config schema:
+- a value that is not true/false is rejected, naming the key;
+- any other `liger_*` key is rejected, naming it and the closest accepted key. Axolotl ignores keys it does
+  not know, so without this a typo (`liger_rms_nrom`) would silently train without the kernel. Keys only
+  Axolotl's own Liger plugin has (liger_swiglu, liger_rms_norm_gated, liger_use_token_scaling,
+  liger_kernel_impl) are rejected the same way;
+- both cross-entropy keys together are rejected by Axolotl's own check;
+- listing this plugin together with Axolotl's own `axolotl.integrations.liger.LigerPlugin` is rejected:
+  both read the same keys and would patch the same model twice, with different kernels.
+
+Hooks (Axolotl's `ModelLoader.load` calls them in this order):
+- `pre_model_load(cfg)`: class level, `apply_liger(cfg.model_config_type, ...)`, before the model is built
+  or its weights are read; an architecture liger-plugins does not support fails here with a ValueError
+  listing the supported model types. Class-level patches stay for the rest of the process, as with
+  Axolotl's own plugin (`liger_plugins.patching.unpatch()` undoes them).
+- `post_model_build(cfg, model)`: instance level on the built model, before LoRA adapters are added and
+  before the trainer and accelerate wrap it (DDP, FSDP, DeepSpeed). It checks each patched module has
+  the layout the kernels read and catches what the class-level patch could not reach; where the class
+  level already did everything, it reports that. The summary is logged at INFO.
+
+Which plugin handles the keys: this plugin acts on a config that lists it in `plugins:`. Axolotl keeps one
+plugin manager per process and calls the hooks of every plugin it ever registered, so a plugin listed by
+an earlier config stays inert for a config that does not list it. Axolotl >= 0.21 also loads plugins
+registered under the `axolotl.plugins` entry-point group into every run; registered there, this plugin
+also acts on configs that do not list it, unless they list Axolotl's own Liger plugin (which then
+handles the keys alone).
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+
+from axolotl.integrations.base import BasePlugin, PluginManager
+from pydantic import BaseModel, StrictBool, model_validator
+
+from liger_plugins.patching import PatchSummary, apply_liger
+
+logger = logging.getLogger(__name__)
+
+# Axolotl config key -> keyword of liger_plugins.patching.apply_liger.
+CONFIG_KEYS = {
+    "liger_rope": "rope",
+    "liger_rms_norm": "rms_norm",
+    "liger_glu_activation": "swiglu",
+    "liger_layer_norm": "layer_norm",
+    "liger_cross_entropy": "cross_entropy",
+    "liger_fused_linear_cross_entropy": "fused_linear_cross_entropy",
+}
+
+
+class LigerPluginsArgs(BaseModel):
+    """Config keys of `LigerPlugin`, merged into Axolotl's config schema."""
+
+    liger_rope: StrictBool | None = None
+    liger_rms_norm: StrictBool | None = None
+    liger_glu_activation: StrictBool | None = None
+    liger_layer_norm: StrictBool | None = None
+    liger_cross_entropy: StrictBool | None = None
+    liger_fused_linear_cross_entropy: StrictBool | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def check_liger_keys(cls, data):
+        if not isinstance(data, dict) or not _in_charge(data.get("plugins")):
+            return data
+        if _listed_axolotl_liger(data.get("plugins")):
+            raise ValueError(
+                "plugins lists both liger_plugins.axolotl.LigerPlugin and Axolotl's own Liger plugin "
+                "(axolotl.integrations.liger.LigerPlugin); both read the liger_* keys and would patch the "
+                "model twice: list only one of them"
+            )
+        for key in data:
+            if key.startswith("liger_") and key not in CONFIG_KEYS:
+                close = difflib.get_close_matches(key, CONFIG_KEYS, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(
+                    f"unknown config key {key!r}{hint}: liger_plugins.axolotl.LigerPlugin accepts "
+                    f"{', '.join(CONFIG_KEYS)}"
+                )
+        return data
+
+
+class LigerPlugin(BasePlugin):
+    """Patches the model Axolotl loads with liger-plugins' kernels (see the module docstring)."""
+
+    def get_input_args(self) -> str:
+        return f"{__name__}.LigerPluginsArgs"
+
+    def pre_model_load(self, cfg) -> PatchSummary | None:
+        kwargs = self._kwargs(cfg)
+        if kwargs is None:
+            return None
+        summary = apply_liger(cfg.model_config_type, **kwargs)
+        logger.info("%s", summary)
+        return summary
+
+    def post_model_build(self, cfg, model) -> PatchSummary | None:
+        kwargs = self._kwargs(cfg)
+        if kwargs is None:
+            return None
+        summary = apply_liger(model, **kwargs)
+        logger.info("%s", summary)
+        return summary
+
+    def _kwargs(self, cfg) -> dict[str, bool] | None:
+        """`apply_liger` keywords for `cfg`, or None when this plugin has nothing to do with it."""
+        if not _in_charge(cfg.get("plugins")):
+            return None
+        kwargs = {name: bool(cfg.get(key)) for key, name in CONFIG_KEYS.items()}
+        if not any(kwargs.values()):
+            logger.warning("liger_plugins.axolotl.LigerPlugin is listed but no liger_* key is true: nothing patched")
+            return None
+        return kwargs
+
+
+def _listed(plugin_names) -> list[BasePlugin]:
+    """The plugin objects the plugin manager holds for the names a config lists."""
+    plugins = PluginManager.get_instance().plugins
+    return [plugins[name] for name in plugin_names or () if name in plugins]
+
+
+def _listed_axolotl_liger(plugin_names) -> bool:
+    return any(
+        type(plugin).__module__.startswith("axolotl.integrations.liger") and type(plugin).__name__ == "LigerPlugin"
+        for plugin in _listed(plugin_names)
+    )
+
+
+def _in_charge(plugin_names) -> bool:
+    """Whether this plugin handles the liger_* keys of a config listing `plugin_names` (module docstring)."""
+    if any(isinstance(plugin, LigerPlugin) for plugin in _listed(plugin_names)):
+        return True
+    if _listed_axolotl_liger(plugin_names):
+        return False
+    return _registered_by_entry_point()
+
+
+def _registered_by_entry_point() -> bool:
+    """Axolotl >= 0.21 loads `axolotl.plugins` entry points into every run (`get_builtin_plugins`);
+    older releases load only the plugins a config lists."""
+    from axolotl.integrations import base
+
+    get_builtin_plugins = getattr(base, "get_builtin_plugins", None)
+    if get_builtin_plugins is None:
+        return False
+    plugins = PluginManager.get_instance().plugins
+    return any(isinstance(plugins.get(name), LigerPlugin) for name in get_builtin_plugins())
