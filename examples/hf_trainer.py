@@ -11,6 +11,7 @@ script needs no download; on CPU the kernels run their torch reference (Triton n
 """
 
 import argparse
+import logging
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Trainer, TrainingArguments
@@ -39,6 +40,8 @@ def main():
     parser.add_argument("--callback", action="store_true", help="use LigerCallback instead of use_liger_kernel")
     parser.add_argument("--output-dir", default="hf_trainer_out")
     args = parser.parse_args()
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("liger_plugins").setLevel(logging.INFO)  # print what was patched
 
     if args.model:
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16 if args.bf16 else None)

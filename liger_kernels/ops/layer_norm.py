@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from liger_kernels import _utils
-from liger_kernels.ops.rms_norm import tile_rows, as_rows, sum_partials, tile_config
+from liger_kernels.ops.rms_norm import as_rows, sum_partials, tile_config, tile_rows
 
 
 @triton.jit

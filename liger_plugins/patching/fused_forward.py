@@ -49,7 +49,8 @@ def make_causal_lm_forward(traits: ArchitectureTraits, original):
     """The fused forward replacing `original` (the causal-LM class's own, unbound, forward)."""
     # Positional arguments are mapped to names once, so the call path is plain dict work
     # (torch.compile traces it without graph breaks).
-    params = list(inspect.signature(original).parameters.values())[1:]
+    signature = inspect.signature(original)
+    params = list(signature.parameters.values())[1:]
     positional = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
     aux_loss_fn = traits.modeling_module().load_balancing_loss_func if traits.moe else None
 
@@ -69,6 +70,8 @@ def make_causal_lm_forward(traits: ArchitectureTraits, original):
             return original(self, **kwargs)
         return _fused_loss_forward(self, traits, aux_loss_fn, kwargs)
 
+    # Same signature as the original: HF Trainer keeps only the dataset columns that forward names.
+    forward.__signature__ = signature
     forward.__doc__ = original.__doc__
     return mark(forward, original, "causal_lm_forward")
 

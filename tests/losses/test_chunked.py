@@ -20,7 +20,7 @@ from tests.tolerances import DTYPES, assert_close
 
 def _stats64(x, target, temperature):
     z = x.double()
-    lp, _, logsm = token_logps(z, target, temperature=temperature)
+    lp, _, _ = token_logps(z, target, temperature=temperature)
     entropy, mean, top1 = token_stats(z, target, None, temperature)
     return torch.logsumexp(z / temperature, -1), lp, entropy, mean, top1
 

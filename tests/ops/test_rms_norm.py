@@ -157,12 +157,11 @@ def test_rms_norm_reference_path(mode, dtype, monkeypatch):
 
 
 def test_reference_is_bit_exact_with_hugging_face():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
     from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
 
-    del transformers
     x = torch.randn(4, 7, 96, dtype=torch.bfloat16)
     for cls, offset, mode, w_dtype in [
         (LlamaRMSNorm, 0.0, "llama", torch.bfloat16),

@@ -4,6 +4,7 @@ Tests about the patching mechanics run the CPU dispatch of the kernels (the torc
 `reference_dispatch`), which is fast; tests whose point is the kernels' numbers in a model run
 the Triton kernels under the interpreter (the default in tests)."""
 
+import inspect
 import logging
 
 import pytest
@@ -223,6 +224,14 @@ def test_fused_forward_arguments(build):
         model(ids, input_ids=ids, labels=labels)
     with pytest.raises(ValueError, match="labels must cover exactly the kept positions"):
         model(input_ids=ids, labels=labels, logits_to_keep=2)
+
+
+def test_patched_forward_keeps_the_signature(build):
+    # HF Trainer drops the dataset columns that the model's forward does not name.
+    model = build("llama")
+    expected = inspect.signature(model.forward)
+    apply_liger(model)
+    assert inspect.signature(model.forward) == expected and "input_ids" in expected.parameters
 
 
 def test_without_labels_or_grad_returns_logits(build, reference_dispatch):

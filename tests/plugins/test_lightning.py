@@ -1,8 +1,8 @@
 """liger_plugins.lightning with the real lightning.Trainer on a tiny Llama built from a config (CPU).
 
 As in test_hf.py, most runs use the kernels' torch-reference dispatch and count calls to
-`liger_kernels.functional`; one run uses the Triton kernels under the interpreter; one spawns a real
-2-process DDP run (gloo) through examples/lightning_train.py.
+`liger_kernels.functional`; one run uses the Triton kernels under the interpreter; one launches real
+2-process runs (gloo) with strategy="ddp" and ModelParallelStrategy (FSDP2).
 """
 
 import json
