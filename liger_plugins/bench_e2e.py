@@ -26,6 +26,10 @@ FAMILIES = {
     "qwen3": dict(model_type="qwen3", hidden_size=2048, num_hidden_layers=16, num_attention_heads=16,
                   num_key_value_heads=8, head_dim=128, intermediate_size=6144, vocab_size=151936,
                   tie_word_embeddings=False, max_position_embeddings=4096),
+    # a smoke-test size that runs on CPU in seconds (tests, and `--family tiny` anywhere)
+    "tiny": dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, intermediate_size=128, vocab_size=512,
+                 tie_word_embeddings=False, max_position_embeddings=256),
 }
 # setup name -> (what patches the model, gradient checkpointing, torch.compile)
 SETUPS = {
@@ -53,9 +57,10 @@ def run_one(family: str, setup: str, batch: int, seq: int, steps: int, warmup: i
 
         apply = getattr(lk, f"apply_liger_kernel_to_{family}")
         apply(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
     if patcher == "ours":
         from liger_plugins.patching import apply_liger
 
@@ -65,7 +70,8 @@ def run_one(family: str, setup: str, batch: int, seq: int, steps: int, warmup: i
     model.train()
     forward = torch.compile(model) if compiled else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
-    ids = torch.randint(0, config.vocab_size, (batch, seq), device="cuda")
+    ids = torch.randint(0, config.vocab_size, (batch, seq), device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def step():
         loss = forward(input_ids=ids, labels=ids).loss
@@ -76,19 +82,21 @@ def run_one(family: str, setup: str, batch: int, seq: int, steps: int, warmup: i
 
     for _ in range(warmup):
         step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    sync()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
     for _ in range(steps):
         start = time.perf_counter()
         loss = step()
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - start)
         losses.append(float(loss))
     median = statistics.median(times)
     return dict(family=family, setup=setup, batch=batch, seq=seq, steps=steps,
                 step_ms=median * 1e3, tokens_per_s=batch * seq / median,
-                peak_gib=torch.cuda.max_memory_allocated() / 2**30, losses=losses)
+                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+                device=device, losses=losses)
 
 
 def run_all(families, setups, batch, seq, steps, warmup, out_dir) -> list[dict]:
@@ -109,8 +117,9 @@ def run_all(families, setups, batch, seq, steps, warmup, out_dir) -> list[dict]:
                 continue
             result = json.loads(lines[-1])
             results.append(result)
+            peak = f"{result['peak_gib']:6.2f} GiB" if result["peak_gib"] is not None else "n/a (CPU)"
             print(f"{family:6s} {setup:18s} {result['tokens_per_s'] / 1e3:7.1f} k tok/s  "
-                  f"{result['step_ms']:7.1f} ms/step  peak {result['peak_gib']:6.2f} GiB", flush=True)
+                  f"{result['step_ms']:7.1f} ms/step  peak {peak}", flush=True)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "e2e.json"), "w") as f:
@@ -130,7 +139,8 @@ def _environment() -> dict:
     import transformers
     import triton
 
-    return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU)"
+    return dict(gpu=gpu, torch=torch.__version__, triton=triton.__version__,
                 transformers=transformers.__version__)
 
 
@@ -149,7 +159,7 @@ def _plot(results, path):
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8, len(ok) * 1.1), 4.5))
     ax1.bar(labels, [r["tokens_per_s"] / 1e3 for r in ok], color="tab:blue")
     ax1.set_ylabel("k tokens/s")
-    ax2.bar(labels, [r["peak_gib"] for r in ok], color="tab:orange")
+    ax2.bar(labels, [r["peak_gib"] or 0.0 for r in ok], color="tab:orange")
     ax2.set_ylabel("peak GiB")
     for ax in (ax1, ax2):
         ax.tick_params(axis="x", labelsize=7, rotation=60)
