@@ -173,7 +173,15 @@ def _plot(results, path: Path):
 
 
 def main(argv=None) -> int:
+    import logging
+
     import torch
+
+    # Show what use_liger_kernel=True patched (liger_plugins.hf logs the patch summary at INFO).
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[liger-plugins] %(message)s"))
+    logging.getLogger("liger_plugins").addHandler(handler)
+    logging.getLogger("liger_plugins").setLevel(logging.INFO)
 
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(prog="liger-plugins demo", description=__doc__,
