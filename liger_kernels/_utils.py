@@ -9,6 +9,7 @@ One place for each of these concepts so that every op behaves the same way:
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -91,9 +92,26 @@ def row_launch_config(n: int) -> tuple[int, int]:
     return block, warps
 
 
-def num_programs_for_rows(n_rows: int, device: torch.device) -> int:
-    """Persistent-kernel grid: a few programs per SM (rows are strided across them)."""
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    # get_device_properties costs microseconds of host time; a launch path asks on every call.
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached); 1 elsewhere (the interpreter)."""
+    if device.type != "cuda":
+        return 1
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def num_programs_for_rows(n_rows: int, device: torch.device, programs_per_sm: int = 4) -> int:
+    """Persistent-kernel grid: `programs_per_sm` programs per SM (rows are strided across them).
+
+    Ask for no more programs than fit on an SM at once (registers): extra ones only run as a second
+    wave and add partial rows to reduce. Off CUDA (the interpreter) 4 programs, so that the tests
+    exercise the loop over row tiles.
+    """
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(n_rows, sms * 4))
+        return max(1, min(n_rows, sm_count(device) * programs_per_sm))
     return max(1, min(n_rows, 4))

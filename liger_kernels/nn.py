@@ -101,3 +101,94 @@ class LigerFusedLinearCrossEntropyLoss(nn.Module):
     def forward(self, lin_weight, hidden, target, bias=None, num_items_in_batch=None):
         return F.fused_linear_cross_entropy(hidden, lin_weight, target, bias, self.ce_weight,
                                             num_items_in_batch=num_items_in_batch, **self.options)
+
+
+class LigerKLDivLoss(nn.Module):
+    """Drop-in for `nn.KLDivLoss`: forward(input_logprobs, target); gradients flow to both."""
+
+    def __init__(self, reduction="batchmean", log_target=False, eps=1e-10):
+        super().__init__()
+        self.reduction, self.log_target, self.eps = reduction, log_target, eps
+
+    def forward(self, input, target):
+        return F.kl_div(input, target, self.reduction, self.log_target, self.eps)
+
+
+class LigerJSD(nn.Module):
+    """Generalized JSD of student and teacher log-probabilities, averaged over non-ignored rows."""
+
+    def __init__(self, beta=0.5, ignore_index=-100):
+        super().__init__()
+        self.beta, self.ignore_index = beta, ignore_index
+
+    def forward(self, student_logprobs, teacher_logprobs, label=None):
+        return F.jsd(student_logprobs, teacher_logprobs, label, self.beta, self.ignore_index)
+
+
+class LigerTVDLoss(nn.Module):
+    """Total variation distance between probabilities p and q (rows of the last dimension)."""
+
+    def __init__(self, reduction="batchmean", ignore_index=-100):
+        super().__init__()
+        self.reduction, self.ignore_index = reduction, ignore_index
+
+    def forward(self, p, q, label=None):
+        return F.tvd(p, q, self.reduction, label, self.ignore_index)
+
+
+class LigerDyT(nn.Module):
+    """Dynamic Tanh: weight * tanh(alpha * x) + bias, alpha a learnable scalar."""
+
+    def __init__(self, hidden_size, init_alpha=0.5, bias=True):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.full((1,), float(init_alpha)))
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.bias = nn.Parameter(torch.zeros(hidden_size)) if bias else None
+
+    def forward(self, x):
+        return F.dyt(x, self.alpha, self.weight, self.bias)
+
+
+class LigerReLUSquared(nn.Module):
+    def forward(self, x):
+        return F.relu_squared(x)
+
+
+class LigerSoftmax(nn.Module):
+    def __init__(self, dim=-1):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x):
+        return F.softmax(x, self.dim)
+
+
+class LigerSparsemax(LigerSoftmax):
+    def forward(self, x):
+        return F.sparsemax(x, self.dim)
+
+
+class LigerGroupNorm(nn.Module):
+    """Drop-in for `nn.GroupNorm` (same parameters and initialization)."""
+
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True):
+        super().__init__()
+        self.num_groups, self.num_channels, self.eps = num_groups, num_channels, eps
+        self.weight = nn.Parameter(torch.ones(num_channels)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(num_channels)) if affine else None
+
+    def forward(self, x):
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+class LigerPolyNorm(nn.Module):
+    """PolyNorm: w0 * norm(x^3) + w1 * norm(x^2) + w2 * norm(x) + b, weights initialized to 1/3."""
+
+    def __init__(self, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((3,), 1.0 / 3))
+        self.bias = nn.Parameter(torch.zeros(1))
+        self.eps = eps
+
+    def forward(self, x):
+        return F.poly_norm(x, self.weight, self.bias, self.eps)

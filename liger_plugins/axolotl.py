@@ -38,6 +38,12 @@ Hooks (Axolotl's `ModelLoader.load` calls them in this order):
   before the trainer and accelerate wrap it (DDP, FSDP, DeepSpeed). It checks each patched module has
   the layout the kernels read and catches what the class-level patch could not reach; where the class
   level already did everything, it reports that. The summary is logged at INFO.
+- `post_model_load(cfg, model)`: after LoRA and Axolotl's own post-load patches, warns if a module of a
+  patched class now runs a forward set on its instance. With `adapter: lora`, Axolotl auto-enables its
+  LoRA kernels (`lora_mlp_kernel`, `lora_qkv_kernel`, `lora_o_kernel`; CUDA only): `lora_mlp_kernel`
+  replaces each MLP's forward with Axolotl's fused LoRA SwiGLU, so liger's SwiGLU runs there only with
+  `lora_mlp_kernel: false` (its attention rewrite binds the rotary function when it runs, after the
+  class-level patch, so liger's RoPE stays).
 
 Which plugin handles the keys: this plugin acts on a config that lists it in `plugins:`. Axolotl keeps one
 plugin manager per process and calls the hooks of every plugin it ever registered, so a plugin listed by
@@ -56,8 +62,10 @@ from axolotl.integrations.base import BasePlugin, PluginManager
 from pydantic import BaseModel, StrictBool, model_validator
 
 from liger_plugins.patching import PatchSummary, apply_liger
+from liger_plugins.patching.forwards import is_liger
 
-logger = logging.getLogger(__name__)
+# Axolotl's logging config shows INFO only for loggers named "axolotl.*"; the patch summaries belong there.
+logger = logging.getLogger("axolotl.integrations.liger_plugins")
 
 # Axolotl config key -> keyword of liger_plugins.patching.apply_liger.
 CONFIG_KEYS = {
@@ -67,6 +75,14 @@ CONFIG_KEYS = {
     "liger_layer_norm": "layer_norm",
     "liger_cross_entropy": "cross_entropy",
     "liger_fused_linear_cross_entropy": "fused_linear_cross_entropy",
+}
+
+# Keys only Axolotl's own Liger plugin reads, with what to do instead.
+AXOLOTL_LIGER_ONLY_KEYS = {
+    "liger_swiglu": "it is Axolotl's deprecated name for liger_glu_activation; use that",
+    "liger_rms_norm_gated": "it is a kernel of Axolotl's own Liger plugin (liger-kernel), not of liger-plugins",
+    "liger_use_token_scaling": "it is an option of Axolotl's own Liger plugin (liger-kernel), not of liger-plugins",
+    "liger_kernel_impl": "it selects a liger-kernel backend (Axolotl's own Liger plugin), not used by liger-plugins",
 }
 
 
@@ -95,6 +111,8 @@ class LigerPluginsArgs(BaseModel):
             if key.startswith("liger_") and key not in CONFIG_KEYS:
                 close = difflib.get_close_matches(key, CONFIG_KEYS, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
+                if key in AXOLOTL_LIGER_ONLY_KEYS:
+                    hint = f" ({AXOLOTL_LIGER_ONLY_KEYS[key]})"
                 raise ValueError(
                     f"unknown config key {key!r}{hint}: liger_plugins.axolotl.LigerPlugin accepts "
                     f"{', '.join(CONFIG_KEYS)}"
@@ -109,36 +127,60 @@ class LigerPlugin(BasePlugin):
         return f"{__name__}.LigerPluginsArgs"
 
     def pre_model_load(self, cfg) -> PatchSummary | None:
-        kwargs = self._kwargs(cfg)
+        """Class level, before Axolotl builds the model."""
+        kwargs = _kwargs(cfg)
         if kwargs is None:
+            if _lists_this_plugin(cfg.get("plugins")):
+                logger.warning("liger_plugins.axolotl.LigerPlugin is listed, but no liger_* key is true")
             return None
         summary = apply_liger(cfg.model_config_type, **kwargs)
         logger.info("%s", summary)
         return summary
 
     def post_model_build(self, cfg, model) -> PatchSummary | None:
-        kwargs = self._kwargs(cfg)
+        """Instance level, on the built model before adapters and before the trainer wraps it."""
+        kwargs = _kwargs(cfg)
         if kwargs is None:
             return None
         summary = apply_liger(model, **kwargs)
         logger.info("%s", summary)
         return summary
 
-    def _kwargs(self, cfg) -> dict[str, bool] | None:
-        """`apply_liger` keywords for `cfg`, or None when this plugin has nothing to do with it."""
-        if not _in_charge(cfg.get("plugins")):
+    def post_model_load(self, cfg, model) -> list[str] | None:
+        """After adapters and Axolotl's post-load patches: warn about modules whose class runs a liger
+        forward but whose instance now has another one (Axolotl's LoRA kernels, auto-enabled for
+        `adapter: lora`, replace the MLP forward with their own fused LoRA SwiGLU). Returns their names."""
+        if _kwargs(cfg) is None:
             return None
-        kwargs = {name: bool(cfg.get(key)) for key, name in CONFIG_KEYS.items()}
-        if not any(kwargs.values()):
-            logger.warning("liger_plugins.axolotl.LigerPlugin is listed but no liger_* key is true: nothing patched")
-            return None
-        return kwargs
+        replaced = sorted({
+            type(module).__name__
+            for module in model.modules()
+            if is_liger(getattr(type(module), "forward", None)) and not is_liger(module.forward)
+        })
+        if replaced:
+            logger.warning(
+                "liger_plugins: after loading, %s modules run a forward set on the instance instead of the "
+                "liger kernel (with adapter: lora, Axolotl's lora_mlp_kernel replaces the MLP forward; set "
+                "lora_mlp_kernel: false to keep liger's SwiGLU there)", ", ".join(replaced),
+            )
+        return replaced
+
+
+def _kwargs(cfg) -> dict[str, bool] | None:
+    """`apply_liger` keywords for a validated config; None if this plugin does not handle it or no key
+    is true."""
+    if not _in_charge(cfg.get("plugins")):
+        return None
+    kwargs = {name: bool(cfg.get(key)) for key, name in CONFIG_KEYS.items()}
+    return kwargs if any(kwargs.values()) else None
 
 
 def _listed(plugin_names) -> list[BasePlugin]:
-    """The plugin objects the plugin manager holds for the names a config lists."""
+    """The plugin objects the plugin manager holds for the names a config lists (Axolotl >= 0.21 also
+    accepts "module:Class" and keys its plugins by "module.Class")."""
     plugins = PluginManager.get_instance().plugins
-    return [plugins[name] for name in plugin_names or () if name in plugins]
+    keys = (name.replace(":", ".") for name in plugin_names or ())
+    return [plugins[key] for key in keys if key in plugins]
 
 
 def _listed_axolotl_liger(plugin_names) -> bool:
@@ -148,9 +190,13 @@ def _listed_axolotl_liger(plugin_names) -> bool:
     )
 
 
+def _lists_this_plugin(plugin_names) -> bool:
+    return any(isinstance(plugin, LigerPlugin) for plugin in _listed(plugin_names))
+
+
 def _in_charge(plugin_names) -> bool:
     """Whether this plugin handles the liger_* keys of a config listing `plugin_names` (module docstring)."""
-    if any(isinstance(plugin, LigerPlugin) for plugin in _listed(plugin_names)):
+    if _lists_this_plugin(plugin_names):
         return True
     if _listed_axolotl_liger(plugin_names):
         return False

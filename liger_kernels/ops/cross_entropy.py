@@ -20,11 +20,14 @@ Reductions:
 `return_z_loss=True` returns (loss, z_loss); `loss` already includes `z_loss`, which is reduced the
 same way and is for logging only (no gradient flows through it).
 
-Kernel: one program per row, two passes over the vocabulary in blocks. Pass 1 computes the running
-max and sum of exponentials (online softmax) and, with label smoothing, the (weighted) sum of z.
-Pass 2 writes d loss / d x of the row, already divided by the mean normalizer, which is read from
-device memory (no host sync). Pass 2 walks the blocks in reverse order so that the blocks read last
-in pass 1 are read first again while still in L2. The backward only multiplies the saved gradient by
+Kernel: one program per row (or a persistent grid looping over rows, `CE_PROGRAMS_PER_SM`), two
+passes over the vocabulary in blocks. Pass 1 computes the running max and sum of exponentials
+(online softmax) and, with label smoothing, the (weighted) sum of z. Pass 2 writes d loss / d x of
+the row, already divided by the mean normalizer, which is read from device memory (no host sync).
+A row (256 KB at V = 128256 in bf16) does not fit on one SM, so the row is read twice; to make the
+second read come from L2, pass 2 walks the blocks in reverse order (the blocks read last in pass 1
+first) and the loads carry eviction hints (`CE_L2_HINTS`). Minimal HBM traffic is then one read
+and one write of the logits; the worst case (no L2 hits) two reads and one write. The backward only multiplies the saved gradient by
 grad_output, and skips even that (inside the kernel, no host sync) when grad_output is 1
 (reduction="none": one fp32 multiply per row).
 Target checks: see `check_target` (a device-side assert on CUDA, no host sync).
@@ -39,13 +42,16 @@ reference under autograd) `in_place` has no effect either.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from liger_kernels import _library
 from liger_kernels._utils import (
     check_float,
     check_same_device,
@@ -56,10 +62,25 @@ from liger_kernels._utils import (
 )
 
 _REDUCTIONS = ("mean", "sum", "none")
+# Launch knobs of the row kernel, read at every launch (scripts/flce_sweep.py tries others).
 # Widest vocabulary block one loop iteration holds in registers (32 fp32 values per thread at the
-# 16 warps `row_launch_config` gives it; ~60 registers). The launch knob to tune on the GPU; the
-# tests lower it to exercise the multi-block loops on small vocabularies.
+# 16 warps `row_launch_config` gives it; ~60 registers). The tests lower it to exercise the
+# multi-block loops on small vocabularies.
 _MAX_BLOCK = 16384
+# Warps per program; 0: `row_launch_config`'s choice for the block (16 at 16384).
+CE_NUM_WARPS = 0
+# Persistent grid: this many programs per SM, each looping over rows; 0: one program per row.
+# Fewer rows in flight means fewer bytes between a row's two reads, so more of pass 2 hits L2.
+CE_PROGRAMS_PER_SM = 0
+# L2 hints: pass 1 loads with evict_last (the row is read again soon), pass 2 loads and the
+# gradient stores with evict_first (never read again by this kernel), so that the rows still
+# waiting for their second read are the last lines L2 gives up.
+CE_L2_HINTS = True
+# Software pipelining of the vocabulary loops (`tl.range(num_stages=...)`): 1 = none; 2 keeps the
+# next block's loads in flight (through shared memory: BLOCK * element size bytes per stage)
+# while the current block is reduced. With one program per SM (the register use of the default
+# block allows no more) the loads otherwise pause during the arithmetic of each block.
+CE_STAGES = 1
 # Elements per iteration of the backward's scale kernel.
 _SCALE_BLOCK = 4096
 # Checking targets on CUDA with a host sync (clear ValueError) instead of a device-side assert.
@@ -108,6 +129,7 @@ def _cross_entropy_kernel(
     ce_denom_ptr,
     z_denom_ptr,
     row_scale_ptr,
+    n_rows,
     n_cols,
     ignore_index,
     label_smoothing,
@@ -122,105 +144,117 @@ def _cross_entropy_kernel(
     HAS_ROW_SCALE: tl.constexpr,
     HAS_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
+    KEEP: tl.constexpr,
+    STREAM: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
-    """Loss of one row (un-normalized) and, with HAS_GRAD, d loss / d x of the row (normalized).
+    """Loss of each row (un-normalized) and, with HAS_GRAD, d loss / d x of the row (normalized).
 
+    Rows are strided over the programs (one row per program when the grid has n_rows programs).
+    KEEP / STREAM: eviction policies of the first-pass loads / second-pass loads and stores.
+    STAGES > 1: the compiler prefetches the next blocks (through shared memory) while the current
+    one is reduced, so that loads stay in flight during the arithmetic.
     grad_ptr may equal x_ptr (in place): every element is read before the program writes it.
     """
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * x_stride
-    grad_row = grad_ptr + row * grad_stride
     cols = tl.arange(0, BLOCK)
-    t = tl.load(target_ptr + row)
-    if t == ignore_index:
-        tl.store(loss_ptr + row, 0.0)
-        if HAS_Z:
-            tl.store(z_loss_ptr + row, 0.0)
-        if HAS_GRAD:
-            zeros = tl.zeros([BLOCK], dtype=grad_ptr.dtype.element_ty)
-            for start in range(0, n_cols, BLOCK):
-                tl.store(grad_row + start + cols, zeros, mask=start + cols < n_cols)
-    else:
-        # Pass 1: online max / sum of exp; with smoothing also sum_j w_j z_j and sum_j w_j.
-        m = float("-inf")
-        d = 0.0
-        sum_z = 0.0
-        sum_w = 0.0
-        for start in range(0, n_cols, BLOCK):
-            offs = start + cols
-            mask = offs < n_cols
-            x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-            z = tl.where(mask, _transform(x, logit_scale, softcap, HAS_SOFTCAP), float("-inf"))
-            m_new = tl.maximum(m, tl.max(z, axis=0))
-            d = d * tl.exp2((m - m_new) * _LOG2E) + tl.sum(tl.exp2((z - m_new) * _LOG2E), axis=0)
-            m = m_new
-            if HAS_SMOOTHING:
-                if HAS_WEIGHT:
-                    w = tl.load(weight_ptr + offs, mask=mask, other=0.0)
-                    sum_z += tl.sum(w * tl.where(mask, z, 0.0), axis=0)
-                    sum_w += tl.sum(w, axis=0)
-                else:
-                    sum_z += tl.sum(tl.where(mask, z, 0.0), axis=0)
-        lse = m + tl.log(d)
-
-        # The target's logit, read before pass 2 may overwrite it (in place).
-        t_col = tl.where((t >= 0) & (t < n_cols), t, 0).to(tl.int32)
-        z_t = _transform(tl.load(x_row + t_col).to(tl.float32), logit_scale, softcap, HAS_SOFTCAP)
-        w_t = 1.0
-        if HAS_WEIGHT:
-            w_t = tl.load(weight_ptr + t_col)
-        # Smoothing term eps / V * sum_j w_j (lse - z_j) = smooth_coef * lse - eps / V * sum_z.
-        eps_over_v = label_smoothing / n_cols
-        smooth_coef = label_smoothing  # eps / V * sum_j w_j, with w = 1
-        if HAS_WEIGHT:
-            smooth_coef = eps_over_v * sum_w
-        loss = w_t * (lse - z_t)
-        if HAS_SMOOTHING:
-            loss = (1.0 - label_smoothing) * loss + smooth_coef * lse - eps_over_v * sum_z
-        tl.store(loss_ptr + row, loss)
-        if HAS_Z:
-            tl.store(z_loss_ptr + row, lse_square_scale * lse * lse)
-
-        if HAS_GRAD:
-            ce_scale = 1.0
-            z_scale = 1.0
-            if HAS_DENOM:
-                ce_scale = 1.0 / tl.load(ce_denom_ptr)
-                z_scale = 1.0 / tl.load(z_denom_ptr)
-            if HAS_ROW_SCALE:
-                row_scale = tl.load(row_scale_ptr + row).to(tl.float32)
-                ce_scale = ce_scale * row_scale
-                z_scale = z_scale * row_scale
-            # d loss / d z_j = p_coef * p_j - c_smooth * w_j - [j == t] * c_target
-            c_target = ce_scale * w_t
-            p_coef = c_target
-            c_smooth = 0.0
-            if HAS_SMOOTHING:
-                c_target = c_target * (1.0 - label_smoothing)
-                c_smooth = ce_scale * eps_over_v
-                p_coef = c_target + ce_scale * smooth_coef
+    for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+        row64 = tl.cast(row, tl.int64)  # (the interpreter's loop variable is a Python int)
+        x_row = x_ptr + row64 * x_stride
+        grad_row = grad_ptr + row64 * grad_stride
+        t = tl.load(target_ptr + row)
+        if t == ignore_index:
+            tl.store(loss_ptr + row, 0.0)
             if HAS_Z:
-                p_coef += z_scale * 2.0 * lse_square_scale * lse
-            # Pass 2, last block first (it is the most recently read, likeliest still in L2).
-            n_blocks = tl.cdiv(n_cols, BLOCK)
-            for i in range(0, n_blocks):
-                offs = (n_blocks - 1 - i) * BLOCK + cols
+                tl.store(z_loss_ptr + row, 0.0)
+            if HAS_GRAD:
+                zeros = tl.zeros([BLOCK], dtype=grad_ptr.dtype.element_ty)
+                for start in range(0, n_cols, BLOCK):
+                    tl.store(grad_row + start + cols, zeros, mask=start + cols < n_cols,
+                             eviction_policy=STREAM)
+        else:
+            # Pass 1: online max / sum of exp; with smoothing also sum_j w_j z_j and sum_j w_j.
+            m = float("-inf")
+            d = 0.0
+            sum_z = 0.0
+            sum_w = 0.0
+            for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
+                offs = start + cols
                 mask = offs < n_cols
-                x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-                z = _transform(x, logit_scale, softcap, HAS_SOFTCAP)
-                g = p_coef * tl.exp2((z - lse) * _LOG2E)
+                x = tl.load(x_row + offs, mask=mask, other=0.0, eviction_policy=KEEP)
+                x = x.to(tl.float32)
+                z = tl.where(mask, _transform(x, logit_scale, softcap, HAS_SOFTCAP), float("-inf"))
+                m_new = tl.maximum(m, tl.max(z, axis=0))
+                d = d * tl.exp2((m - m_new) * _LOG2E) + tl.sum(tl.exp2((z - m_new) * _LOG2E), axis=0)
+                m = m_new
                 if HAS_SMOOTHING:
                     if HAS_WEIGHT:
-                        g -= c_smooth * tl.load(weight_ptr + offs, mask=mask, other=0.0)
+                        w = tl.load(weight_ptr + offs, mask=mask, other=0.0)
+                        sum_z += tl.sum(w * tl.where(mask, z, 0.0), axis=0)
+                        sum_w += tl.sum(w, axis=0)
                     else:
-                        g -= c_smooth
-                g = tl.where(offs == t_col, g - c_target, g)
-                if HAS_SOFTCAP:
-                    th = z / softcap
-                    g = g * (logit_scale * (1.0 - th * th))
-                else:
-                    g = g * logit_scale
-                tl.store(grad_row + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+                        sum_z += tl.sum(tl.where(mask, z, 0.0), axis=0)
+            lse = m + tl.log(d)
+
+            # The target's logit, read before pass 2 may overwrite it (in place).
+            t_col = tl.where((t >= 0) & (t < n_cols), t, 0).to(tl.int32)
+            x_t = tl.load(x_row + t_col).to(tl.float32)
+            z_t = _transform(x_t, logit_scale, softcap, HAS_SOFTCAP)
+            w_t = 1.0
+            if HAS_WEIGHT:
+                w_t = tl.load(weight_ptr + t_col)
+            # Smoothing term eps / V * sum_j w_j (lse - z_j) = smooth_coef * lse - eps / V * sum_z.
+            eps_over_v = label_smoothing / n_cols
+            smooth_coef = label_smoothing  # eps / V * sum_j w_j, with w = 1
+            if HAS_WEIGHT:
+                smooth_coef = eps_over_v * sum_w
+            loss = w_t * (lse - z_t)
+            if HAS_SMOOTHING:
+                loss = (1.0 - label_smoothing) * loss + smooth_coef * lse - eps_over_v * sum_z
+            tl.store(loss_ptr + row, loss)
+            if HAS_Z:
+                tl.store(z_loss_ptr + row, lse_square_scale * lse * lse)
+
+            if HAS_GRAD:
+                ce_scale = 1.0
+                z_scale = 1.0
+                if HAS_DENOM:
+                    ce_scale = 1.0 / tl.load(ce_denom_ptr)
+                    z_scale = 1.0 / tl.load(z_denom_ptr)
+                if HAS_ROW_SCALE:
+                    row_scale = tl.load(row_scale_ptr + row).to(tl.float32)
+                    ce_scale = ce_scale * row_scale
+                    z_scale = z_scale * row_scale
+                # d loss / d z_j = p_coef * p_j - c_smooth * w_j - [j == t] * c_target
+                c_target = ce_scale * w_t
+                p_coef = c_target
+                c_smooth = 0.0
+                if HAS_SMOOTHING:
+                    c_target = c_target * (1.0 - label_smoothing)
+                    c_smooth = ce_scale * eps_over_v
+                    p_coef = c_target + ce_scale * smooth_coef
+                if HAS_Z:
+                    p_coef += z_scale * 2.0 * lse_square_scale * lse
+                # Pass 2, last block first (it is the most recently read, likeliest still in L2).
+                n_blocks = tl.cdiv(n_cols, BLOCK)
+                for i in tl.range(0, n_blocks, num_stages=STAGES):
+                    offs = (n_blocks - 1 - i) * BLOCK + cols
+                    mask = offs < n_cols
+                    x = tl.load(x_row + offs, mask=mask, other=0.0, eviction_policy=STREAM)
+                    z = _transform(x.to(tl.float32), logit_scale, softcap, HAS_SOFTCAP)
+                    g = p_coef * tl.exp2((z - lse) * _LOG2E)
+                    if HAS_SMOOTHING:
+                        if HAS_WEIGHT:
+                            g -= c_smooth * tl.load(weight_ptr + offs, mask=mask, other=0.0)
+                        else:
+                            g -= c_smooth
+                    g = tl.where(offs == t_col, g - c_target, g)
+                    if HAS_SOFTCAP:
+                        th = z / softcap
+                        g = g * (logit_scale * (1.0 - th * th))
+                    else:
+                        g = g * logit_scale
+                    tl.store(grad_row + offs, g.to(grad_ptr.dtype.element_ty), mask=mask,
+                             eviction_policy=STREAM)
 
 
 @triton.jit
@@ -254,6 +288,8 @@ def check_target(target: torch.Tensor, n_rows: int, n_classes: int, ignore_index
     would need a device->host sync per call, so by default it is a device-side assert
     (`torch._assert_async`): no sync, and a bad target stops the process with a CUDA error naming
     the problem. Set LIGER_CHECK_TARGETS=1 to get the synchronous ValueError on CUDA (debugging).
+    Under torch.compile it is the device-side assert on every device (a host check would break the
+    graph); on CPU a bad target then raises RuntimeError naming the problem.
     """
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
@@ -268,7 +304,7 @@ def check_target(target: torch.Tensor, n_rows: int, n_classes: int, ignore_index
         return
     bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
     message = f"target values must be in [0, {n_classes}) or equal ignore_index={ignore_index}"
-    if target.is_cuda and not _SYNC_TARGET_CHECK:
+    if (target.is_cuda and not _SYNC_TARGET_CHECK) or _library.compiling():
         torch._assert_async(~bad.any(), message)
     elif bool(bad.any()):
         raise ValueError(f"{message}; got {target[bad].flatten()[:5].tolist()}")
@@ -308,6 +344,13 @@ def mean_denominators(target: torch.Tensor, weight: torch.Tensor | None, ignore_
     return torch.where(w_sum == 0, 1.0, w_sum), z_denom
 
 
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 1 elsewhere (the interpreter)."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def launch_cross_entropy(
     x: torch.Tensor,
     grad: torch.Tensor | None,
@@ -324,8 +367,12 @@ def launch_cross_entropy(
     if n_rows == 0:
         return
     block, num_warps = row_launch_config(min(n_cols, _MAX_BLOCK))
+    n_programs = n_rows
+    if CE_PROGRAMS_PER_SM:
+        n_programs = min(n_rows, CE_PROGRAMS_PER_SM * sm_count(x.device))
+    keep, stream = ("evict_last", "evict_first") if CE_L2_HINTS else ("", "")
     dummy = loss_rows  # pointer for arguments a constexpr flag disables
-    _cross_entropy_kernel[(n_rows,)](
+    _cross_entropy_kernel[(n_programs,)](
         x,
         x.stride(0),
         grad if grad is not None else dummy,
@@ -337,6 +384,7 @@ def launch_cross_entropy(
         denoms[0] if denoms is not None else dummy,
         denoms[1] if denoms is not None else dummy,
         row_scale if row_scale is not None else dummy,
+        n_rows,
         n_cols,
         opts.ignore_index,
         float(opts.label_smoothing),
@@ -351,7 +399,10 @@ def launch_cross_entropy(
         HAS_ROW_SCALE=row_scale is not None,
         HAS_GRAD=grad is not None,
         BLOCK=block,
-        num_warps=num_warps,
+        KEEP=keep,
+        STREAM=stream,
+        STAGES=CE_STAGES,
+        num_warps=CE_NUM_WARPS or num_warps,
     )
 
 
@@ -505,6 +556,13 @@ def cross_entropy(
     check_class_weight("weight", weight, n_cols)
     check_same_device(logits=logits, target=target, weight=weight)
     check_target(target, n_rows, n_cols, ignore_index)
+    if _library.compiling() and n_rows:  # one graph node under torch.compile (in_place does not apply)
+        compute_grad = torch.is_grad_enabled() and logits.requires_grad
+        loss, z_loss, _ = _cross_entropy_op(
+            logits, target, weight, ignore_index, float(label_smoothing), float(lse_square_scale),
+            None if softcap is None else float(softcap), float(logit_scale), reduction, compute_grad,
+        )
+        return (loss, z_loss) if return_z_loss else loss
     if n_rows == 0 or not use_triton(logits, target, weight):
         return cross_entropy_reference(
             logits, target, weight, ignore_index, label_smoothing, lse_square_scale, softcap,
@@ -512,3 +570,73 @@ def cross_entropy(
         )
     loss, z_loss = CrossEntropyFunction.apply(logits, target, weight, opts, reduction, in_place)
     return (loss, z_loss) if return_z_loss else loss
+
+
+# ---- torch.library ops: what torch.compile records (see liger_kernels/_library.py) ---------------
+
+
+def _cross_entropy_fake(logits, target, weight, ignore_index, label_smoothing, lse_square_scale, softcap,
+                        logit_scale, reduction, compute_grad):
+    loss_shape = logits.shape[:-1] if reduction == "none" else ()
+    n_cols = logits.shape[-1]
+    grad = logits.new_empty((logits.numel() // n_cols, n_cols)) if compute_grad else _library.absent(logits)
+    return logits.new_empty(loss_shape), logits.new_empty(loss_shape), grad
+
+
+@_library.custom_op("cross_entropy", _cross_entropy_fake)
+def _cross_entropy_op(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    ignore_index: int,
+    label_smoothing: float,
+    lse_square_scale: float,
+    softcap: Optional[float],
+    logit_scale: float,
+    reduction: str,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, z_loss, d loss / d logits as (rows, V) or a placeholder), the gradient for a unit
+    grad_output; with reduction="none" row i holds the gradient of loss i."""
+    opts = CrossEntropyOptions(ignore_index, label_smoothing, lse_square_scale, softcap, logit_scale)
+    n_cols = logits.shape[-1]
+    if not use_triton(logits, target, weight):
+        loss_fn = functools.partial(
+            cross_entropy_reference, target=target, weight=weight, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap,
+            logit_scale=logit_scale, reduction=reduction, return_z_loss=True,
+        )
+        if not compute_grad:
+            return (*loss_fn(logits), _library.absent(logits))
+        (loss, z_loss), (grad,) = _library.reference_value_and_grads(loss_fn, (logits,))
+        return loss, z_loss, grad.reshape(-1, n_cols)
+    x = logits.reshape(-1, n_cols)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    target = target.reshape(-1).contiguous()
+    weight = weight.float().contiguous() if weight is not None else None
+    denoms = mean_denominators(target, weight, ignore_index) if reduction == "mean" else None
+    grad = new_output(x.shape, x.dtype, x.device) if compute_grad else None
+    loss_rows = new_output((x.shape[0],), torch.float32, x.device)
+    z_rows = new_output((x.shape[0],), torch.float32, x.device) if lse_square_scale else None
+    launch_cross_entropy(x, grad, target, weight, loss_rows, z_rows, denoms, None, opts)
+    loss, z_loss = reduce_loss(loss_rows, z_rows, reduction, denoms, logits.shape[:-1], logits.dtype)
+    return loss, z_loss, grad if compute_grad else _library.absent(logits)
+
+
+def _cross_entropy_setup(ctx, inputs, output):
+    ctx.logits_shape, ctx.reduction = inputs[0].shape, inputs[8]
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.save_for_backward(output[2])
+
+
+def _cross_entropy_grad(ctx, dloss, _dz_loss, _dgrad):
+    (grad,) = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return (None,) * 10
+    scale = dloss.reshape(-1, 1) if ctx.reduction == "none" else dloss
+    dlogits = (grad.float() * scale.float()).to(grad.dtype)
+    return (dlogits.view(ctx.logits_shape),) + (None,) * 9
+
+
+_cross_entropy_op.register_autograd(_cross_entropy_grad, setup_context=_cross_entropy_setup)

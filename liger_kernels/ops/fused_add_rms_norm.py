@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from liger_kernels import _utils
+from liger_kernels import _library, _utils
 from liger_kernels.ops.rms_norm import (
     as_rows,
     check_rms_norm_args,
@@ -101,8 +101,94 @@ def fused_add_rms_norm(
             f"residual has shape {tuple(residual.shape)} but x has shape {tuple(x.shape)}; they must match"
         )
     _utils.check_same_device(x=x, residual=residual, weight=weight)
+    if _library.compiling():  # one graph node under torch.compile (in_place does not apply there)
+        y, new_residual, _ = _fused_add_rms_norm_op(
+            x, residual, weight, float(eps), float(offset), casting_mode
+        )
+        return y, new_residual
     if not triton_path or x.numel() == 0:
         return fused_add_rms_norm_reference(x, residual, weight, eps, offset, casting_mode)
     return FusedAddRMSNormFunction.apply(
         x, residual, weight, float(eps), float(offset), casting_mode, bool(in_place)
     )
+
+
+# ---- torch.library ops: what torch.compile records (see liger_kernels/_library.py) ---------------
+
+
+def _fused_add_rms_norm_fake(x, residual, weight, eps, offset, casting_mode):
+    sum_dtype = torch.promote_types(x.dtype, residual.dtype)
+    y_dtype = torch.promote_types(sum_dtype, weight.dtype) if casting_mode == "llama" else sum_dtype
+    rstd = x.new_empty(x.numel() // x.shape[-1], dtype=torch.float32)
+    return x.new_empty(x.shape, dtype=y_dtype), x.new_empty(x.shape, dtype=sum_dtype), rstd
+
+
+@_library.custom_op("fused_add_rms_norm", _fused_add_rms_norm_fake)
+def _fused_add_rms_norm_op(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    offset: float,
+    casting_mode: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, new_residual, fp32 rstd per row)."""
+    if not _utils.use_triton(x, residual, weight) or x.numel() == 0:
+        y, new_residual = fused_add_rms_norm_reference(x, residual, weight, eps, offset, casting_mode)
+        rstd = torch.rsqrt(new_residual.float().pow(2).mean(-1) + eps).reshape(-1)
+        return y.contiguous(), new_residual.contiguous(), rstd
+    y, rstd, new_residual = rms_norm_forward(
+        as_rows(x), weight, eps, offset, casting_mode, residual=as_rows(residual)
+    )
+    return y.view(x.shape), new_residual.view(x.shape), rstd
+
+
+def _fused_add_rms_norm_backward_fake(dy, dnew_residual, new_residual, weight, rstd, eps, offset,
+                                      casting_mode, compute_dw):
+    dw = weight.new_empty(weight.shape) if compute_dw else _library.absent(weight)
+    return new_residual.new_empty(new_residual.shape), dw
+
+
+@_library.custom_op("fused_add_rms_norm_backward", _fused_add_rms_norm_backward_fake)
+def _fused_add_rms_norm_backward_op(
+    dy: torch.Tensor,
+    dnew_residual: torch.Tensor,
+    new_residual: torch.Tensor,
+    weight: torch.Tensor,
+    rstd: torch.Tensor,
+    eps: float,
+    offset: float,
+    casting_mode: str,
+    compute_dw: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d new_residual in total = dx = dresidual, dweight or a placeholder)."""
+    if not _utils.use_triton(new_residual, weight) or new_residual.numel() == 0:
+        dx, dw = _library.reference_vjp(
+            lambda r, w: rms_norm_reference(r, w, eps, offset, casting_mode), (new_residual, weight), dy
+        )
+        dx = dx + dnew_residual
+    else:
+        dx, dw = rms_norm_backward(
+            as_rows(dy), as_rows(new_residual), weight, rstd, offset, casting_mode, False, compute_dw,
+            dres=as_rows(dnew_residual),
+        )
+    return dx.reshape(new_residual.shape).contiguous(), dw if compute_dw else _library.absent(weight)
+
+
+def _fused_add_rms_norm_setup(ctx, inputs, output):
+    x, residual, weight, *ctx.params = inputs
+    ctx.dtypes = x.dtype, residual.dtype
+    ctx.save_for_backward(output[1], weight, output[2])
+
+
+def _fused_add_rms_norm_grad(ctx, dy, dnew_residual, _drstd):
+    new_residual, weight, rstd = ctx.saved_tensors
+    compute_dw = ctx.needs_input_grad[2]
+    dx, dw = _fused_add_rms_norm_backward_op(
+        dy, dnew_residual, new_residual, weight, rstd, *ctx.params, compute_dw
+    )
+    x_dtype, residual_dtype = ctx.dtypes
+    return dx.to(x_dtype), dx.to(residual_dtype), dw if compute_dw else None, None, None, None
+
+
+_fused_add_rms_norm_op.register_autograd(_fused_add_rms_norm_grad, setup_context=_fused_add_rms_norm_setup)

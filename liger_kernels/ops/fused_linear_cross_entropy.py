@@ -6,20 +6,31 @@ the linear layer; `ce_weight` are the class weights. With `num_items_in_batch` (
 reduction="sum", as Hugging Face does for gradient accumulation) the summed loss and z-loss are
 divided by that number (an int or a tensor, read on device).
 
+The loss (and z_loss) is returned in float32 whatever the input dtype, as Hugging Face's
+ForCausalLMLoss computes it on logits upcast to fp32: a bf16 loss has 8 significant bits (steps of
+1/64 near 2.5), too coarse for logged loss curves. It was always accumulated in fp32 per row and
+reduced in fp32; only the final rounding to the input dtype is gone. Its gradient: autograd hands
+the backward an fp32 grad_output, which multiplies the stored gradients in fp32 math (`scale_`, or
+the per-row scale of reduction="none"); the gradients keep the dtypes of input, weight and bias.
+
 Algorithm (forward pass, which also computes all the gradients):
     for each chunk of rows:
         logits = x_c @ W.T (+ b)                  cuBLAS, into one reused (chunk, V) buffer
         CE kernel: per-row loss, and d loss / d logits written over the logits (in place), already
                    divided by the global mean normalizer (computed once up front, on device)
-        dX[c] = g @ W                             cuBLAS, straight into the preallocated dX rows
+        dX[c] = g @ W                             cuBLAS (or `DX_TRITON`: a Triton split-K GEMM),
+                                                  straight into the preallocated dX rows
         dW   += g.T @ x_c                         cuBLAS addmm into one dW buffer (first chunk: mm)
         db   += g.sum(0)                          fp32
+With `DW_STREAM` the dW GEMM runs on a second stream, overlapping the dX GEMM (both only read g);
+the next chunk's logits GEMM waits for it. `DW_FIRST` swaps the launch order of the two GEMMs.
 The backward multiplies the stored gradients by grad_output (skipped on device when it is 1).
 Gradients of inputs that do not require grad are not computed (e.g. a frozen lm_head under LoRA).
 reduction="none" needs a per-row grad_output, so there the forward computes only the losses and the
 backward recomputes the chunks with the row weights folded into the kernel (one extra logits GEMM).
 
-Memory beyond the inputs: dX + dW + one logits chunk of about `CHUNK_BYTES`. The dW update
+Memory beyond the inputs: dX + dW + one logits chunk of about `CHUNK_BYTES` (+ the split-K
+partial sums with `DX_TRITON`, split x rows x H fp32). The dW update
 `dW += g.T @ x_c` reads and writes all of dW once per chunk, so its time is
 max(2|dW| / bandwidth, 2 V H rows / FLOPs): with fewer than ~400 rows per chunk on an H200 it is
 memory-bound. 128 MiB of bf16 logits is 512 rows at V = 128256 (Llama 3: dW 0.98 GiB + dX 0.06 +
@@ -36,12 +47,15 @@ Under autocast, input, weight and bias are cast to the autocast dtype first, as 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from liger_kernels import _library
 from liger_kernels._utils import INTERPRET, check_float, check_same_device, new_output, use_triton
 from liger_kernels.ops.cross_entropy import (
     CrossEntropyOptions,
@@ -53,12 +67,29 @@ from liger_kernels.ops.cross_entropy import (
     mean_denominators,
     reduce_loss,
     scale_,
+    sm_count,
 )
 
+# Schedule knobs, read at every call (scripts/flce_sweep.py tries others).
 # Bytes of one chunk of logits (the only sizeable buffer besides dX and dW).
 CHUNK_BYTES = 128 * 2**20
 # Rows per chunk: at least this many (GEMM efficiency), and a multiple of it when chunking.
 MIN_CHUNK_ROWS = 64
+# Run each chunk's dW GEMM on a second CUDA stream, concurrently with its dX GEMM (both only read
+# the chunk's gradient). The dW update is memory-bound when a chunk has few rows, the dX product
+# compute-bound, so sharing the GPU between them can hide part of the dW traffic. No extra memory
+# besides the second stream's cuBLAS workspace (allocated once per device).
+DW_STREAM = False
+# Launch the dW GEMM before the dX GEMM (which kernel gets the SMs first when they overlap).
+DW_FIRST = False
+# dX of a chunk, (rows, V) @ (V, H), has few output tiles (rows x H) and a long K: cuBLAS splits K
+# by its own heuristics. DX_TRITON=True runs a Triton split-K GEMM instead (16-bit inputs), with
+# DX_CONFIG = (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) and DX_SPLIT K ranges (0: as many
+# as fill one wave of the GPU); the partial sums (split x rows x H fp32) are added in a fixed
+# order.
+DX_TRITON = False
+DX_CONFIG = (128, 128, 64, 8, 4)
+DX_SPLIT = 0
 
 
 def chunk_rows(n_rows: int, n_classes: int, element_size: int) -> int:
@@ -144,11 +175,141 @@ def _accumulate_grad_weight(grad_w: torch.Tensor, g: torch.Tensor, x: torch.Tens
     )
 
 
+@triton.jit
+def _grad_input_kernel(
+    g_ptr,
+    w_ptr,
+    out_ptr,
+    part_ptr,
+    n_m,
+    n_n,
+    n_k,
+    k_per_split,
+    g_stride,
+    w_stride,
+    out_stride,
+    SPLIT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """out (M, N) = g (M, K) @ w (K, N), fp32 accumulation. Program (tile, s) sums the K range
+    [s * k_per_split, (s + 1) * k_per_split) (k_per_split a multiple of BLOCK_K). SPLIT > 1: the
+    fp32 partial sums go to part (SPLIT, M, N) and `_sum_splits_kernel` adds them in a fixed order
+    (deterministic, unlike atomics)."""
+    tiles_n = tl.cdiv(n_n, BLOCK_N)
+    offs_m = (tl.program_id(0) // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (tl.program_id(0) % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m[:, None] < n_m
+    mask_n = offs_n[None, :] < n_n
+    k_start = tl.program_id(1) * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, n_k)
+    g_ptrs = g_ptr + offs_m[:, None].to(tl.int64) * g_stride + (k_start + offs_k)[None, :]
+    w_ptrs = w_ptr + (k_start + offs_k)[:, None].to(tl.int64) * w_stride + offs_n[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # Whole K blocks without a K mask (the loop the compiler pipelines best), then a masked tail.
+    n_full = (k_end - k_start) // BLOCK_K
+    for _ in range(0, n_full):
+        g = tl.load(g_ptrs, mask=mask_m, other=0.0)
+        w = tl.load(w_ptrs, mask=mask_n, other=0.0)
+        if UPCAST:  # the interpreter's tl.dot multiplies bf16 bit patterns; fp32 products are exact
+            g, w = g.to(tl.float32), w.to(tl.float32)
+        acc = tl.dot(g, w, acc=acc)
+        g_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * w_stride
+    if k_start + n_full * BLOCK_K < k_end:
+        mask_k = k_start + n_full * BLOCK_K + offs_k < k_end
+        g = tl.load(g_ptrs, mask=mask_m & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n, other=0.0)
+        if UPCAST:
+            g, w = g.to(tl.float32), w.to(tl.float32)
+        acc = tl.dot(g, w, acc=acc)
+    if SPLIT == 1:
+        out = out_ptr + offs_m[:, None].to(tl.int64) * out_stride + offs_n[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m & mask_n)
+    else:
+        part = part_ptr + (tl.program_id(1) * n_m + offs_m[:, None]).to(tl.int64) * n_n + offs_n[None, :]
+        tl.store(part, acc, mask=mask_m & mask_n)
+
+
+@triton.jit
+def _sum_splits_kernel(part_ptr, out_ptr, n_m, n_n, out_stride, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    """out row r = sum over s of part[s, r] (fp32, in order s = 0, 1, ...), rounded once."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    for start in range(0, n_n, BLOCK):
+        mask = start + cols < n_n
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for s in tl.static_range(SPLIT):
+            acc += tl.load(part_ptr + (s * n_m + row) * n_n + start + cols, mask=mask, other=0.0)
+        tl.store(out_ptr + row * out_stride + start + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _grad_input(out: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> None:
+    """out (rows, H) = g (rows, V) @ w (V, H): cuBLAS, or with `DX_TRITON` (16-bit inputs; fp32
+    would go through TF32 in tl.dot) the split-K Triton GEMM."""
+    if not DX_TRITON or g.dtype == torch.float32:
+        torch.mm(g, w, out=out)
+        return
+    n_m, n_k = g.shape
+    n_n = w.shape[1]
+    block_m, block_n, block_k, num_warps, num_stages = DX_CONFIG
+    tiles = triton.cdiv(n_m, block_m) * triton.cdiv(n_n, block_n)
+    # Default split: as many K ranges as fill one wave, counting the programs that fit on an SM by
+    # their pipeline buffers (~200 KB of shared memory per SM usable).
+    smem = num_stages * (block_m + block_n) * block_k * g.element_size()
+    slots = sm_count(g.device) * max(1, 200 * 1024 // smem)
+    split = DX_SPLIT or max(1, slots // tiles)
+    k_per_split = triton.cdiv(triton.cdiv(n_k, split), block_k) * block_k
+    split = triton.cdiv(n_k, k_per_split)
+    part = new_output((split, n_m, n_n), torch.float32, g.device) if split > 1 else out
+    _grad_input_kernel[(tiles, split)](
+        g,
+        w,
+        out,
+        part,
+        n_m,
+        n_n,
+        n_k,
+        k_per_split,
+        g.stride(0),
+        w.stride(0),
+        out.stride(0),
+        SPLIT=split,
+        UPCAST=INTERPRET,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    if split > 1:
+        block = min(triton.next_power_of_2(n_n), 4096)
+        _sum_splits_kernel[(n_m,)](part, out, n_m, n_n, out.stride(0), SPLIT=split, BLOCK=block,
+                                   num_warps=4)
+
+
 @dataclass(frozen=True)
 class _Plan:
     opts: CrossEntropyOptions
     rows: int  # rows per chunk
     accum_dtype: torch.dtype  # of the weight gradient
+
+
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device):
+    """One extra stream per CUDA device, reused (a new stream per call would allocate a new cuBLAS
+    workspace each time); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(index)
+    return _SIDE_STREAMS[index]
 
 
 def _chunked_pass(x, w, b, target, ce_weight, plan: _Plan, needs, denoms=None, row_scale=None):
@@ -165,10 +326,14 @@ def _chunked_pass(x, w, b, target, ce_weight, plan: _Plan, needs, denoms=None, r
     grad_b = torch.zeros((v,), dtype=torch.float32, device=device) if need_db else None
     need_grad = need_dx or need_dw or need_db
     logits_buf = new_output((min(rows, n), v), x.dtype, device)
+    side = _side_stream(device) if DW_STREAM and need_dw and need_dx else None
+    main = torch.cuda.current_stream(device) if side is not None else None
     for start in range(0, n, rows):
         end = min(start + rows, n)
         x_c = x[start:end]
         logits = logits_buf[: end - start]
+        if side is not None and start > 0:
+            main.wait_stream(side)  # the previous chunk's dW GEMM still reads the logits buffer
         if b is None:
             torch.mm(x_c, w.t(), out=logits)
         else:
@@ -184,12 +349,18 @@ def _chunked_pass(x, w, b, target, ce_weight, plan: _Plan, needs, denoms=None, r
             row_scale[start:end] if row_scale is not None else None,
             opts,
         )
-        if need_dx:
-            torch.mm(logits, w, out=grad_x[start:end])
-        if need_dw:
-            _accumulate_grad_weight(grad_w, logits, x_c, first=start == 0)
+        if side is not None:
+            side.wait_stream(main)  # the gradient chunk is written
+        for product in ("dw", "dx") if DW_FIRST else ("dx", "dw"):
+            if product == "dx" and need_dx:
+                _grad_input(grad_x[start:end], logits, w)
+            elif product == "dw" and need_dw:
+                with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                    _accumulate_grad_weight(grad_w, logits, x_c, first=start == 0)
         if need_db:
             grad_b += logits.sum(0, dtype=torch.float32)
+    if side is not None:
+        main.wait_stream(side)  # dW is complete before anyone on the caller's stream reads it
     return loss_rows, z_rows, grad_x, grad_w, grad_b
 
 
@@ -224,7 +395,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             )
             ctx.save_for_backward(grad_x, grad_w, grad_b)
         ctx.x_shape = out_shape + (x.shape[-1],)
-        loss, z_loss = reduce_loss(loss_rows, z_rows, reduction, denoms, out_shape, x.dtype)
+        loss, z_loss = reduce_loss(loss_rows, z_rows, reduction, denoms, out_shape, torch.float32)
         ctx.mark_non_differentiable(z_loss)
         return loss, z_loss
 
@@ -272,7 +443,8 @@ def fused_linear_cross_entropy_reference(
     num_items_in_batch: int | torch.Tensor | None = None,
 ):
     """Torch specification of `fused_linear_cross_entropy`: materialized logits in fp32 (fp64 for
-    fp64 inputs), then `cross_entropy_reference`. Outputs in the input dtype. The CPU path."""
+    fp64 inputs), then `cross_entropy_reference`. Outputs in float32 (float64 for float64 inputs),
+    whatever the input dtype (see the module docstring). The CPU path."""
     compute = torch.promote_types(input.dtype, torch.float32)
     with torch.autocast(input.device.type, enabled=False):
         logits = input.to(compute) @ weight.to(compute).t()
@@ -286,7 +458,6 @@ def fused_linear_cross_entropy_reference(
         if isinstance(num_items_in_batch, torch.Tensor):
             num_items_in_batch = num_items_in_batch.to(device=loss.device, dtype=compute)
         loss, z_loss = loss / num_items_in_batch, z_loss / num_items_in_batch
-    loss, z_loss = loss.to(input.dtype), z_loss.to(input.dtype)
     return (loss, z_loss) if return_z_loss else loss
 
 
@@ -333,7 +504,7 @@ def fused_linear_cross_entropy(
 
     `chunk_size`: rows per chunk (None: automatic, see `chunk_rows`). `accum_dtype`: None (the
     weight's dtype) or torch.float32 for the weight-gradient accumulation. See the module docstring.
-    Returns loss, or (loss, z_loss) with `return_z_loss=True`.
+    Returns loss, or (loss, z_loss) with `return_z_loss=True`, in float32 whatever the input dtype.
     """
     check_float("input", input)
     check_float("weight", weight)
@@ -376,6 +547,12 @@ def fused_linear_cross_entropy(
             "one dtype (or run under autocast)"
         )
 
+    if _library.compiling() and n_rows:  # one graph node under torch.compile
+        loss, z_loss = _compiled_fused_linear_cross_entropy(
+            input, weight, target, bias, ce_weight, opts, reduction, num_items_in_batch, chunk_size,
+            accum_dtype,
+        )
+        return (loss, z_loss) if return_z_loss else loss
     if n_rows == 0 or not use_triton(input, weight, target, bias, ce_weight):
         return fused_linear_cross_entropy_reference(
             input, weight, target, bias, ce_weight, ignore_index, label_smoothing,
@@ -396,3 +573,136 @@ def fused_linear_cross_entropy(
         input, weight, bias, target, ce_weight, plan, reduction, num_items
     )
     return (loss, z_loss) if return_z_loss else loss
+
+
+# ---- torch.library ops: what torch.compile records (see liger_kernels/_library.py) ---------------
+
+
+def _compiled_fused_linear_cross_entropy(
+    input, weight, target, bias, ce_weight, opts, reduction, num_items_in_batch, chunk_size, accum_dtype
+):
+    """(loss, z_loss) through the custom op; gradients are computed in the forward where asked for."""
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items = num_items_in_batch.reshape(()).to(device=input.device, dtype=torch.float32)
+    elif num_items_in_batch is not None:
+        num_items = torch.full((), float(num_items_in_batch), device=input.device)
+    else:
+        num_items = None
+    # reduction="none" needs the per-row grad_output: its gradients are computed in backward.
+    grads = torch.is_grad_enabled() and reduction != "none"
+    needs = [grads and t is not None and t.requires_grad for t in (input, weight, bias)]
+    softcap = None if opts.softcap is None else float(opts.softcap)
+    loss, z_loss, *_ = _fused_linear_cross_entropy_op(
+        input, weight, bias, target, ce_weight, num_items, None, opts.ignore_index,
+        float(opts.label_smoothing), float(opts.lse_square_scale), softcap, float(opts.logit_scale),
+        reduction, chunk_size, accum_dtype == torch.float32, *needs,
+    )
+    return loss, z_loss
+
+
+def _fused_linear_cross_entropy_fake(x, weight, bias, target, ce_weight, num_items, row_scale, ignore_index,
+                                     label_smoothing, lse_square_scale, softcap, logit_scale, reduction,
+                                     chunk_size, accum_fp32, need_dx, need_dw, need_db):
+    loss_shape = x.shape[:-1] if reduction == "none" else ()
+    dw_dtype = torch.float32 if accum_fp32 else weight.dtype
+    return (
+        x.new_empty(loss_shape, dtype=torch.float32),
+        x.new_empty(loss_shape, dtype=torch.float32),
+        x.new_empty(x.shape) if need_dx else _library.absent(x),
+        weight.new_empty(weight.shape, dtype=dw_dtype) if need_dw else _library.absent(x),
+        weight.new_empty(weight.shape[0], dtype=torch.float32) if need_db else _library.absent(x),
+    )
+
+
+@_library.custom_op("fused_linear_cross_entropy", _fused_linear_cross_entropy_fake)
+def _fused_linear_cross_entropy_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    target: torch.Tensor,
+    ce_weight: Optional[torch.Tensor],
+    num_items: Optional[torch.Tensor],
+    row_scale: Optional[torch.Tensor],
+    ignore_index: int,
+    label_smoothing: float,
+    lse_square_scale: float,
+    softcap: Optional[float],
+    logit_scale: float,
+    reduction: str,
+    chunk_size: Optional[int],
+    accum_fp32: bool,
+    need_dx: bool,
+    need_dw: bool,
+    need_db: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, z_loss, dx, dweight, dbias): the gradients asked for (placeholders otherwise) for a
+    unit grad_output, or with `row_scale` (reduction="none") for that per-row grad_output.
+    dweight is fp32 with accum_fp32, dbias always fp32."""
+    needs = (need_dx, need_dw, need_db)
+    if not use_triton(x, weight, target, bias, ce_weight):
+        def loss_fn(x, w, b=None):
+            return fused_linear_cross_entropy_reference(
+                x, w, target, b, ce_weight, ignore_index, label_smoothing, lse_square_scale, softcap,
+                logit_scale, reduction, True, num_items,
+            )
+
+        primals = (x, weight) if bias is None else (x, weight, bias)
+        if any(needs):
+            (loss, z_loss), grads = _library.reference_value_and_grads(loss_fn, primals, row_scale)
+            dx, dw, db = (*grads, None)[:3]
+            dw = dw.to(torch.float32 if accum_fp32 else weight.dtype)
+            db = db.float() if db is not None else None
+        else:
+            (loss, z_loss), dx, dw, db = loss_fn(*primals), None, None, None
+    else:
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        target = target.reshape(-1).contiguous()
+        ce_weight = ce_weight.float().contiguous() if ce_weight is not None else None
+        if reduction == "mean":
+            denoms = mean_denominators(target, ce_weight, ignore_index)
+        else:
+            denoms = (num_items, num_items) if num_items is not None else None
+        opts = CrossEntropyOptions(ignore_index, label_smoothing, lse_square_scale, softcap, logit_scale)
+        rows = chunk_size or chunk_rows(x2.shape[0], weight.shape[0], x.element_size())
+        plan = _Plan(opts, rows, torch.float32 if accum_fp32 else weight.dtype)
+        loss_rows, z_rows, dx, dw, db = _chunked_pass(
+            x2, weight.contiguous(), bias, target, ce_weight, plan, needs, denoms, row_scale
+        )
+        loss, z_loss = reduce_loss(loss_rows, z_rows, reduction, denoms, x.shape[:-1], torch.float32)
+    return (
+        loss,
+        z_loss,
+        dx.view(x.shape) if need_dx else _library.absent(x),
+        dw if need_dw else _library.absent(x),
+        db if need_db else _library.absent(x),
+    )
+
+
+def _fused_linear_cross_entropy_setup(ctx, inputs, output):
+    x, weight, bias, target, ce_weight, num_items, _, *ctx.params = inputs
+    ctx.reduction = ctx.params[5]
+    ctx.dtypes = x.dtype, weight.dtype, bias.dtype if bias is not None else None
+    ctx.mark_non_differentiable(*output[1:])
+    if ctx.reduction == "none":  # recomputed in backward with the per-row grad_output
+        ctx.save_for_backward(x, weight, bias, target, ce_weight, num_items)
+    else:
+        ctx.save_for_backward(*output[2:])
+
+
+def _fused_linear_cross_entropy_grad(ctx, dloss, *_):
+    needs = ctx.needs_input_grad[:3]
+    if ctx.reduction == "none":
+        row_scale = dloss.reshape(-1).float().contiguous()
+        _, _, *grads = _fused_linear_cross_entropy_op(
+            *ctx.saved_tensors, row_scale, *ctx.params[:-3], *needs
+        )
+    else:
+        grads = [g.float() * dloss.float() if need else None for g, need in zip(ctx.saved_tensors, needs)]
+    grads = [g.to(dtype) if g is not None and need else None
+             for g, dtype, need in zip(grads, ctx.dtypes, needs)]
+    return (*grads,) + (None,) * 15
+
+
+_fused_linear_cross_entropy_op.register_autograd(
+    _fused_linear_cross_entropy_grad, setup_context=_fused_linear_cross_entropy_setup
+)

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from liger_kernels import _library
 from liger_kernels._utils import check_float, check_same_device, new_output, use_triton
 
 # Values of the kernels' constexpr ACT (branches of `_activation`).
@@ -212,6 +213,8 @@ def _check_glu_inputs(a: torch.Tensor, b: torch.Tensor) -> None:
 def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """silu(a) * b (the LLaMA MLP gate: a = gate_proj(x), b = up_proj(x))."""
     _check_glu_inputs(a, b)
+    if _library.compiling():  # one graph node under torch.compile
+        return _glu_op(a, b, _SILU)
     if not use_triton(a, b):
         return swiglu_reference(a, b)
     return GLUFunction.apply(a, b, _SILU)
@@ -222,6 +225,49 @@ def geglu(a: torch.Tensor, b: torch.Tensor, approximate: str = "tanh") -> torch.
     if approximate not in _GELU_ACTIVATIONS:
         raise ValueError(f'approximate must be "tanh" or "none", got {approximate!r}')
     _check_glu_inputs(a, b)
+    if _library.compiling():  # one graph node under torch.compile
+        return _glu_op(a, b, _GELU_ACTIVATIONS[approximate])
     if not use_triton(a, b):
         return geglu_reference(a, b, approximate)
     return GLUFunction.apply(a, b, _GELU_ACTIVATIONS[approximate])
+
+
+# ---- torch.library ops: what torch.compile records (see liger_kernels/_library.py) ---------------
+
+
+def _glu_reference(a, b, act: int):
+    if act == _SILU:
+        return swiglu_reference(a, b)
+    return geglu_reference(a, b, "tanh" if act == _GELU_TANH else "none")
+
+
+@_library.custom_op("glu", lambda a, b, act: a.new_empty(a.shape))
+def _glu_op(a: torch.Tensor, b: torch.Tensor, act: int) -> torch.Tensor:
+    """f(a) * b for the activation code `act` (_SILU, _GELU_TANH, _GELU_ERF)."""
+    if not use_triton(a, b):
+        return _glu_reference(a, b, act).contiguous()
+    return _glu_forward(a, b, act)
+
+
+@_library.custom_op("glu_backward", lambda dc, a, b, act: (a.new_empty(a.shape), b.new_empty(b.shape)))
+def _glu_backward_op(
+    dc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, act: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(da, db)."""
+    if not use_triton(a, b):
+        da, db = _library.reference_vjp(lambda a, b: _glu_reference(a, b, act), (a, b), dc)
+        return da.contiguous(), db.contiguous()
+    return _glu_backward(dc, a, b, act)
+
+
+def _glu_setup(ctx, inputs, output):
+    a, b, ctx.act = inputs
+    ctx.save_for_backward(a, b)
+
+
+def _glu_grad(ctx, dc):
+    a, b = ctx.saved_tensors
+    return (*_glu_backward_op(dc, a, b, ctx.act), None)
+
+
+_glu_op.register_autograd(_glu_grad, setup_context=_glu_setup)

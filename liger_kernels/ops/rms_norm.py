@@ -24,8 +24,9 @@ dtype, the value the weight actually multiplied (as the Hugging Face autograd gr
 Kernels. Rows are processed as [BLOCK_M, BLOCK_N] tiles: one row per tile when it is wide, several
 narrow rows packed together otherwise, so every program moves a few KiB. The forward is one pass with
 one program per tile (read x and w, write y and a fp32 rstd per row). The backward is one pass on a
-persistent grid (`_utils.num_programs_for_rows`): each program strides over tiles, loading the next
-tile while it works on the current one, writes dx and accumulates its share of dweight in fp32
+persistent grid (`_utils.num_programs_for_rows`, as many programs as fit on the SMs at once): each
+program strides over tiles, loading the next tile while it works on the current one (rows up to 8192
+wide; wider rows leave no registers for that), writes dx and accumulates its share of dweight in fp32
 registers, then stores one partial row; `sum_partials` adds the partial rows up (one small launch, no
 atomics). Only x and the fp32 rstd are saved for backward. The residual add of fused_add_rms_norm is a
 constexpr mode of the same two kernels (see fused_add_rms_norm.py), so the math lives here once.
@@ -36,13 +37,14 @@ torch reference, used for CPU tensors, has no limit).
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
 import triton
 import triton.language as tl
 
-from liger_kernels import _utils
+from liger_kernels import _library, _utils
 
 CASTING_MODES = ("llama", "gemma", "none")
 # Values of the kernels' constexpr CAST.
@@ -52,6 +54,10 @@ _NONE = tl.constexpr(2)
 _CAST_CODES = {"llama": _LLAMA.value, "gemma": _GEMMA.value, "none": _NONE.value}
 # Narrow rows are packed into tiles of at least this many elements (BLOCK_M rows x BLOCK_N columns).
 _TILE_ELEMENTS = 4096
+# Widest tile whose backward still has registers for the next tile's loads (see backward_config);
+# at 16384 columns two rows spill (~1.3 KB of stack per thread with the residual gradient; 14 ms
+# instead of ~1 ms for 32768 x 16384 on the H200).
+_LOAD_AHEAD_MAX_ELEMENTS = 8192
 # Columns per program of the partial-sum reduction: small, so that even H=4096 spreads over 128 programs.
 _SUM_BLOCK_N = 32
 _SUM_BLOCK_P = 64
@@ -158,12 +164,12 @@ def _rms_norm_fwd_kernel(
 
 @triton.jit
 def _rms_norm_bwd_loads(
-    dy_ptr, dy_stride, x_ptr, rstd_ptr, tile, n_rows, n_cols, cols, col_ok, BLOCK_M: tl.constexpr
+    dy_ptr, dy_stride, x_ptr, x_stride, rstd_ptr, tile, n_rows, cols, col_ok, BLOCK_M: tl.constexpr
 ):
     """dy and x of a row tile (in their storage dtypes) and its rstd."""
     rows, row_ok, mask = tile_rows(tile, n_rows, col_ok, BLOCK_M)
     dy = tl.load(dy_ptr + rows[:, None] * dy_stride + cols[None, :], mask=mask, other=0.0)
-    x = tl.load(x_ptr + rows[:, None] * n_cols + cols[None, :], mask=mask, other=0.0)
+    x = tl.load(x_ptr + rows[:, None] * x_stride + cols[None, :], mask=mask, other=0.0)
     return dy, x, tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
 
 
@@ -172,6 +178,7 @@ def _rms_norm_bwd_kernel(
     dy_ptr,
     dy_stride,
     x_ptr,
+    x_stride,
     w_ptr,
     rstd_ptr,
     dx_ptr,
@@ -184,36 +191,46 @@ def _rms_norm_bwd_kernel(
     CAST: tl.constexpr,
     HAS_DRES: tl.constexpr,
     COMPUTE_DW: tl.constexpr,
+    LOAD_AHEAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """Persistent: program p handles tiles p, p + P, p + 2P, ... and writes row p of the dweight partials.
 
-    x (the normalized input) and dx are contiguous; dx may alias dy (in-place backward): every element
-    is read before it is written, by the same program. With HAS_DRES the gradient of the residual
-    stream is added to dx.
+    dx is contiguous and may alias dy (in-place backward): every element is read before it is
+    written, by the same program. With HAS_DRES the gradient of the residual stream is added to dx.
+    LOAD_AHEAD (tiles up to 8192 elements): the weight stays in registers and the loads of the next
+    tile are issued before this tile's math, so they are in flight while it is reduced and stored
+    (~125 registers: 2 programs of 8 warps per SM). Wider rows have no registers to spare for that
+    (the row itself is enough bytes in flight): the weight is reloaded per tile (L1/L2 hits).
     """
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < n_cols
     x_dtype = x_ptr.dtype.element_ty
-    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0)
-    w_eff = _effective_weight(w, offset, CAST, x_dtype)
     dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    # Software pipelining: the loads of the next tile are issued before this tile's math, so they are
-    # in flight while it is reduced and stored (only ~2 programs of 8 warps fit per SM at ~120 regs).
-    dy_next, x_next, rstd_next = _rms_norm_bwd_loads(
-        dy_ptr, dy_stride, x_ptr, rstd_ptr, pid, n_rows, n_cols, cols, col_ok, BLOCK_M
-    )
+    if LOAD_AHEAD:
+        w_eff = _effective_weight(tl.load(w_ptr + cols, mask=col_ok, other=0.0), offset, CAST, x_dtype)
+        dy_next, x_next, rstd_next = _rms_norm_bwd_loads(
+            dy_ptr, dy_stride, x_ptr, x_stride, rstd_ptr, pid, n_rows, cols, col_ok, BLOCK_M
+        )
     for tile in range(pid, tl.cdiv(n_rows, BLOCK_M), n_programs):
         rows, row_ok, mask = tile_rows(tile, n_rows, col_ok, BLOCK_M)
-        dy = dy_next.to(tl.float32)
-        x = x_next.to(tl.float32)
-        rstd = rstd_next
-        dy_next, x_next, rstd_next = _rms_norm_bwd_loads(  # masked off past the last tile
-            dy_ptr, dy_stride, x_ptr, rstd_ptr, tile + n_programs, n_rows, n_cols, cols, col_ok, BLOCK_M
-        )
+        if LOAD_AHEAD:
+            dy = dy_next
+            x = x_next
+            rstd = rstd_next
+            dy_next, x_next, rstd_next = _rms_norm_bwd_loads(  # masked off past the last tile
+                dy_ptr, dy_stride, x_ptr, x_stride, rstd_ptr, tile + n_programs, n_rows, cols, col_ok, BLOCK_M
+            )
+        else:
+            dy, x, rstd = _rms_norm_bwd_loads(
+                dy_ptr, dy_stride, x_ptr, x_stride, rstd_ptr, tile, n_rows, cols, col_ok, BLOCK_M
+            )
+            w_eff = _effective_weight(tl.load(w_ptr + cols, mask=col_ok, other=0.0), offset, CAST, x_dtype)
+        dy = dy.to(tl.float32)
+        x = x.to(tl.float32)
         if HAS_DRES:
             dres = tl.load(dres_ptr + rows[:, None] * dres_stride + cols[None, :], mask=mask, other=0.0)
         dx, dw_tile = _rms_norm_rows_backward(dy, x, w_eff, rstd, n_cols, CAST, x_dtype)
@@ -256,12 +273,26 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 or rows.shape[-1] == 1 else rows.contiguous()
 
 
+@functools.lru_cache(maxsize=None)
 def tile_config(n_cols: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps): a whole row per tile, narrow rows packed to `_TILE_ELEMENTS`."""
     block_n = triton.next_power_of_2(n_cols)
     block_m = max(1, _TILE_ELEMENTS // block_n)
     _, num_warps = _utils.row_launch_config(block_m * block_n)
     return block_m, block_n, num_warps
+
+
+@functools.lru_cache(maxsize=None)
+def backward_config(n_cols: int) -> tuple[int, int, int, bool, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, LOAD_AHEAD, programs per SM) of the persistent backward kernels.
+
+    They hold dy, x, the weight and the dweight accumulator (plus the next tile with LOAD_AHEAD) in
+    registers: ~125 per thread (sm_90), so 16 warps fill an SM's register file. A larger grid would
+    only run as a second wave and add partial rows to reduce.
+    """
+    block_m, block_n, num_warps = tile_config(n_cols)
+    load_ahead = block_m * block_n <= _LOAD_AHEAD_MAX_ELEMENTS
+    return block_m, block_n, num_warps, load_ahead, max(1, 16 // num_warps)
 
 
 def rms_norm_forward(
@@ -321,7 +352,8 @@ def rms_norm_backward(
     compute_dw: bool,
     dres: torch.Tensor | None = None,
 ):
-    """Launch the backward on (M, H) rows; x is the contiguous normalized input. Returns (dx, dw or None).
+    """Launch the backward on (M, H) rows (unit column stride); x is the normalized input. Returns
+    (dx, dw or None).
 
     dx has x's dtype. With `in_place`, dx is written into dy's buffer when dy is contiguous and of
     x's dtype (else into a new tensor). `dres` (the gradient of the residual stream) is added to dx.
@@ -331,8 +363,8 @@ def rms_norm_backward(
         dx = dy
     else:
         dx = _utils.new_output((n_rows, n_cols), x.dtype, x.device)
-    block_m, block_n, num_warps = tile_config(n_cols)
-    n_programs = _utils.num_programs_for_rows(triton.cdiv(n_rows, block_m), x.device)
+    block_m, block_n, num_warps, load_ahead, per_sm = backward_config(n_cols)
+    n_programs = _utils.num_programs_for_rows(triton.cdiv(n_rows, block_m), x.device, per_sm)
     partial = (
         _utils.new_output((n_programs, n_cols), torch.float32, x.device) if compute_dw else rstd
     )  # rstd stands in for the unused pointer
@@ -340,6 +372,7 @@ def rms_norm_backward(
         dy,
         dy.stride(0),
         x,
+        x.stride(0),
         weight,
         rstd,
         dx,
@@ -352,6 +385,7 @@ def rms_norm_backward(
         CAST=_CAST_CODES[casting_mode],
         HAS_DRES=dres is not None,
         COMPUTE_DW=compute_dw,
+        LOAD_AHEAD=load_ahead,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         num_warps=num_warps,
@@ -373,7 +407,7 @@ class RMSNormFunction(torch.autograd.Function):
         x2, weight, rstd = ctx.saved_tensors
         dx, dw = rms_norm_backward(
             as_rows(dy),
-            x2.contiguous(),
+            x2,
             weight,
             rstd,
             ctx.offset,
@@ -437,6 +471,70 @@ def rms_norm(
     """
     triton_path = _utils.use_triton(x, weight)
     check_rms_norm_args(x, weight, casting_mode, triton_path)
+    if _library.compiling():  # one graph node under torch.compile (in_place does not apply there)
+        return _rms_norm_op(x, weight, float(eps), float(offset), casting_mode)[0]
     if not triton_path or x.numel() == 0:
         return rms_norm_reference(x, weight, eps, offset, casting_mode)
     return RMSNormFunction.apply(x, weight, float(eps), float(offset), casting_mode, bool(in_place))
+
+
+# ---- torch.library ops: what torch.compile records (see liger_kernels/_library.py) ---------------
+
+
+def _rms_norm_fake(x, weight, eps, offset, casting_mode):
+    y_dtype = torch.promote_types(x.dtype, weight.dtype) if casting_mode == "llama" else x.dtype
+    return x.new_empty(x.shape, dtype=y_dtype), x.new_empty(x.numel() // x.shape[-1], dtype=torch.float32)
+
+
+@_library.custom_op("rms_norm", _rms_norm_fake)
+def _rms_norm_op(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, casting_mode: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, fp32 rstd per row)."""
+    if not _utils.use_triton(x, weight) or x.numel() == 0:
+        rstd = torch.rsqrt(x.float().pow(2).mean(-1) + eps).reshape(-1)
+        return rms_norm_reference(x, weight, eps, offset, casting_mode).contiguous(), rstd
+    y, rstd, _ = rms_norm_forward(as_rows(x), weight, eps, offset, casting_mode)
+    return y.view(x.shape), rstd
+
+
+def _rms_norm_backward_fake(dy, x, weight, rstd, eps, offset, casting_mode, compute_dw):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape) if compute_dw else _library.absent(weight)
+
+
+@_library.custom_op("rms_norm_backward", _rms_norm_backward_fake)
+def _rms_norm_backward_op(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    rstd: torch.Tensor,
+    eps: float,
+    offset: float,
+    casting_mode: str,
+    compute_dw: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dweight or a placeholder)."""
+    if not _utils.use_triton(x, weight) or x.numel() == 0:
+        dx, dw = _library.reference_vjp(
+            lambda x, w: rms_norm_reference(x, w, eps, offset, casting_mode), (x, weight), dy
+        )
+    else:
+        dx, dw = rms_norm_backward(
+            as_rows(dy), as_rows(x).contiguous(), weight, rstd, offset, casting_mode, False, compute_dw
+        )
+    return dx.reshape(x.shape).contiguous(), dw if compute_dw else _library.absent(weight)
+
+
+def _rms_norm_setup(ctx, inputs, output):
+    x, weight, *ctx.params = inputs
+    ctx.save_for_backward(x, weight, output[1])
+
+
+def _rms_norm_grad(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    compute_dw = ctx.needs_input_grad[1]
+    dx, dw = _rms_norm_backward_op(dy, x, weight, rstd, *ctx.params, compute_dw)
+    return dx, dw if compute_dw else None, None, None, None
+
+
+_rms_norm_op.register_autograd(_rms_norm_grad, setup_context=_rms_norm_setup)

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from liger_kernels import _library
 from liger_kernels._utils import (
     check_float,
     check_same_device,
@@ -40,33 +41,29 @@ _MAX_BLOCK_ELEMS = 4096
 
 
 @triton.jit
-def _rotate_heads(
-    x_ptr,
-    x_sh,
-    o_ptr,
-    o_sh,
-    n_heads,
-    cos_lo,
-    cos_hi,
-    sin_lo,
-    sin_hi,
-    d,
-    d_mask,
-    HALF: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+def _load_heads(x_ptr, x_sh, h0, d, d_mask, N_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Both halves (fp32) of heads h0 .. h0 + BLOCK_H - 1 of one token; x_ptr points at the token."""
+    h = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)
+    mask = (h < N_HEADS)[:, None] & d_mask[None, :]
+    ptrs = x_ptr + h[:, None] * x_sh + d[None, :]
+    x_lo = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    x_hi = tl.load(ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+    return x_lo, x_hi
+
+
+@triton.jit
+def _store_rotated(
+    o_ptr, o_sh, h0, x_lo, x_hi, cos_lo, cos_hi, sin_lo, sin_hi, d, d_mask,
+    N_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    # All heads of one token: x_ptr/o_ptr already point at (batch, token), heads are x_sh apart.
-    for h0 in range(0, n_heads, BLOCK_H):
-        h = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)
-        mask = (h < n_heads)[:, None] & d_mask[None, :]
-        x_lo_ptrs = x_ptr + h[:, None] * x_sh + d[None, :]
-        x_lo = tl.load(x_lo_ptrs, mask=mask, other=0.0).to(tl.float32)
-        x_hi = tl.load(x_lo_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
-        o_lo = x_lo * cos_lo[None, :] - x_hi * sin_lo[None, :]
-        o_hi = x_hi * cos_hi[None, :] + x_lo * sin_hi[None, :]
-        o_lo_ptrs = o_ptr + h[:, None] * o_sh + d[None, :]
-        tl.store(o_lo_ptrs, o_lo.to(o_ptr.dtype.element_ty), mask=mask)
-        tl.store(o_lo_ptrs + HALF, o_hi.to(o_ptr.dtype.element_ty), mask=mask)
+    """Rotate the halves loaded by `_load_heads` and store them at heads h0 .. of o_ptr's token."""
+    h = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)
+    mask = (h < N_HEADS)[:, None] & d_mask[None, :]
+    o_lo = x_lo * cos_lo[None, :] - x_hi * sin_lo[None, :]
+    o_hi = x_hi * cos_hi[None, :] + x_lo * sin_hi[None, :]
+    ptrs = o_ptr + h[:, None] * o_sh + d[None, :]
+    tl.store(ptrs, o_lo.to(o_ptr.dtype.element_ty), mask=mask)
+    tl.store(ptrs + HALF, o_hi.to(o_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -78,8 +75,6 @@ def _rope_kernel(
     cos_ptr,
     sin_ptr,
     seq_len,
-    n_qh,
-    n_kh,
     q_sb,
     q_st,
     q_sh,
@@ -96,10 +91,13 @@ def _rope_kernel(
     cos_st,
     sin_sb,
     sin_st,
+    N_QH: tl.constexpr,
+    N_KH: tl.constexpr,
     HALF: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_QH: tl.constexpr,
     BLOCK_KH: tl.constexpr,
+    N_STEPS: tl.constexpr,
     BACKWARD: tl.constexpr,
 ):
     # One program per token (batch, position): cos/sin are loaded once and applied to every q and k head.
@@ -121,41 +119,37 @@ def _rope_kernel(
         sin_lo = tl.load(s_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
         sin_hi = tl.load(s_ptr + HALF + d, mask=d_mask, other=0.0).to(tl.float32)
 
-    _rotate_heads(
-        q_ptr + b * q_sb + t * q_st,
-        q_sh,
-        qo_ptr + b * qo_sb + t * qo_st,
-        qo_sh,
-        n_qh,
-        cos_lo,
-        cos_hi,
-        sin_lo,
-        sin_hi,
-        d,
-        d_mask,
-        HALF,
-        BLOCK_QH,
-    )
-    _rotate_heads(
-        k_ptr + b * k_sb + t * k_st,
-        k_sh,
-        ko_ptr + b * ko_sb + t * ko_st,
-        ko_sh,
-        n_kh,
-        cos_lo,
-        cos_hi,
-        sin_lo,
-        sin_hi,
-        d,
-        d_mask,
-        HALF,
-        BLOCK_KH,
-    )
+    # Head blocks are unrolled (head counts are compile-time constants, one pair per model); in each
+    # step the loads of q and k are issued before any store (the compiler may not move a load past a
+    # store that could alias it), so a token's whole input is in flight at once.
+    q_in = q_ptr + b * q_sb + t * q_st
+    k_in = k_ptr + b * k_sb + t * k_st
+    q_out = qo_ptr + b * qo_sb + t * qo_st
+    k_out = ko_ptr + b * ko_sb + t * ko_st
+    for i in tl.static_range(N_STEPS):
+        if i * BLOCK_QH < N_QH:
+            q_lo, q_hi = _load_heads(q_in, q_sh, i * BLOCK_QH, d, d_mask, N_QH, HALF, BLOCK_QH)
+        if i * BLOCK_KH < N_KH:
+            k_lo, k_hi = _load_heads(k_in, k_sh, i * BLOCK_KH, d, d_mask, N_KH, HALF, BLOCK_KH)
+        if i * BLOCK_QH < N_QH:
+            _store_rotated(q_out, qo_sh, i * BLOCK_QH, q_lo, q_hi, cos_lo, cos_hi, sin_lo, sin_hi, d, d_mask,
+                           N_QH, HALF, BLOCK_QH)
+        if i * BLOCK_KH < N_KH:
+            _store_rotated(k_out, ko_sh, i * BLOCK_KH, k_lo, k_hi, cos_lo, cos_hi, sin_lo, sin_hi, d, d_mask,
+                           N_KH, HALF, BLOCK_KH)
 
 
 def _new_like(t: torch.Tensor) -> torch.Tensor:
     """Output with t's memory order (a transposed view's output stays transposed); NaN in poison mode."""
     out = torch.empty_like(t, memory_format=torch.preserve_format)
+    if poison_enabled():
+        out.fill_(float("nan"))
+    return out
+
+
+def _new_strided(shape, strides, like: torch.Tensor) -> torch.Tensor:
+    """Output with the given strides (dense: those of a tensor the forward allocated); NaN in poison mode."""
+    out = torch.empty_strided(shape, strides, dtype=like.dtype, device=like.device)
     if poison_enabled():
         out.fill_(float("nan"))
     return out
@@ -169,12 +163,21 @@ def _bth_strides(t: torch.Tensor, seq_dim: int, head_dim: int) -> tuple[int, int
     return t.stride(0), t.stride(seq_dim), t.stride(head_dim)
 
 
-def _rope_launch(q, k, cos, sin, seq_dim: int, head_dim: int, backward: bool):
-    """Rotate q and k (or their gradients when backward=True) in one launch; returns new tensors."""
+def _rope_launch(q, k, cos, sin, seq_dim: int, head_dim: int, backward: bool, out_strides=None):
+    """Rotate q and k (or their gradients when backward=True) in one launch; returns new tensors.
+
+    The outputs have the memory order of q and k, or the strides `out_strides` = (q_out strides,
+    k_out strides) when given: the backward writes dq, dk in the layout of the forward's q and k, so
+    that autograd hands them on through the transpose/view back to the projections without a copy
+    (the upstream gradients usually arrive in the (B, H, T, D) order of the attention's inputs).
+    """
     q = _last_dim_contiguous(q)
     k = _last_dim_contiguous(k)
-    q_out = _new_like(q)
-    k_out = _new_like(k)
+    if out_strides is None:
+        q_out, k_out = _new_like(q), _new_like(k)
+    else:
+        q_out = _new_strided(q.shape, out_strides[0], q)
+        k_out = _new_strided(k.shape, out_strides[1], k)
     batch, seq_len, dim = q.shape[0], q.shape[seq_dim], q.shape[-1]
     n_qh, n_kh = q.shape[head_dim], k.shape[head_dim]
     n_tokens = batch * seq_len
@@ -197,8 +200,6 @@ def _rope_launch(q, k, cos, sin, seq_dim: int, head_dim: int, backward: bool):
         cos,
         sin,
         seq_len,
-        n_qh,
-        n_kh,
         *_bth_strides(q, seq_dim, head_dim),
         *_bth_strides(k, seq_dim, head_dim),
         *_bth_strides(q_out, seq_dim, head_dim),
@@ -207,10 +208,13 @@ def _rope_launch(q, k, cos, sin, seq_dim: int, head_dim: int, backward: bool):
         cos.stride(1),
         sin_sb,
         sin.stride(1),
+        N_QH=n_qh,
+        N_KH=n_kh,
         HALF=half,
         BLOCK_D=block_d,
         BLOCK_QH=block_qh,
         BLOCK_KH=block_kh,
+        N_STEPS=max(triton.cdiv(n_qh, block_qh), triton.cdiv(n_kh, block_kh)),
         BACKWARD=backward,
         num_warps=num_warps,
     )
@@ -226,13 +230,17 @@ class RoPEFunction(torch.autograd.Function):
         sin = _last_dim_contiguous(sin)
         ctx.save_for_backward(cos, sin)
         ctx.dims = (seq_dim, head_dim)
-        return _rope_launch(q, k, cos, sin, seq_dim, head_dim, backward=False)
+        q_embed, k_embed = _rope_launch(q, k, cos, sin, seq_dim, head_dim, backward=False)
+        ctx.out_strides = (q_embed.stride(), k_embed.stride())  # q's and k's memory order
+        return q_embed, k_embed
 
     @staticmethod
     def backward(ctx, dq_embed, dk_embed):
         cos, sin = ctx.saved_tensors
         seq_dim, head_dim = ctx.dims
-        dq, dk = _rope_launch(dq_embed, dk_embed, cos, sin, seq_dim, head_dim, backward=True)
+        dq, dk = _rope_launch(
+            dq_embed, dk_embed, cos, sin, seq_dim, head_dim, backward=True, out_strides=ctx.out_strides
+        )
         return dq, dk, None, None, None, None
 
 
@@ -298,6 +306,47 @@ def rope(q, k, cos, sin, unsqueeze_dim: int = 1):
     """
     seq_dim, head_dim = _check_rope_inputs(q, k, cos, sin, unsqueeze_dim)
     cos_needs_grad = torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)
+    if _library.compiling() and not cos_needs_grad:  # one graph node under torch.compile
+        return _rope_op(q, k, cos, sin, unsqueeze_dim, False)
     if not use_triton(q, k, cos, sin) or cos_needs_grad:
         return rope_reference(q, k, cos, sin, unsqueeze_dim)
     return RoPEFunction.apply(q, k, cos, sin, seq_dim, head_dim)
+
+
+# ---- torch.library ops: what torch.compile records (see liger_kernels/_library.py) ---------------
+
+
+def _out_like(t: torch.Tensor) -> torch.Tensor:
+    """An output with the layout the kernel path gives (`_new_like` of the last-dim-contiguous input)."""
+    return torch.empty_like(_last_dim_contiguous(t), memory_format=torch.preserve_format)
+
+
+@_library.custom_op("rope", lambda q, k, cos, sin, unsqueeze_dim, backward: (_out_like(q), _out_like(k)))
+def _rope_op(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int, backward: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q_embed, k_embed); with backward=True the transposed rotation of the gradients (dq, dk)."""
+    if not use_triton(q, k, cos, sin):
+        rotate = lambda q, k: rope_reference(q, k, cos, sin, unsqueeze_dim)  # noqa: E731
+        # The map is linear: its transpose at any point (here the gradients themselves) is the backward.
+        outs = _library.reference_vjp(rotate, (q, k), (q, k)) if backward else rotate(q, k)
+        q_out, k_out = _out_like(q), _out_like(k)
+        return q_out.copy_(outs[0]), k_out.copy_(outs[1])
+    seq_dim, head_dim = (2, 1) if unsqueeze_dim in (1, -3) else (1, 2)
+    return _rope_launch(
+        q, k, _last_dim_contiguous(cos), _last_dim_contiguous(sin), seq_dim, head_dim, backward
+    )
+
+
+def _rope_setup(ctx, inputs, output):
+    _, _, cos, sin, ctx.unsqueeze_dim, _ = inputs
+    ctx.save_for_backward(cos, sin)
+
+
+def _rope_grad(ctx, dq_embed, dk_embed):
+    cos, sin = ctx.saved_tensors
+    dq, dk = _rope_op(dq_embed, dk_embed, cos, sin, ctx.unsqueeze_dim, True)
+    return dq, dk, None, None, None, None
+
+
+_rope_op.register_autograd(_rope_grad, setup_context=_rope_setup)

@@ -43,6 +43,11 @@ except ImportError:  # older 5.x: int (keep the last n; 0 keeps all) or a 1-D te
 
 
 _DEFAULT_LOSS = LOSS_MAPPING["ForCausalLM"]
+# Field names of the output classes, read once here: torch.compile cannot trace dataclasses.fields.
+_OUTPUT_FIELDS = {
+    cls: frozenset(f.name for f in dataclasses.fields(cls))
+    for cls in (CausalLMOutputWithPast, MoeCausalLMOutputWithPast)
+}
 
 
 def make_causal_lm_forward(traits: ArchitectureTraits, original):
@@ -114,9 +119,8 @@ def _fused_loss_forward(self, traits: ArchitectureTraits, aux_loss_fn, kwargs: d
             fields["loss"] = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
     # The base model's other outputs (cache, hidden_states, attentions, router_logits) by name, so the
     # cache field is right whichever name this transformers version gives it.
-    names = {f.name for f in dataclasses.fields(output_class)}
     for name, value in outputs.items():
-        if name in names and name not in fields and name != "last_hidden_state":
+        if name in _OUTPUT_FIELDS[output_class] and name not in fields and name != "last_hidden_state":
             fields[name] = value
     output = output_class(**fields)
     return output if return_dict else output.to_tuple()

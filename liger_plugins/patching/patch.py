@@ -154,7 +154,7 @@ def patch_instance(model: nn.Module, traits: ArchitectureTraits, options: Kernel
                     f"refusing to patch module {path!r} ({type(module).__name__}) of a "
                     f"{traits.model_type!r} model: {reason}"
                 )
-            if role == "norm" and module.weight.dim() != 1:
+            if role == "norm" and len(_shape(module.weight)) != 1:
                 continue  # per-head norm weight: keeps its own forward
             unsupported = _unsupported_activation(role, module, traits)
             if unsupported:
@@ -241,12 +241,18 @@ def _skip(summary: PatchSummary, message: str) -> None:
         summary.skipped.append(message)
 
 
+def _shape(param: nn.Parameter):
+    """The parameter's logical shape: a DeepSpeed ZeRO-3 partitioned one (built under `zero.Init`)
+    is an empty 1-D tensor whose real shape is `ds_shape`."""
+    return getattr(param, "ds_shape", None) or param.shape
+
+
 def _check_module(role: str, module: nn.Module, traits: ArchitectureTraits) -> str | None:
     """Why `module` does not have the layout its replacement forward reads, or None if it does."""
     if role == "norm":
         weight = getattr(module, "weight", None)
         # 2-D: per-head weights (Cohere's q/k norms), which keep their own forward
-        if not isinstance(weight, nn.Parameter) or weight.dim() not in (1, 2):
+        if not isinstance(weight, nn.Parameter) or len(_shape(weight)) not in (1, 2):
             return "expected a 1-D `weight` parameter"
         eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
         if not isinstance(eps, (int, float)):
@@ -267,7 +273,7 @@ def _check_module(role: str, module: nn.Module, traits: ArchitectureTraits) -> s
         return None
     if role == "experts":
         weight = getattr(module, "gate_up_proj", None)
-        if not isinstance(weight, nn.Parameter) or weight.dim() != 3 or weight.shape[1] % 2:
+        if not isinstance(weight, nn.Parameter) or len(_shape(weight)) != 3 or _shape(weight)[1] % 2:
             return "expected a 3-D `gate_up_proj` parameter (experts, 2 * intermediate, hidden)"
         if not callable(getattr(module, "act_fn", None)):
             return "expected an activation module `act_fn`"
@@ -299,9 +305,9 @@ def _check_causal_lm(model: nn.Module, traits: ArchitectureTraits) -> None:
         )
     hidden = getattr(model.config, "hidden_size", None)
     weight = getattr(lm_head, "weight", None)
-    if isinstance(lm_head, nn.Linear) and hidden is not None and weight.shape[1] != hidden:
+    if isinstance(lm_head, nn.Linear) and hidden is not None and _shape(weight)[1] != hidden:
         raise ValueError(
-            f"refusing to patch {type(model).__name__}: lm_head weight {tuple(weight.shape)} does not "
+            f"refusing to patch {type(model).__name__}: lm_head weight {tuple(_shape(weight))} does not "
             f"take hidden_size {hidden}"
         )
 

@@ -116,6 +116,21 @@ def test_vocab_sizes(n_cols, dtype, device):
     check(logits, target, dtype, label_smoothing=0.1, lse_square_scale=1e-3)
 
 
+@pytest.mark.parametrize(
+    "programs_per_sm, hints, warps, stages", [(2, True, 0, 2), (1, False, 4, 3), (0, False, 8, 1)]
+)
+def test_launch_knobs(programs_per_sm, hints, warps, stages, device, small_blocks, monkeypatch):
+    # Persistent grid (fewer programs than rows, each looping over rows; on CPU one "SM"), L2 hints
+    # off, other warp counts, pipelined loops: same results, in place and not, ignored rows included.
+    monkeypatch.setattr(ce_module, "CE_PROGRAMS_PER_SM", programs_per_sm)
+    monkeypatch.setattr(ce_module, "CE_L2_HINTS", hints)
+    monkeypatch.setattr(ce_module, "CE_NUM_WARPS", warps)
+    monkeypatch.setattr(ce_module, "CE_STAGES", stages)
+    logits, target = make_inputs((7, 70), device, torch.bfloat16, n_ignored=2)
+    check(logits, target, torch.bfloat16, label_smoothing=0.1, lse_square_scale=1e-3)
+    check(logits, target, torch.bfloat16, "none", in_place=True, softcap=5.0)
+
+
 def test_many_blocks_one_row(device, small_blocks):
     # One row, 1000 columns in 32 blocks (the last one holds 8 columns).
     logits, target = make_inputs((1, 1000), device, torch.float32, n_ignored=0)
@@ -264,11 +279,16 @@ def test_errors(device):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("persistent", [False, True])
 @pytest.mark.parametrize("in_place", [False, True])
-def test_llama3_vocab_gpu(in_place, device):
+def test_llama3_vocab_gpu(in_place, persistent, device, monkeypatch):
     if device != "cuda":
         pytest.skip("real-size check; run with LIGER_TEST_DEVICE=cuda")
     # Real size: 4096 rows of Llama-3 logits in bf16, vs float64 torch; in place adds no memory.
+    # persistent: one program per SM looping over ~30 rows, with pipelined vocabulary loops.
+    if persistent:
+        monkeypatch.setattr(ce_module, "CE_PROGRAMS_PER_SM", 1)
+        monkeypatch.setattr(ce_module, "CE_STAGES", 2)
     logits, target = make_inputs((4096, 128256), device, torch.bfloat16, n_ignored=100)
     kw = dict(label_smoothing=0.1, lse_square_scale=1e-4)
     check(logits, target, torch.bfloat16, in_place=in_place, **kw)

@@ -36,19 +36,19 @@ def _check(x, residual, weight, dy, dres, mode, offset=0.0, eps=1e-6, in_place=F
     )
 
     x64, r64, w64 = (t.detach().double().cpu().requires_grad_() for t in (x, residual, weight))
-    s_dtype = torch.promote_types(x.dtype, residual.dtype)
-    # The op normalizes x + residual rounded to s_dtype (the new_residual it returns), so the float64
-    # specification rounds the sum too (gradient through the rounding taken as identity). Normalizing
-    # the exact float64 sum instead shifts dweight by ~sqrt(rows) * 2**-9 over many bf16 rows (0.4 at
-    # 4096 rows), more than any reduction tolerance absorbs.
     s64 = r64 + x64
-    s64 = s64 + (s64.detach().to(s_dtype).double() - s64.detach())
-    y64 = rms_norm_reference(s64, w64, eps, offset, mode)
+    # y is rms_norm of new_residual, the sum rounded to its dtype: normalize that value (the gradient
+    # through the rounding taken as identity). Normalizing the exact float64 sum instead shifts dweight
+    # by ~sqrt(rows) * 2**-9 over many bf16 rows (0.4 at 4096 rows), more than a reduction tolerance
+    # absorbs. new_residual itself is checked against the exact sum below.
+    normed64 = s64 + (new_residual.detach().double().cpu() - s64.detach())
+    y64 = rms_norm_reference(normed64, w64, eps, offset, mode)
     torch.autograd.backward(
         [t for t, g in ((y64, dy), (s64, dres)) if g is not None],
         [g.double().cpu() for g in (dy, dres) if g is not None],
     )
 
+    s_dtype = torch.promote_types(x.dtype, residual.dtype)
     assert new_residual.dtype == s_dtype and new_residual.shape == x.shape
     assert y.dtype == (torch.promote_types(s_dtype, weight.dtype) if mode == "llama" else s_dtype)
     tol_dtype = x.dtype if x.dtype != torch.float32 else residual.dtype

@@ -86,7 +86,7 @@ def check(x, w, target, dtype, reduction="mean", grad_scale=1.0, requires=(True,
                                       chunk_size=kw.pop("chunk_size", CHUNK), **kw)
     kw.pop("accum_dtype", None)
     loss64 = truth(leaves64[0], leaves64[1], target, leaves64[2], reduction=reduction, **kw)
-    assert loss.dtype == dtype and loss.shape == loss64.shape
+    assert loss.dtype == torch.float32 and loss.shape == loss64.shape  # fp32 whatever the input
     assert_close(loss, loss64, dtype, reduction=True, name="loss")
     if not any(t is not None and t.requires_grad for t in leaves):
         return
@@ -189,7 +189,7 @@ def test_autocast(device):
     loss.backward()
     x64, w64 = x.bfloat16().double().requires_grad_(), w.bfloat16().double().requires_grad_()
     truth(x64, w64, target).backward()
-    assert loss.dtype == torch.bfloat16 and xl.grad.dtype == wl.grad.dtype == torch.float32
+    assert loss.dtype == torch.float32 and xl.grad.dtype == wl.grad.dtype == torch.float32
     assert_close(loss, truth(x64, w64, target), torch.bfloat16, reduction=True, name="loss")
     assert_close(xl.grad, x64.grad, torch.bfloat16, name="dinput")
     assert_close(wl.grad, w64.grad, torch.bfloat16, reduction=True, name="dweight")
@@ -204,6 +204,46 @@ def test_reference_path(case, dtype, device, monkeypatch):
     for reduction in REDUCTIONS:
         check(x, w, target, dtype, reduction, **dict(kw))
     check(x, w, target, dtype, "sum", num_items_in_batch=5, **dict(kw))
+
+
+@pytest.mark.parametrize("dw_first", [False, True])
+@pytest.mark.parametrize("dw_stream", [False, True])
+def test_schedule_knobs(dw_first, dw_stream, device, monkeypatch):
+    # GEMM order and the second stream for dW give the same loss and gradients; several chunks so
+    # that the stream hand-offs between chunks matter.
+    if dw_stream and device != "cuda":
+        pytest.skip("the second stream exists on CUDA only (elsewhere the flag has no effect)")
+    monkeypatch.setattr(flce_module, "DW_FIRST", dw_first)
+    monkeypatch.setattr(flce_module, "DW_STREAM", dw_stream)
+    x, w, target, kw = make_inputs(device, torch.bfloat16, "everything")
+    check(x, w, target, torch.bfloat16, grad_scale=1.5, **kw)
+    x, w, target, kw = make_inputs(device, torch.float32, "bias")
+    check(x, w, target, torch.float32, "none", **kw)
+
+
+@pytest.mark.parametrize("split", [0, 1, 3])
+@pytest.mark.parametrize("shape", [(4, 37, 40), (1, 16, 16), (20, 100, 7)])
+def test_triton_grad_input(shape, split, device, monkeypatch):
+    # The split-K dX GEMM alone: ragged M, N and K tails, one or several K ranges (0: automatic).
+    monkeypatch.setattr(flce_module, "DX_TRITON", True)
+    monkeypatch.setattr(flce_module, "DX_CONFIG", (16, 16, 16, 4, 1))
+    monkeypatch.setattr(flce_module, "DX_SPLIT", split)
+    rows, vocab, hidden = shape
+    for dtype in (torch.bfloat16, torch.float16):
+        g = torch.randn(rows, vocab, device=device).to(dtype)
+        w = torch.randn(vocab, hidden, device=device).to(dtype)
+        out = torch.full((rows + 2, hidden), float("nan"), device=device, dtype=dtype)
+        flce_module._grad_input(out[1:-1], g, w)  # rows of a bigger buffer, as the dX chunks are
+        assert out[0].isnan().all() and out[-1].isnan().all()
+        assert_close(out[1:-1], g.double() @ w.double(), dtype, reduction=True, name="dx")
+
+
+def test_triton_grad_input_in_the_loss(device, monkeypatch):
+    monkeypatch.setattr(flce_module, "DX_TRITON", True)
+    monkeypatch.setattr(flce_module, "DX_CONFIG", (16, 16, 16, 4, 1))
+    monkeypatch.setattr(flce_module, "DX_SPLIT", 2)
+    x, w, target, kw = make_inputs(device, torch.bfloat16, "everything", hidden=40)
+    check(x, w, target, torch.bfloat16, grad_scale=0.7, **kw)
 
 
 def test_chunk_rows():
@@ -258,10 +298,14 @@ def test_errors(device):
 
 
 @pytest.mark.gpu
-def test_parity_gpu(device):
+@pytest.mark.parametrize("knobs", [{}, {"DW_STREAM": True}, {"DX_TRITON": True}])
+def test_parity_gpu(knobs, device, monkeypatch):
     if device != "cuda":
         pytest.skip("real-size check; run with LIGER_TEST_DEVICE=cuda")
-    # Several automatic chunks of a real vocabulary, bf16, against float64 materialized logits.
+    # Several automatic chunks of a real vocabulary, bf16, against float64 materialized logits;
+    # default schedule, dW on a second stream, Triton split-K dX.
+    for name, value in knobs.items():
+        monkeypatch.setattr(flce_module, name, value)
     x, w, target, kw = make_inputs(device, torch.bfloat16, "plain", (2048,), 1024, 128256)
     check(x, w, target, torch.bfloat16, chunk_size=None, label_smoothing=0.1)
     check(x, w, target, torch.bfloat16, chunk_size=384, accum_dtype=torch.float32)

@@ -80,6 +80,25 @@ def test_rope_matches_float64(case, dtype, device):
     assert q_embed.stride() == q.stride()
 
 
+@pytest.mark.parametrize("unsqueeze_dim", [1, 2])
+def test_rope_gradients_keep_the_input_layout(unsqueeze_dim, device):
+    # q, k are views of (B, T, H, D) projections; the upstream gradients arrive contiguous in the
+    # op's logical order. dq, dk come back in q's and k's memory order, so that autograd passes them
+    # on to the projections without a copy (a layout mismatch costs a copy at every view/leaf).
+    q = _qk(2, 5, 4, 8, unsqueeze_dim, True, device, torch.float32).requires_grad_()
+    k = _qk(2, 5, 2, 8, unsqueeze_dim, True, device, torch.float32).requires_grad_()
+    cos, sin = _hf_cos_sin(1, 5, 8, device)
+    q_embed, k_embed = rope(q, k, cos, sin, unsqueeze_dim)
+    grads = (torch.randn(q.shape, device=device), torch.randn(k.shape, device=device))
+    dq, dk = torch.autograd.grad((q_embed, k_embed), (q, k), grads)
+    assert dq.stride() == q.stride() and dk.stride() == k.stride()
+    q64, k64 = (t.detach().double().requires_grad_() for t in (q, k))
+    expected = torch.autograd.grad(rope_reference(q64, k64, cos.double(), sin.double(), unsqueeze_dim), (q64, k64),
+                                   tuple(g.double() for g in grads))
+    assert_close(dq, expected[0], torch.float32, name="dq")
+    assert_close(dk, expected[1], torch.float32, name="dk")
+
+
 def test_rope_matches_hugging_face(device):
     modeling_llama = pytest.importorskip("transformers.models.llama.modeling_llama")
     q = _qk(2, 6, 4, 16, 1, True, device, torch.float32)

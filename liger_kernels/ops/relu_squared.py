@@ -1,0 +1,70 @@
+"""ReLU squared (Primer, Nemotron MLPs): y = relu(x)^2, dx = 2 * relu(x) * dy.
+
+Math in fp32, outputs in x's dtype. Rows in 2-D tiles (`_tiles`), one pass each way; the forward
+saves only x and the backward recomputes relu(x). New outputs; nothing is written in place.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from liger_kernels._utils import check_float, new_output, use_triton
+from liger_kernels.ops._tiles import as_rows, tile_config, tile_offsets
+
+
+@triton.jit
+def _relu_squared_fwd_kernel(x_ptr, x_stride, y_ptr, n_rows, n_cols,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows, cols, mask = tile_offsets(n_rows, n_cols, BLOCK_M, BLOCK_N)
+    r = tl.maximum(tl.load(x_ptr + rows * x_stride + cols, mask=mask, other=0.0).to(tl.float32), 0.0)
+    tl.store(y_ptr + rows * n_cols + cols, (r * r).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _relu_squared_bwd_kernel(dy_ptr, dy_stride, x_ptr, x_stride, dx_ptr, n_rows, n_cols,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows, cols, mask = tile_offsets(n_rows, n_cols, BLOCK_M, BLOCK_N)
+    dy = tl.load(dy_ptr + rows * dy_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    r = tl.maximum(tl.load(x_ptr + rows * x_stride + cols, mask=mask, other=0.0).to(tl.float32), 0.0)
+    tl.store(dx_ptr + rows * n_cols + cols, (2.0 * r * dy).to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+class ReLUSquaredFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        x2 = as_rows(x)
+        n_rows, n_cols = x2.shape
+        y = new_output((n_rows, n_cols), x.dtype, x.device)
+        grid, block_m, block_n, num_warps = tile_config(n_rows, n_cols)
+        _relu_squared_fwd_kernel[grid](x2, x2.stride(0), y, n_rows, n_cols,
+                                       BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+        ctx.save_for_backward(x2)
+        ctx.x_shape = x.shape
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x2,) = ctx.saved_tensors
+        dy2 = as_rows(dy)
+        n_rows, n_cols = x2.shape
+        dx = new_output((n_rows, n_cols), x2.dtype, x2.device)
+        grid, block_m, block_n, num_warps = tile_config(n_rows, n_cols)
+        _relu_squared_bwd_kernel[grid](dy2, dy2.stride(0), x2, x2.stride(0), dx, n_rows, n_cols,
+                                       BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+        return dx.view(ctx.x_shape)
+
+
+def relu_squared_reference(x: torch.Tensor) -> torch.Tensor:
+    """The specification: relu(x)^2 in fp32 (fp64 for fp64 inputs), x's dtype out."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    return torch.relu(x.to(compute)).square().to(x.dtype)
+
+
+def relu_squared(x: torch.Tensor) -> torch.Tensor:
+    """relu(x)^2 elementwise."""
+    check_float("x", x)
+    if not use_triton(x) or x.numel() == 0:
+        return relu_squared_reference(x)
+    return ReLUSquaredFunction.apply(x.unsqueeze(0) if x.dim() == 0 else x).view(x.shape)

@@ -1,0 +1,224 @@
+"""torch.compile through the ops registered with torch.library (liger_kernels/_library.py).
+
+Patched tiny models of three families compile to one graph in which every kernel is a single
+`torch.ops.liger.*` node, with the loss and gradients of the eager patched model; explain() finds no
+graph break in our code; a decoder layer compiles with fullgraph=True under Inductor; new sequence
+lengths reuse the first (dynamic) compilation; each op passes torch.library.opcheck (schema, fake
+implementation vs the real one, autograd registration, AOT dispatch with dynamic shapes).
+
+Compiling is slow on CPU (Inductor's C++ code generation above all), so the model tests use the
+aot_eager backend (Dynamo + AOTAutograd: every fake implementation and autograd formula is traced)
+and one test runs Inductor. Inside the ops the kernels run under the Triton interpreter (the CUDA code
+path) unless a test switches to the reference dispatch.
+"""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import liger_kernels._utils
+from liger_kernels import functional as LF
+from liger_plugins.patching import apply_liger, unpatch
+from tests.patching.patching_helpers import batch, tiny_config
+from tests.tolerances import assert_model_close
+
+FAMILIES = ["llama", "qwen3", "gemma2"]
+# The kernels a default patch of these families puts into the training graph.
+PATCHED_OPS = {"rms_norm", "rope", "glu", "fused_linear_cross_entropy"}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def reference_dispatch(monkeypatch):
+    """CPU tensors run the torch reference inside the ops (no interpreter)."""
+    monkeypatch.setattr(liger_kernels._utils, "INTERPRET", False)
+
+
+@pytest.fixture
+def patched(device):
+    """patched(model_type) -> a tiny model with the default liger patch, unpatched at the end."""
+    models = []
+
+    def build(model_type):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(tiny_config(model_type)).to(device)
+        apply_liger(model)
+        models.append(model)
+        return model
+
+    yield build
+    for model in models:
+        unpatch(model)
+
+
+class RecordingBackend:
+    """torch.compile backend: keeps every graph Dynamo hands over, then compiles it with aot_eager."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    def liger_ops(self):
+        """Names of the liger custom ops called in the recorded graphs."""
+        return {
+            str(node.target).split(".")[1]
+            for gm in self.graphs
+            for node in gm.graph.nodes
+            if str(node.target).startswith("liger.")
+        }
+
+
+def model_batch(model, **kwargs):
+    """input_ids and labels for `model`, on its device."""
+    device = model.lm_head.weight.device
+    return [t.to(device) for t in batch(model.config.vocab_size, **kwargs)]
+
+
+def train_step(model, ids, labels, compiled=None):
+    """(loss, {parameter name: gradient}) of one forward/backward of `model` (run through `compiled`,
+    its torch.compile wrapper, if given); gradients are reset."""
+    loss = (model if compiled is None else compiled)(input_ids=ids, labels=labels).loss
+    loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def assert_same_step(actual, expected):
+    (loss, grads), (loss_ref, grads_ref) = actual, expected
+    assert_model_close(loss, loss_ref, torch.float32, "loss")
+    assert grads.keys() == grads_ref.keys()
+    for name, grad in grads_ref.items():
+        assert grad is not None, name
+        assert_model_close(grads[name], grad, torch.float32, name)
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_patched_model_compiles_to_one_graph_like_eager(patched, model_type):
+    model = patched(model_type)
+    ids, labels = model_batch(model)
+    eager = train_step(model, ids, labels)
+
+    backend = RecordingBackend()
+    compiled = train_step(model, ids, labels, torch.compile(model, backend=backend))
+    assert len(backend.graphs) == 1  # no graph break anywhere in the model
+    assert backend.liger_ops() == PATCHED_OPS
+    assert_same_step(compiled, eager)
+
+
+def test_explain_finds_no_graph_break_in_our_code(patched):
+    model = patched("gemma2")  # softcapped loss, offset norms, geglu: the most patched code paths
+    ids, labels = model_batch(model)
+    explanation = torch._dynamo.explain(model)(input_ids=ids, labels=labels)
+    ours = [
+        reason
+        for reason in explanation.break_reasons
+        if any("liger_kernels" in frame.filename or "liger_plugins" in frame.filename for frame in reason.user_stack)
+    ]
+    assert not ours, "\n".join(reason.reason for reason in ours)
+
+
+def test_decoder_layer_fullgraph_inductor(patched, reference_dispatch, device):
+    model = patched("llama")
+    layer = model.model.layers[0]
+    torch.manual_seed(1)
+    hidden = torch.randn(2, 6, model.config.hidden_size, device=device)
+    position_ids = torch.arange(6, device=device).expand(2, -1)
+    cos_sin = model.model.rotary_emb(hidden, position_ids)
+
+    def step(fn):
+        x = hidden.clone().requires_grad_()
+        out = fn(x, position_ids=position_ids, position_embeddings=cos_sin)
+        out.pow(2).sum().backward()
+        grads = {name: p.grad for name, p in layer.named_parameters()}
+        layer.zero_grad(set_to_none=True)
+        return out.detach(), x.grad, grads
+
+    out_ref, dx_ref, grads_ref = step(layer)
+    out, dx, grads = step(torch.compile(layer, fullgraph=True))  # Inductor
+    assert_model_close(out, out_ref, torch.float32, "output")
+    assert_model_close(dx, dx_ref, torch.float32, "d hidden_states")
+    for name, grad in grads_ref.items():
+        assert_model_close(grads[name], grad, torch.float32, name)
+
+
+def test_new_sequence_lengths_do_not_recompile(patched):
+    model = patched("llama")
+    backend = RecordingBackend()
+    compiled = torch.compile(model, backend=backend)
+    for seq in (8, 11, 16):
+        ids, labels = model_batch(model, seq=seq)
+        torch._dynamo.mark_dynamic(ids, 1)
+        torch._dynamo.mark_dynamic(labels, 1)
+        step = train_step(model, ids, labels, compiled)
+    assert len(backend.graphs) == 1
+    assert_same_step(step, train_step(model, ids, labels))
+
+
+def test_cross_entropy_under_compile(device):
+    """in_place does not apply under compile (the logits stay intact); a bad target still fails,
+    through the device-side assert (no host sync, no graph break)."""
+    logits = torch.randn(6, 11, device=device, requires_grad=True)
+    target = torch.tensor([1, 2, -100, 4, 10, 0], device=device)
+
+    def loss_fn(x, t):
+        return LF.cross_entropy(x * 2, t, label_smoothing=0.1, in_place=True)
+
+    expected = loss_fn(logits, target)
+    (dx_ref,) = torch.autograd.grad(expected, logits)
+    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
+    loss = compiled(logits, target)
+    (dx,) = torch.autograd.grad(loss, logits)
+    assert_model_close(loss, expected, torch.float32, "loss")
+    assert_model_close(dx, dx_ref, torch.float32, "dlogits")
+    if device == "cpu":  # on CUDA a failed device-side assert poisons the context
+        with pytest.raises(RuntimeError, match="target values must be in"):
+            compiled(logits, torch.tensor([1, 2, -100, 4, 11, 0]))
+
+
+def _opcheck_cases(device):
+    def _r(*shape, grad=True):
+        return torch.randn(*shape, device=device, requires_grad=grad)
+
+    target = torch.tensor([1, 2, -100, 4, 10], device=device)
+    ops = torch.ops.liger
+    return {
+        "rms_norm": lambda: (ops.rms_norm, (_r(3, 8), _r(8), 1e-6, 0.0, "llama")),
+        "fused_add_rms_norm": lambda: (ops.fused_add_rms_norm, (_r(3, 8), _r(3, 8), _r(8), 1e-6, 1.0, "gemma")),
+        "layer_norm": lambda: (ops.layer_norm, (_r(3, 8), _r(8), _r(8), 1e-5)),
+        "glu": lambda: (ops.glu, (_r(3, 8), _r(3, 8), 1)),
+        "rope": lambda: (
+            ops.rope,
+            (_r(2, 4, 3, 8), _r(2, 2, 3, 8), _r(1, 3, 8, grad=False), _r(1, 3, 8, grad=False), 1, False),
+        ),
+        "cross_entropy": lambda: (
+            ops.cross_entropy,
+            (_r(5, 11), target, None, -100, 0.1, 1e-3, 3.0, 1.0, "none", True),
+        ),
+        "fused_linear_cross_entropy": lambda: (
+            ops.fused_linear_cross_entropy,
+            (_r(5, 8), _r(11, 8), _r(11), target, None, None, None, -100, 0.0, 1e-3, None, 1.0, "mean", 2,
+             False, True, True, True),
+        ),
+    }
+
+
+@pytest.mark.parametrize("dispatch", ["triton", "reference"])
+@pytest.mark.parametrize("name", sorted(_opcheck_cases("cpu")))
+def test_opcheck(name, dispatch, device, monkeypatch):
+    """Schema, fake vs real outputs, autograd registration and AOT dispatch of each op. "triton": the
+    kernels (the interpreter on CPU); "reference": CPU tensors through the torch reference."""
+    if dispatch == "reference":
+        monkeypatch.setattr(liger_kernels._utils, "INTERPRET", False)
+        device = "cpu"
+    op, args = _opcheck_cases(device)[name]()
+    torch.library.opcheck(op, args)
