@@ -51,7 +51,7 @@ def model_config(spec: str, attn: str = "sdpa"):
 class TokenData(torch.utils.data.Dataset):
     """Random token rows; labels copy them with about 1/4 of the positions ignored (-100), so
     micro-batches hold different numbers of targets (exercises num_items_in_batch).
-    With `packed_lengths`, rows have varying lengths (for padding-free packing by a collator)."""
+    With `varying_lengths`, rows are cut to random lengths (for padding-free packing by a collator)."""
 
     def __init__(self, n: int, seq: int, vocab: int, seed: int = 1, varying_lengths: bool = False):
         g = torch.Generator().manual_seed(seed)

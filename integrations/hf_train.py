@@ -69,15 +69,25 @@ def parse_args(argv=None):
 
 
 class StepTimer(TrainerCallback):
-    """Wall time of every optimizer step (CUDA synchronized)."""
+    """Wall time of every optimizer step (CUDA synchronized). On CUDA, the peak-memory counter starts at
+    `on_train_begin`, once the engine has wrapped (sharded) the model."""
 
-    def __init__(self):
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
         self.times: list[float] = []
+        self.memory_at_begin = None
         self._start = 0.0
 
     def _sync(self):
-        if torch.cuda.is_available():
+        if self.cuda:
             torch.cuda.synchronize()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.cuda:
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            self.memory_at_begin = torch.cuda.memory_allocated() / 2**30
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._sync()
@@ -158,10 +168,13 @@ def train_once(args, precision: str, liger: bool, out_dir: str) -> dict:
     # transformers finds packed sequences in position_ids only when the forward builds no KV cache.
     config.use_cache = False
     # Built after TrainingArguments: under a ZeRO-3 config, from_config then builds inside zero.Init.
+    # Elsewhere on CUDA it is built on this rank's GPU (a 1.2 B model initializes in seconds there).
+    device = training_args.device
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with device if device.type == "cuda" and expected_engine() != "ZeRO" else nullcontext():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     train, evaluation, collator = make_data(args, config, training_args.world_size)
-    timer = StepTimer()
+    timer = StepTimer(cuda=device.type == "cuda")
     trainer = Trainer(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
                       data_collator=collator, callbacks=[timer])
     sdpa = nullcontext()
@@ -169,14 +182,13 @@ def train_once(args, precision: str, liger: bool, out_dir: str) -> dict:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         sdpa = sdpa_kernel([SDPBackend.FLASH_ATTENTION])
-    cuda = torch.cuda.is_available() and not args.cpu
-    if cuda:
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    record = {"memory_at_start_gib": torch.cuda.memory_allocated() / 2**30 if cuda else None}
+    cuda = device.type == "cuda"
+    record = {}
     with sdpa:
         trainer.train()
+        if cuda:  # training only: the evaluation runs the original forward (materialized logits)
+            record["peak_memory_gib_per_rank"] = gather(torch.cuda.max_memory_allocated() / 2**30)
+            record["memory_at_train_begin_gib_per_rank"] = gather(timer.memory_at_begin)
         record["eval_loss"] = trainer.evaluate()["eval_loss"]
     history = trainer.state.log_history
     record.update(
@@ -187,9 +199,6 @@ def train_once(args, precision: str, liger: bool, out_dir: str) -> dict:
         # so the fused loss is checked by the probe; the norm and MLP forwards are never wrapped.
         patched_after_wrap=is_liger(model.model.norm.forward) and is_liger(model.model.layers[0].mlp.forward),
     )
-    if cuda:
-        peak = torch.cuda.max_memory_allocated() / 2**30
-        record["peak_memory_gib_per_rank"] = gather(peak)
     timed = timer.times[args.warmup:] or timer.times
     record["median_step_s"] = statistics.median(timed)
     record["tokens_per_s_per_rank"] = args.batch * args.accum * args.seq / record["median_step_s"]
@@ -200,6 +209,7 @@ def train_once(args, precision: str, liger: bool, out_dir: str) -> dict:
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
+        record["memory_left_after_gib"] = torch.cuda.memory_allocated() / 2**30  # should be ~0
     return record
 
 
@@ -238,6 +248,10 @@ def main(argv=None):
             summary["runs"][precision] = runs
             summary["problems"] += check(runs, precision, config)
     summary["engine"] = next(iter(next(iter(summary["runs"].values())).values()))["engine"]
+    if args.memory:  # the headline numbers of the per-run records
+        keys = ("peak_memory_gib_per_rank", "median_step_s", "tokens_per_s_per_rank")
+        summary["memory"] = {precision: {v: {k: runs[v].get(k) for k in keys} for v in variants}
+                             for precision, runs in summary["runs"].items()}
     expected = expected_engine()
     if expected and not summary["engine"].startswith(expected):
         summary["problems"].append(

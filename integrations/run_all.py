@@ -18,6 +18,7 @@ import argparse
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -54,7 +55,9 @@ MATRIX = {
                                        "--memory"), False),
     "engines_gpu": ("gpu", [*TORCHRUN, "integrations/engine_train.py", "--device", "cuda"], True),
     "lightning_gpu": ("gpu", [PY, "integrations/lightning_train.py", "--accelerator", "gpu", "--precision", "bf16",
-                              "--strategies", "ddp,fsdp,model_parallel,deepspeed_stage_2,deepspeed_stage_3"], True),
+                              "--strategies", "ddp,fsdp,model_parallel"], False),
+    "lightning_deepspeed_gpu": ("gpu", [PY, "integrations/lightning_train.py", "--accelerator", "gpu", "--precision",
+                                        "bf16", "--strategies", "deepspeed_stage_2,deepspeed_stage_3"], True),
     "hf_fsdp2_offload_ckpt": ("gpu", accelerate("fsdp2_offload", "--precision", "bf16"), False),
     "hf_zero3_packed_ckpt": ("gpu", accelerate("zero3", "--precision", "bf16", "--packed", "--gradient-checkpointing"),
                              True),
@@ -89,13 +92,18 @@ def run_one(name: str, scratch: Path, timeout: int) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LIGER_POISON_OUTPUTS")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     start = time.perf_counter()
+    # A session of its own: on timeout the launcher and every worker it started are stopped together,
+    # so no orphaned rank keeps a GPU or a port for the next combination.
+    proc = subprocess.Popen([*cmd, "--out", str(summary_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        proc = subprocess.run([*cmd, "--out", str(summary_path)], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=timeout)
+        output, _ = proc.communicate(timeout=timeout)
         status = "pass" if proc.returncode == 0 else "FAIL"
-        tail = (proc.stdout + proc.stderr)[-3000:]
-    except subprocess.TimeoutExpired as error:
-        status, tail = "TIMEOUT", str(error.stdout or "")[-1500:] + str(error.stderr or "")[-1500:]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        status = "TIMEOUT"
+    tail = output[-3000:]
     result = {"status": status, "seconds": round(time.perf_counter() - start, 1), "command": " ".join(cmd)}
     if summary_path.exists():
         result["summary"] = json.loads(summary_path.read_text())
@@ -137,10 +145,13 @@ def main(argv=None):
         print(f"{r['status']:8s} {name:28s} {r.get('seconds', '')!s:>7} {r.get('reason', '')}", flush=True)
         if r["status"] not in ("pass", "skipped"):
             print(r.get("log_tail", ""), flush=True)
-    (out_dir / "matrix.json").write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+        # rewritten after every combination: a run stopped from outside keeps what finished
+        (out_dir / "matrix.json").write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     failed = [n for n, r in results.items() if r["status"] not in ("pass", "skipped")]
-    print(f"{len(results) - len(failed)} of {len(results)} passed or skipped; failed: {failed or 'none'}")
-    sys.exit(1 if failed else 0)
+    passed = [n for n, r in results.items() if r["status"] == "pass"]
+    print(f"{len(passed)} passed, {len(results) - len(passed) - len(failed)} skipped, {len(failed)} failed"
+          f"{': ' + ', '.join(failed) if failed else ''}")
+    sys.exit(1 if failed or not passed else 0)
 
 
 if __name__ == "__main__":

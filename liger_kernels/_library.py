@@ -57,6 +57,13 @@ def absent(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(0)
 
 
+# The dispatch keys lifted by _recording_autograd.
+_AUTOGRAD_KEYS = tuple(
+    getattr(torch._C.DispatchKey, name)
+    for name in ("AutogradFunctionality", "AutogradOther", "AutogradNestedTensor", "ADInplaceOrView")
+)
+
+
 @contextlib.contextmanager
 def _recording_autograd():
     """Let autograd record inside a custom op's implementation.
@@ -74,12 +81,6 @@ def _recording_autograd():
         yield
 
 
-_AUTOGRAD_KEYS = tuple(
-    getattr(torch._C.DispatchKey, name)
-    for name in ("AutogradFunctionality", "AutogradOther", "AutogradNestedTensor", "ADInplaceOrView")
-)
-
-
 def reference_vjp(fn: Callable, primals: Sequence[torch.Tensor], cotangents):
     """Gradients of `fn(*primals)` w.r.t. `primals` for the given output gradient(s): the backward
     of a torch reference, evaluated inside a custom op."""
@@ -91,7 +92,8 @@ def reference_vjp(fn: Callable, primals: Sequence[torch.Tensor], cotangents):
 def reference_value_and_grads(fn: Callable, primals: Sequence[torch.Tensor], cotangent=None):
     """(outputs of `fn(*primals)`, gradients of its first output w.r.t. `primals`). `fn` returns a
     tuple whose first element is differentiated (with `cotangent`, default ones, cast and reshaped to
-    that output); the others are returned as they are. For losses whose gradients are computed in the forward pass."""
+    that output); the others are returned as they are. For losses whose gradients are computed in
+    the forward pass."""
     with _recording_autograd():
         leaves = [p.detach().requires_grad_() for p in primals]
         outputs = fn(*leaves)

@@ -92,6 +92,12 @@ def row_launch_config(n: int) -> tuple[int, int]:
     return block, warps
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for launch grids; plain integer math (`triton.cdiv` is a wrapped constexpr function
+    in recent Triton, microseconds per call on the launch path)."""
+    return -(-a // b)
+
+
 @functools.lru_cache(maxsize=None)
 def _cuda_sm_count(index: int) -> int:
     # get_device_properties costs microseconds of host time; a launch path asks on every call.

@@ -180,7 +180,7 @@ class Cpu:
 
 def rel_err(a: torch.Tensor, b: torch.Tensor, rows: int = 1024) -> float:
     """||a - b|| / ||b|| in fp64 sums over row blocks (no full-size fp32 temporaries)."""
-    a, b = a.detach().reshape(-1, a.shape[-1] if a.dim() else 1), b.detach().reshape(-1, b.shape[-1] if b.dim() else 1)
+    a, b = (t.detach().reshape(-1, t.shape[-1] if t.dim() else 1) for t in (a, b))
     num = torch.zeros((), dtype=torch.float64, device=a.device)
     den = torch.zeros((), dtype=torch.float64, device=a.device)
     for i in range(0, a.shape[0], rows):
@@ -209,7 +209,8 @@ def ceilings(env) -> dict:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     c = torch.empty_like(a)
     mm_ms = env.ms(lambda: torch.mm(a, a, out=c))
-    return {"copy_bytes_per_s": 2 * 2**30 / (copy_ms * 1e-3), "matmul_flops_per_s": 2 * 8192**3 / (mm_ms * 1e-3)}
+    return {"copy_bytes_per_s": 2 * 2**30 / (copy_ms * 1e-3),
+            "matmul_flops_per_s": 2 * 8192**3 / (mm_ms * 1e-3)}
 
 
 class Clock:
@@ -411,9 +412,9 @@ def _combo(records, mib_limit, ce_best_knobs):
     merged = {}
     for group in FLCE_GROUPS.values():
         names = [name for name, _ in group]
-        good = [by_name[n] for n in names if n in by_name and "ms" in by_name[n] and by_name[n].get("ok")
-                and by_name[n]["ms"] < ref["ms"]
-                and (mib_limit is None or by_name[n]["peak_mib"] is None or by_name[n]["peak_mib"] <= mib_limit)]
+        members = [by_name[n] for n in names if n in by_name and "ms" in by_name[n]]
+        good = [r for r in members if r.get("ok") and r["ms"] < ref["ms"]
+                and (mib_limit is None or r["peak_mib"] is None or r["peak_mib"] <= mib_limit)]
         if good:
             merged.update(min(good, key=lambda r: r["ms"])["knobs"])
     return merged if len(merged) > 0 else None
@@ -481,11 +482,13 @@ def parts_section(env, smoke, log, rates) -> dict:
                     entry["gb_per_s"] = moved / (ms * 1e-3) / 1e9
                 rec[name] = entry
             n_chunks = triton.cdiv(m, rows)
-            step = sum(rec[k]["ms"] for k in ("logits_mm", "ce_kernel", "dx_cublas", "dw_addmm") if "ms" in rec.get(k, {}))
+            step = sum(rec[k]["ms"] for k in ("logits_mm", "ce_kernel", "dx_cublas", "dw_addmm")
+                       if "ms" in rec.get(k, {}))
             rec["chunks"] = n_chunks
             rec["projected_total_ms"] = step * n_chunks
-            rec["ideal_step_ms"] = {"flops": 3 * flops / rates["matmul_flops_per_s"] * 1e3,
-                                    "dw_bytes": (4 * v * h) / rates["copy_bytes_per_s"] * 1e3} if rates else None
+            if rates:  # one chunk's three GEMMs at the matmul rate; dW read + written at copy speed
+                rec["ideal_step_ms"] = {"flops": 3 * flops / rates["matmul_flops_per_s"] * 1e3,
+                                        "dw_bytes": 4 * v * h / rates["copy_bytes_per_s"] * 1e3}
             out[f"{shape_name}_rows{rows}"] = rec
             log(f"parts {shape_name} rows={rows} ({n_chunks} chunks): " + ", ".join(
                 f"{k} {val['ms']:.3f} ms" + (f" {val['tflops']:.0f} TF/s" if "tflops" in val else "")

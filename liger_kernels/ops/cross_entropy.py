@@ -27,9 +27,9 @@ the row, already divided by the mean normalizer, which is read from device memor
 A row (256 KB at V = 128256 in bf16) does not fit on one SM, so the row is read twice; to make the
 second read come from L2, pass 2 walks the blocks in reverse order (the blocks read last in pass 1
 first) and the loads carry eviction hints (`CE_L2_HINTS`). Minimal HBM traffic is then one read
-and one write of the logits; the worst case (no L2 hits) two reads and one write. The backward only multiplies the saved gradient by
-grad_output, and skips even that (inside the kernel, no host sync) when grad_output is 1
-(reduction="none": one fp32 multiply per row).
+and one write of the logits; the worst case (no L2 hits) two reads and one write. The backward
+only multiplies the saved gradient by grad_output, and skips even that (inside the kernel, no host
+sync) when grad_output is 1 (reduction="none": one fp32 multiply per row).
 Target checks: see `check_target` (a device-side assert on CUDA, no host sync).
 
 Memory: the default allocates one gradient buffer the size of the logits. `in_place=True` writes the
@@ -77,9 +77,9 @@ CE_PROGRAMS_PER_SM = 0
 # waiting for their second read are the last lines L2 gives up.
 CE_L2_HINTS = True
 # Software pipelining of the vocabulary loops (`tl.range(num_stages=...)`): 1 = none; 2 keeps the
-# next block's loads in flight (through shared memory: BLOCK * element size bytes per stage)
-# while the current block is reduced. With one program per SM (the register use of the default
-# block allows no more) the loads otherwise pause during the arithmetic of each block.
+# next block's loads in flight (through shared memory: BLOCK * element size bytes per stage,
+# fewer stages when that passes ~200 KB) while the current block is reduced. With one or two
+# programs per SM the loads otherwise pause during the arithmetic of each block.
 CE_STAGES = 1
 # Elements per iteration of the backward's scale kernel.
 _SCALE_BLOCK = 4096
@@ -371,6 +371,12 @@ def launch_cross_entropy(
     if CE_PROGRAMS_PER_SM:
         n_programs = min(n_rows, CE_PROGRAMS_PER_SM * sm_count(x.device))
     keep, stream = ("evict_last", "evict_first") if CE_L2_HINTS else ("", "")
+    # Each pipeline stage buffers a block of logits (and of fp32 class weights when smoothing
+    # reads them) in shared memory: fewer stages rather than a launch failure past ~200 KB.
+    stage_bytes = block * (x.element_size() + (4 if weight is not None and opts.label_smoothing else 0))
+    stages = CE_STAGES
+    while stages > 1 and stages * stage_bytes > 200 * 1024:
+        stages -= 1
     dummy = loss_rows  # pointer for arguments a constexpr flag disables
     _cross_entropy_kernel[(n_programs,)](
         x,
@@ -401,7 +407,7 @@ def launch_cross_entropy(
         BLOCK=block,
         KEEP=keep,
         STREAM=stream,
-        STAGES=CE_STAGES,
+        STAGES=stages,
         num_warps=CE_NUM_WARPS or num_warps,
     )
 

@@ -42,7 +42,9 @@ class FusedAddRMSNormFunction(torch.autograd.Function):
         ctx.x_dtype, ctx.residual_dtype = x.dtype, residual.dtype
         # Absent gradients stay None instead of being materialized as zeros (no wasted pass).
         ctx.set_materialize_grads(False)
-        return y.view(x.shape), new_residual.view(x.shape)
+        if x.dim() != 2:
+            y, new_residual = y.view(x.shape), new_residual.view(x.shape)
+        return y, new_residual
 
     @staticmethod
     def backward(ctx, dy, dnew_residual):
@@ -61,7 +63,7 @@ class FusedAddRMSNormFunction(torch.autograd.Function):
                 ctx.needs_input_grad[2],
                 dres=None if dnew_residual is None else as_rows(dnew_residual),
             )
-            dx = dx.view(dy.shape)
+            dx = dx if dy.dim() == 2 else dx.view(dy.shape)
         if dx is None:
             return None, None, None, None, None, None, None
         return dx.to(ctx.x_dtype), dx.to(ctx.residual_dtype), dw, None, None, None, None

@@ -125,15 +125,15 @@ def _layer_norm_bwd_kernel(
         dy = dy.to(tl.float32)
         x = x.to(tl.float32)
         xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        if COMPUTE_DWB:  # before the row sums: dy is then dead while they reduce (fewer live registers)
+            dw += dy * xhat
+            if HAS_BIAS:
+                db += dy
         g = dy * w[None, :]
         c_g = tl.sum(g, axis=1) / n_cols
         c_gx = tl.sum(g * xhat, axis=1) / n_cols
         dx = rstd[:, None] * (g - c_g[:, None] - xhat * c_gx[:, None])
         tl.store(dx_ptr + rows[:, None] * n_cols + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
-        if COMPUTE_DWB:
-            dw += dy * xhat
-            if HAS_BIAS:
-                db += dy
     if COMPUTE_DWB:
         tl.store(partial_ptr + pid * partial_stride + cols, tl.sum(dw, axis=0), mask=col_ok)
         if HAS_BIAS:
@@ -147,7 +147,7 @@ def _layer_norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     mean = _utils.new_output((n_rows,), torch.float32, x.device)
     rstd = _utils.new_output((n_rows,), torch.float32, x.device)
     block_m, block_n, num_warps = tile_config(n_cols)
-    _layer_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
+    _layer_norm_fwd_kernel[(_utils.cdiv(n_rows, block_m),)](
         x,
         x.stride(0),
         y,
@@ -170,8 +170,10 @@ def _layer_norm_backward(dy, x, weight, bias, mean, rstd, compute_dwb: bool):
     """Backward on (M, H) rows (unit column stride). Returns (dx, dweight or None, dbias or None)."""
     n_rows, n_cols = x.shape
     dx = _utils.new_output((n_rows, n_cols), x.dtype, x.device)
-    block_m, block_n, num_warps, load_ahead, per_sm = backward_config(n_cols)
-    n_programs = _utils.num_programs_for_rows(triton.cdiv(n_rows, block_m), x.device, per_sm)
+    block_m, block_n, num_warps, load_ahead, per_sm = backward_config(
+        n_cols, max(x.element_size(), dy.element_size())
+    )
+    n_programs = _utils.num_programs_for_rows(_utils.cdiv(n_rows, block_m), x.device, per_sm)
     has_bias = bias is not None
     n_out = 2 * n_cols if has_bias else n_cols
     partial = (
@@ -211,14 +213,14 @@ class LayerNormFunction(torch.autograd.Function):
         x2 = as_rows(x)
         y, mean, rstd = _layer_norm_forward(x2, weight, bias, eps)
         ctx.save_for_backward(x2, weight, bias, mean, rstd)
-        return y.view(x.shape)
+        return y if x.dim() == 2 else y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
         x2, weight, bias, mean, rstd = ctx.saved_tensors
         compute_dwb = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         dx, dw, db = _layer_norm_backward(as_rows(dy), x2, weight, bias, mean, rstd, compute_dwb)
-        return dx.view(dy.shape), dw, db, None
+        return dx if dy.dim() == 2 else dx.view(dy.shape), dw, db, None
 
 
 def layer_norm_reference(
@@ -264,7 +266,8 @@ def layer_norm(
 
 def _layer_norm_fake(x, weight, bias, eps):
     rows = x.numel() // x.shape[-1]
-    return x.new_empty(x.shape), x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32)
+    stats = [x.new_empty(rows, dtype=torch.float32) for _ in range(2)]  # mean, rstd
+    return x.new_empty(x.shape), *stats
 
 
 @_library.custom_op("layer_norm", _layer_norm_fake)

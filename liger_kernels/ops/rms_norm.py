@@ -25,9 +25,9 @@ Kernels. Rows are processed as [BLOCK_M, BLOCK_N] tiles: one row per tile when i
 narrow rows packed together otherwise, so every program moves a few KiB. The forward is one pass with
 one program per tile (read x and w, write y and a fp32 rstd per row). The backward is one pass on a
 persistent grid (`_utils.num_programs_for_rows`, as many programs as fit on the SMs at once): each
-program strides over tiles, loading the next tile while it works on the current one (rows up to 8192
-wide; wider rows leave no registers for that), writes dx and accumulates its share of dweight in fp32
-registers, then stores one partial row; `sum_partials` adds the partial rows up (one small launch, no
+program strides over tiles, loading the next tile while it works on the current one (up to 8192 bf16
+columns; wider rows leave no registers for that), writes dx and accumulates its share of dweight in
+fp32 registers, then stores one partial row; `sum_partials` adds the partial rows up (one small launch, no
 atomics). Only x and the fp32 rstd are saved for backward. The residual add of fused_add_rms_norm is a
 constexpr mode of the same two kernels (see fused_add_rms_norm.py), so the math lives here once.
 
@@ -54,13 +54,15 @@ _NONE = tl.constexpr(2)
 _CAST_CODES = {"llama": _LLAMA.value, "gemma": _GEMMA.value, "none": _NONE.value}
 # Narrow rows are packed into tiles of at least this many elements (BLOCK_M rows x BLOCK_N columns).
 _TILE_ELEMENTS = 4096
-# Widest tile whose backward still has registers for the next tile's loads (see backward_config);
-# at 16384 columns two rows spill (~1.3 KB of stack per thread with the residual gradient; 14 ms
-# instead of ~1 ms for 32768 x 16384 on the H200).
-_LOAD_AHEAD_MAX_ELEMENTS = 8192
+# Largest tile (of dy or x) whose backward still has registers for the next tile's loads (see
+# backward_config): 8192 bf16 columns. At 16384 two rows spilled (~1.3 KB of stack per thread with
+# the residual gradient: 14 ms instead of ~1.5 ms for 32768 x 16384 on the H200).
+_LOAD_AHEAD_MAX_BYTES = 16384
 # Columns per program of the partial-sum reduction: small, so that even H=4096 spreads over 128 programs.
 _SUM_BLOCK_N = 32
-_SUM_BLOCK_P = 64
+# Partial rows per loop step: the grid is about one program per SM, so each one keeps 16 KB in flight
+# and the 264 partial rows of a 4096-wide backward take 3 steps.
+_SUM_BLOCK_P = 128
 
 
 @triton.jit
@@ -102,15 +104,23 @@ def _rms_norm_rows(x, w_eff, n_cols, eps, CAST: tl.constexpr, X_DTYPE: tl.conste
 
 
 @triton.jit
-def _rms_norm_rows_backward(dy, x, w_eff, rstd, n_cols, CAST: tl.constexpr, X_DTYPE: tl.constexpr):
-    """Backward math of a tile: (dx, dy * normalized), both fp32 [BLOCK_M, BLOCK_N]."""
+def _rms_norm_rows_backward(
+    dy, x, w_eff, rstd, dw, n_cols, CAST: tl.constexpr, X_DTYPE: tl.constexpr, COMPUTE_DW: tl.constexpr
+):
+    """Backward math of a fp32 [BLOCK_M, BLOCK_N] tile: (dx, dw + dy * normalized).
+
+    In the order that keeps the fewest row-sized values live across the row reduction (dy is dead
+    once dweight's term and g are formed): 16384 columns on 16 warps then barely spill.
+    """
     xhat = x * rstd[:, None]
+    if COMPUTE_DW:
+        if CAST == _LLAMA:  # the weight multiplied x * rstd rounded to x's dtype
+            dw += dy * _round(xhat, X_DTYPE)
+        else:
+            dw += dy * xhat
     g = dy * w_eff[None, :]
-    dx = rstd[:, None] * (g - xhat * (tl.sum(g * xhat, axis=1) / n_cols)[:, None])
-    if CAST == _LLAMA:  # the weight multiplied x * rstd rounded to x's dtype
-        dw = dy * _round(xhat, X_DTYPE)
-    else:
-        dw = dy * xhat
+    c = rstd * (tl.sum(g * xhat, axis=1) / n_cols)
+    dx = rstd[:, None] * g - c[:, None] * xhat
     return dx, dw
 
 
@@ -199,7 +209,7 @@ def _rms_norm_bwd_kernel(
 
     dx is contiguous and may alias dy (in-place backward): every element is read before it is
     written, by the same program. With HAS_DRES the gradient of the residual stream is added to dx.
-    LOAD_AHEAD (tiles up to 8192 elements): the weight stays in registers and the loads of the next
+    LOAD_AHEAD (tiles up to 16 KB): the weight stays in registers and the loads of the next
     tile are issued before this tile's math, so they are in flight while it is reduced and stored
     (~125 registers: 2 programs of 8 warps per SM). Wider rows have no registers to spare for that
     (the row itself is enough bytes in flight): the weight is reloaded per tile (L1/L2 hits).
@@ -233,12 +243,10 @@ def _rms_norm_bwd_kernel(
         x = x.to(tl.float32)
         if HAS_DRES:
             dres = tl.load(dres_ptr + rows[:, None] * dres_stride + cols[None, :], mask=mask, other=0.0)
-        dx, dw_tile = _rms_norm_rows_backward(dy, x, w_eff, rstd, n_cols, CAST, x_dtype)
+        dx, dw = _rms_norm_rows_backward(dy, x, w_eff, rstd, dw, n_cols, CAST, x_dtype, COMPUTE_DW)
         if HAS_DRES:
             dx += dres.to(tl.float32)
         tl.store(dx_ptr + rows[:, None] * n_cols + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
-        if COMPUTE_DW:
-            dw += dw_tile
     if COMPUTE_DW:
         tl.store(dw_partial_ptr + pid * n_cols + cols, tl.sum(dw, axis=0), mask=col_ok)
 
@@ -261,16 +269,25 @@ def sum_partials(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Column sums of a contiguous fp32 (P, N) tensor of per-program partials, returned in `dtype`."""
     n_partials, n_cols = partial.shape
     out = _utils.new_output((n_cols,), dtype, partial.device)
-    _sum_partials_kernel[(triton.cdiv(n_cols, _SUM_BLOCK_N),)](
+    _sum_partials_kernel[(_utils.cdiv(n_cols, _SUM_BLOCK_N),)](
         partial, out, n_partials, n_cols, BLOCK_P=_SUM_BLOCK_P, BLOCK_N=_SUM_BLOCK_N, num_warps=4
     )
     return out
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:
-    """(..., H) -> (M, H) with unit column stride; a view whenever the layout allows (no copy)."""
+    """(..., H) -> (M, H) with unit column stride; a view whenever the layout allows (no copy).
+
+    A 2-D tensor with unit column stride is returned as is (no torch op: this runs on every call).
+    """
+    if t.dim() == 2 and t.stride(1) == 1:
+        return t
     rows = t.reshape(-1, t.shape[-1])
     return rows if rows.stride(-1) == 1 or rows.shape[-1] == 1 else rows.contiguous()
+
+
+def _promote(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    return a if a == b else torch.promote_types(a, b)
 
 
 @functools.lru_cache(maxsize=None)
@@ -283,15 +300,16 @@ def tile_config(n_cols: int) -> tuple[int, int, int]:
 
 
 @functools.lru_cache(maxsize=None)
-def backward_config(n_cols: int) -> tuple[int, int, int, bool, int]:
+def backward_config(n_cols: int, element_size: int = 2) -> tuple[int, int, int, bool, int]:
     """(BLOCK_M, BLOCK_N, num_warps, LOAD_AHEAD, programs per SM) of the persistent backward kernels.
 
-    They hold dy, x, the weight and the dweight accumulator (plus the next tile with LOAD_AHEAD) in
-    registers: ~125 per thread (sm_90), so 16 warps fill an SM's register file. A larger grid would
-    only run as a second wave and add partial rows to reduce.
+    They hold dy, x, the weight and the dweight accumulator (plus the next tile, in its storage
+    dtype of `element_size` bytes, with LOAD_AHEAD) in registers: ~125 per thread (sm_90), so 16
+    warps fill an SM's register file. A larger grid would only run as a second wave and add partial
+    rows to reduce.
     """
     block_m, block_n, num_warps = tile_config(n_cols)
-    load_ahead = block_m * block_n <= _LOAD_AHEAD_MAX_ELEMENTS
+    load_ahead = block_m * block_n * element_size <= _LOAD_AHEAD_MAX_BYTES
     return block_m, block_n, num_warps, load_ahead, max(1, 16 // num_warps)
 
 
@@ -313,13 +331,13 @@ def rms_norm_forward(
         normed = x
         res, res_stride = x, 0  # unused by the kernel
     else:
-        normed = _utils.new_output((n_rows, n_cols), torch.promote_types(x.dtype, residual.dtype), x.device)
+        normed = _utils.new_output((n_rows, n_cols), _promote(x.dtype, residual.dtype), x.device)
         res, res_stride = residual, residual.stride(0)
-    y_dtype = torch.promote_types(normed.dtype, weight.dtype) if casting_mode == "llama" else normed.dtype
+    y_dtype = _promote(normed.dtype, weight.dtype) if casting_mode == "llama" else normed.dtype
     y = _utils.new_output((n_rows, n_cols), y_dtype, x.device)
     rstd = _utils.new_output((n_rows,), torch.float32, x.device)
     block_m, block_n, num_warps = tile_config(n_cols)
-    _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
+    _rms_norm_fwd_kernel[(_utils.cdiv(n_rows, block_m),)](
         x,
         x.stride(0),
         res,
@@ -363,8 +381,10 @@ def rms_norm_backward(
         dx = dy
     else:
         dx = _utils.new_output((n_rows, n_cols), x.dtype, x.device)
-    block_m, block_n, num_warps, load_ahead, per_sm = backward_config(n_cols)
-    n_programs = _utils.num_programs_for_rows(triton.cdiv(n_rows, block_m), x.device, per_sm)
+    block_m, block_n, num_warps, load_ahead, per_sm = backward_config(
+        n_cols, max(x.element_size(), dy.element_size())
+    )
+    n_programs = _utils.num_programs_for_rows(_utils.cdiv(n_rows, block_m), x.device, per_sm)
     partial = (
         _utils.new_output((n_programs, n_cols), torch.float32, x.device) if compute_dw else rstd
     )  # rstd stands in for the unused pointer
@@ -400,7 +420,7 @@ class RMSNormFunction(torch.autograd.Function):
         y, rstd, _ = rms_norm_forward(x2, weight, eps, offset, casting_mode)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.offset, ctx.casting_mode, ctx.in_place = offset, casting_mode, in_place
-        return y.view(x.shape)
+        return y if x.dim() == 2 else y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
@@ -415,7 +435,7 @@ class RMSNormFunction(torch.autograd.Function):
             ctx.in_place,
             ctx.needs_input_grad[1],
         )
-        return dx.view(dy.shape), dw, None, None, None, None
+        return dx if dy.dim() == 2 else dx.view(dy.shape), dw, None, None, None, None
 
 
 def rms_norm_reference(

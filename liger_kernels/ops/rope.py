@@ -24,6 +24,8 @@ require grad, the torch reference runs instead so that their gradient is still e
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -163,6 +165,17 @@ def _bth_strides(t: torch.Tensor, seq_dim: int, head_dim: int) -> tuple[int, int
     return t.stride(0), t.stride(seq_dim), t.stride(head_dim)
 
 
+@functools.lru_cache(maxsize=None)
+def _launch_config(half: int, n_qh: int, n_kh: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_D, BLOCK_QH, BLOCK_KH, N_STEPS, num_warps): head blocks of up to `_MAX_BLOCK_ELEMS`."""
+    block_d = triton.next_power_of_2(half)
+    max_heads = max(1, _MAX_BLOCK_ELEMS // block_d)
+    block_qh = min(triton.next_power_of_2(n_qh), max_heads) if n_qh else 1
+    block_kh = min(triton.next_power_of_2(n_kh), max_heads) if n_kh else 1
+    n_steps = max(-(-n_qh // block_qh), -(-n_kh // block_kh))
+    return block_d, block_qh, block_kh, n_steps, 4 if block_qh * block_d <= 2048 else 8
+
+
 def _rope_launch(q, k, cos, sin, seq_dim: int, head_dim: int, backward: bool, out_strides=None):
     """Rotate q and k (or their gradients when backward=True) in one launch; returns new tensors.
 
@@ -183,15 +196,10 @@ def _rope_launch(q, k, cos, sin, seq_dim: int, head_dim: int, backward: bool, ou
     n_tokens = batch * seq_len
     if n_tokens == 0:
         return q_out, k_out
-    half = dim // 2
-    block_d = triton.next_power_of_2(half)
-    max_heads = max(1, _MAX_BLOCK_ELEMS // block_d)
-    block_qh = min(triton.next_power_of_2(n_qh), max_heads) if n_qh else 1
-    block_kh = min(triton.next_power_of_2(n_kh), max_heads) if n_kh else 1
+    block_d, block_qh, block_kh, n_steps, num_warps = _launch_config(dim // 2, n_qh, n_kh)
     # A batch-1 cos/sin is shared by every sequence of the batch: stride 0 over batch.
     cos_sb = cos.stride(0) if cos.shape[0] == batch else 0
     sin_sb = sin.stride(0) if sin.shape[0] == batch else 0
-    num_warps = 4 if block_qh * block_d <= 2048 else 8
     _rope_kernel[(n_tokens,)](
         q,
         k,
@@ -210,11 +218,11 @@ def _rope_launch(q, k, cos, sin, seq_dim: int, head_dim: int, backward: bool, ou
         sin.stride(1),
         N_QH=n_qh,
         N_KH=n_kh,
-        HALF=half,
+        HALF=dim // 2,
         BLOCK_D=block_d,
         BLOCK_QH=block_qh,
         BLOCK_KH=block_kh,
-        N_STEPS=max(triton.cdiv(n_qh, block_qh), triton.cdiv(n_kh, block_kh)),
+        N_STEPS=n_steps,
         BACKWARD=backward,
         num_warps=num_warps,
     )

@@ -4,8 +4,9 @@
   ZeRO-3 (model built under zero.Init) driven directly; one more FSDP2 run with the Triton kernels under
   the interpreter;
 - integrations/hf_train.py under `accelerate launch --config_file configs/accelerate/ddp.yaml` (the HF
-  Trainer; accelerate runs FSDP / DeepSpeed only on accelerators, so DDP is what runs on CPU), with
-  padding-free packed batches and gradient checkpointing;
+  Trainer over gloo), with padding-free packed batches and gradient checkpointing; and with the FSDP2 and
+  ZeRO-3 configs, which accelerate runs only on accelerators, through a test-only shim
+  (accelerate_cpu_shim/) that lets accelerate's own FSDP2 / DeepSpeed preparation run on CPU;
 - integrations/lightning_train.py: DDPStrategy and ModelParallelStrategy (FSDP2 in configure_model).
 Each script trains with and without liger-plugins and checks the curves itself (see the scripts); the
 tests check its summary. The children run the kernels' torch reference (no TRITON_INTERPRET) except the
@@ -26,11 +27,12 @@ HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
-def run(cmd, out: Path, interpret=False, timeout=600) -> dict:
+def run(cmd, out: Path, interpret=False, shim=False, timeout=600) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LIGER_POISON_OUTPUTS")}
     if interpret:
         env["TRITON_INTERPRET"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    paths = [str(Path(__file__).parent / "accelerate_cpu_shim")] if shim else []
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [*paths, str(ROOT), env.get("PYTHONPATH")]))
     env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run([*cmd, "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
@@ -84,6 +86,25 @@ def test_hf_trainer_accelerate_ddp_packed_checkpointing(tmp_path):
     assert ours["patch_events"][0]["param_identity_kept"] and not ours["patch_events"][0]["wrapped_before_patch"]
     assert ours["calls"]["fused_linear_cross_entropy"] >= 4 * 2 and not base["calls"]["fused_linear_cross_entropy"]
     assert summary["runs"]["fp32"]["comparison"]["ok"] and summary["runs"]["fp32"]["comparison"]["eval_ok"]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("engine", ["fsdp2", pytest.param("zero3", marks=pytest.mark.skipif(
+    not HAS_DEEPSPEED, reason="deepspeed is not installed"))])
+def test_hf_trainer_accelerate_sharded_engines_on_cpu(tmp_path, engine):
+    """The HF Trainer with accelerate's own FSDP2 preparation (decoder layers, embedding, [final norm,
+    lm_head] group, root) or ZeRO-3 (model built under zero.Init from TrainingArguments), on CPU through
+    the test-only accelerate_cpu_shim (accelerate itself runs these engines only on accelerators)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"configs/accelerate/{engine}.yaml",
+           "integrations/hf_train.py", "--steps", "3"]
+    summary = run(cmd, tmp_path / "s.json", shim=True)
+    assert summary["ok"] and summary["engine"] == {"fsdp2": "FSDP2", "zero3": "ZeRO-3"}[engine], summary["problems"]
+    runs = summary["runs"]["fp32"]
+    event = runs["liger"]["patch_events"][0]
+    assert event["param_identity_kept"] and not event["wrapped_before_patch"]
+    assert event["zero3_partitioned"] == (engine == "zero3")  # patched an already partitioned model
+    assert runs["liger"]["weights_seen"] == [{"class": "Parameter", "dtype": "torch.float32", "shape": [320, 64]}]
+    assert runs["comparison"]["ok"] and runs["comparison"]["eval_ok"] and len(runs["liger"]["grad_norm"]) == 3
 
 
 @pytest.mark.multiprocess

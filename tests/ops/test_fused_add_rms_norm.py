@@ -74,6 +74,13 @@ def test_fused_add_rms_norm_matches_float64(mode, dtype, hidden, device):
     _check(x, residual, weight, dy, dres, mode, OFFSETS[mode])
 
 
+def test_fused_add_rms_norm_wide_rows(device):
+    # Rows wider than 8192: the backward without load-ahead (see rms_norm.backward_config).
+    x, residual, dy, dres = (torch.randn(6, 8193, device=device).to(torch.bfloat16) for _ in range(4))
+    weight = (1 + 0.5 * torch.randn(8193, device=device)).to(torch.bfloat16)
+    _check(x, residual, weight, dy, dres, "gemma", offset=1.0, in_place=True)
+
+
 @pytest.mark.parametrize("used", ["y_only", "residual_only"])
 def test_one_output_unused(used, device):
     # Autograd hands None for the unused output; nothing is materialized as zeros.

@@ -58,6 +58,13 @@ def test_layer_norm_many_rows(hidden, device):
     _check(x, torch.randn(hidden, device=device), torch.randn(hidden, device=device), dy)
 
 
+def test_layer_norm_wide_rows(device):
+    # Rows wider than 8192: the backward without load-ahead (see rms_norm.backward_config).
+    x = (torch.randn(6, 8193, device=device) + 1).to(torch.bfloat16)
+    weight, bias = (torch.randn(8193, device=device).to(torch.bfloat16) for _ in range(2))
+    _check(x, weight, bias, torch.randn(6, 8193, device=device).to(torch.bfloat16))
+
+
 def test_layer_norm_strided_and_mixed_dtypes(device):
     # bf16 activations as a column slice, fp32 affine parameters, a transposed gradient.
     base = torch.randn(5, 3, 2 * 24, device=device, dtype=torch.bfloat16)

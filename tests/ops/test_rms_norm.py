@@ -76,6 +76,15 @@ def test_rms_norm_many_rows(hidden, device):
     _check(x, weight, dy, "llama")
 
 
+def test_rms_norm_wide_rows(device):
+    # Rows wider than 8192 take the backward without load-ahead (weight reloaded per tile); 6 rows on
+    # 4 persistent programs so that a program loops.
+    x = torch.randn(6, 8193, device=device).to(torch.bfloat16)
+    weight = (1 + 0.5 * torch.randn(8193, device=device)).to(torch.bfloat16)
+    dy = torch.randn(6, 8193, device=device).to(torch.bfloat16)
+    _check(x, weight, dy, "llama")
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_rms_norm_fp32_weight_bf16_input(mode, device):
     # Mixed precision (fp32 master weights, bf16 activations): llama promotes the output to fp32

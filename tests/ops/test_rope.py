@@ -93,8 +93,8 @@ def test_rope_gradients_keep_the_input_layout(unsqueeze_dim, device):
     dq, dk = torch.autograd.grad((q_embed, k_embed), (q, k), grads)
     assert dq.stride() == q.stride() and dk.stride() == k.stride()
     q64, k64 = (t.detach().double().requires_grad_() for t in (q, k))
-    expected = torch.autograd.grad(rope_reference(q64, k64, cos.double(), sin.double(), unsqueeze_dim), (q64, k64),
-                                   tuple(g.double() for g in grads))
+    outs64 = rope_reference(q64, k64, cos.double(), sin.double(), unsqueeze_dim)
+    expected = torch.autograd.grad(outs64, (q64, k64), tuple(g.double() for g in grads))
     assert_close(dq, expected[0], torch.float32, name="dq")
     assert_close(dk, expected[1], torch.float32, name="dk")
 
