@@ -85,8 +85,10 @@ CE_STAGES = 1
 _SCALE_BLOCK = 4096
 # Checking targets on CUDA with a host sync (clear ValueError) instead of a device-side assert.
 _SYNC_TARGET_CHECK = os.environ.get("LIGER_CHECK_TARGETS", "0") == "1"
-# exp(x) = exp2(x * log2(e)); keep the tensor on the left of products with it (interpreter).
-_LOG2E = tl.constexpr(1.4426950408889634)
+_LOG2E_F = 1.4426950408889634  # log2(e): the kernel works with base-2 logits
+_LN2 = tl.constexpr(0.6931471805599453)  # back to natural units
+# Columns per lane in pass 1 (reduced within a warp; the lanes of a block are combined once a row).
+_LANE = 32
 
 
 @dataclass(frozen=True)
@@ -109,11 +111,88 @@ def _tanh(u):
 
 
 @triton.jit
-def _transform(x, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr):
-    z = x * logit_scale
+def _logits2(x, in_scale, out_scale, HAS_SOFTCAP: tl.constexpr):
+    """(z * log2(e), tanh factor) for raw fp32 logits x: z2 = x * in_scale, or with softcap
+    z2 = out_scale * tanh(x * in_scale) (the tanh is returned for the derivative; else x)."""
     if HAS_SOFTCAP:
-        z = softcap * _tanh(z / softcap)
-    return z
+        th = _tanh(x * in_scale)
+        return out_scale * th, th
+    else:
+        return x * in_scale, x
+
+
+@triton.jit
+def _stats_block(x_ptrs, w_ptrs, mask, m, d, sum_z, sum_w, in_scale, out_scale,
+                 MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+                 HAS_WEIGHT: tl.constexpr, KEEP: tl.constexpr):
+    """Online softmax statistics of one block seen as (lanes, LANE) base-2 logits: per-lane running
+    max m and sum d of 2^(z2 - m), reduced along the short axis only (within a warp), so the loop
+    needs no block-wide synchronisation. With smoothing also per-lane sums of w z2 and w."""
+    if MASKED:
+        x = tl.load(x_ptrs, mask=mask, other=0.0, eviction_policy=KEEP)
+    else:
+        x = tl.load(x_ptrs, eviction_policy=KEEP)
+    z2, _ = _logits2(x.to(tl.float32), in_scale, out_scale, HAS_SOFTCAP)
+    if MASKED:
+        z2 = tl.where(mask, z2, float("-inf"))
+    m_new = tl.maximum(m, tl.max(z2, axis=1))
+    # A lane with nothing but -inf so far keeps m = -inf: exponentiate against 0 there, not NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    d = d * tl.exp2(m - m_safe) + tl.sum(tl.exp2(z2 - m_safe[:, None]), axis=1)
+    if HAS_SMOOTHING:
+        if MASKED:
+            z2 = tl.where(mask, z2, 0.0)
+        if HAS_WEIGHT:
+            if MASKED:
+                w = tl.load(w_ptrs, mask=mask, other=0.0)
+            else:
+                w = tl.load(w_ptrs)
+            sum_z += tl.sum(w * z2, axis=1)
+            sum_w += tl.sum(w, axis=1)
+        else:
+            sum_z += tl.sum(z2, axis=1)
+    return m_new, d, sum_z, sum_w
+
+
+@triton.jit
+def _grad_values(x, w, lse2, coef_p, coef_s, in_scale, out_scale, HAS_SOFTCAP: tl.constexpr,
+                 HAS_SMOOTHING: tl.constexpr, HAS_WEIGHT: tl.constexpr):
+    """(coef_p 2^(z2 - lse2) - coef_s w) dz/dx for raw fp32 logits x: d loss / d x except the
+    target's term; the coefficients are already times logit_scale (dz/dx without softcap)."""
+    z2, th = _logits2(x, in_scale, out_scale, HAS_SOFTCAP)
+    g = coef_p * tl.exp2(z2 - lse2)
+    if HAS_SMOOTHING:
+        if HAS_WEIGHT:
+            g -= coef_s * w
+        else:
+            g -= coef_s
+    if HAS_SOFTCAP:
+        g = g * (1.0 - th * th)
+    return g
+
+
+@triton.jit
+def _grad_block(x_ptrs, g_ptrs, w_ptrs, mask, lse2, coef_p, coef_s, in_scale, out_scale,
+                MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+                HAS_WEIGHT: tl.constexpr, STREAM: tl.constexpr):
+    """Write `_grad_values` of one block (the target's column is fixed after the pass)."""
+    if MASKED:
+        x = tl.load(x_ptrs, mask=mask, other=0.0, eviction_policy=STREAM)
+    else:
+        x = tl.load(x_ptrs, eviction_policy=STREAM)
+    w = 1.0
+    if HAS_SMOOTHING and HAS_WEIGHT:
+        if MASKED:
+            w = tl.load(w_ptrs, mask=mask, other=0.0)
+        else:
+            w = tl.load(w_ptrs)
+    g = _grad_values(x.to(tl.float32), w, lse2, coef_p, coef_s, in_scale, out_scale, HAS_SOFTCAP,
+                     HAS_SMOOTHING, HAS_WEIGHT)
+    g = g.to(g_ptrs.dtype.element_ty)
+    if MASKED:
+        tl.store(g_ptrs, g, mask=mask, eviction_policy=STREAM)
+    else:
+        tl.store(g_ptrs, g, eviction_policy=STREAM)
 
 
 @triton.jit
@@ -134,8 +213,9 @@ def _cross_entropy_kernel(
     ignore_index,
     label_smoothing,
     lse_square_scale,
-    softcap,
     logit_scale,
+    in_scale,
+    out_scale,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     HAS_Z: tl.constexpr,
@@ -144,19 +224,26 @@ def _cross_entropy_kernel(
     HAS_ROW_SCALE: tl.constexpr,
     HAS_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
+    LANE: tl.constexpr,
     KEEP: tl.constexpr,
     STREAM: tl.constexpr,
     STAGES: tl.constexpr,
 ):
     """Loss of each row (un-normalized) and, with HAS_GRAD, d loss / d x of the row (normalized).
 
-    Rows are strided over the programs (one row per program when the grid has n_rows programs).
+    Works on base-2 logits z2 = z log2(e) (exp2 is the hardware instruction; in_scale / out_scale
+    carry logit_scale, softcap and log2(e), see `launch_cross_entropy`). Whole blocks run without
+    masks; the last, partial block with them. Rows are strided over the programs (one row per
+    program when the grid has n_rows programs).
     KEEP / STREAM: eviction policies of the first-pass loads / second-pass loads and stores.
     STAGES > 1: the compiler prefetches the next blocks (through shared memory) while the current
     one is reduced, so that loads stay in flight during the arithmetic.
     grad_ptr may equal x_ptr (in place): every element is read before the program writes it.
     """
     cols = tl.arange(0, BLOCK)
+    # Pass 1 sees a block as (BLOCK // LANE, LANE): lanes of LANE consecutive columns.
+    cols2 = tl.arange(0, BLOCK // LANE)[:, None] * LANE + tl.arange(0, LANE)[None, :]
+    n_full = n_cols // BLOCK * BLOCK  # columns in whole blocks
     for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
         row64 = tl.cast(row, tl.int64)  # (the interpreter's loop variable is a Python int)
         x_row = x_ptr + row64 * x_stride
@@ -172,33 +259,30 @@ def _cross_entropy_kernel(
                     tl.store(grad_row + start + cols, zeros, mask=start + cols < n_cols,
                              eviction_policy=STREAM)
         else:
-            # Pass 1: online max / sum of exp; with smoothing also sum_j w_j z_j and sum_j w_j.
-            m = float("-inf")
-            d = 0.0
-            sum_z = 0.0
-            sum_w = 0.0
-            for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
-                offs = start + cols
-                mask = offs < n_cols
-                x = tl.load(x_row + offs, mask=mask, other=0.0, eviction_policy=KEEP)
-                x = x.to(tl.float32)
-                z = tl.where(mask, _transform(x, logit_scale, softcap, HAS_SOFTCAP), float("-inf"))
-                m_new = tl.maximum(m, tl.max(z, axis=0))
-                d = d * tl.exp2((m - m_new) * _LOG2E) + tl.sum(tl.exp2((z - m_new) * _LOG2E), axis=0)
-                m = m_new
-                if HAS_SMOOTHING:
-                    if HAS_WEIGHT:
-                        w = tl.load(weight_ptr + offs, mask=mask, other=0.0)
-                        sum_z += tl.sum(w * tl.where(mask, z, 0.0), axis=0)
-                        sum_w += tl.sum(w, axis=0)
-                    else:
-                        sum_z += tl.sum(tl.where(mask, z, 0.0), axis=0)
-            lse = m + tl.log(d)
+            # Pass 1: per-lane online max / sum of 2^z2 (with smoothing: sums of w z2 and w).
+            m = tl.full([BLOCK // LANE], float("-inf"), tl.float32)
+            d = tl.zeros([BLOCK // LANE], tl.float32)
+            sum_z = tl.zeros([BLOCK // LANE], tl.float32)
+            sum_w = tl.zeros([BLOCK // LANE], tl.float32)
+            for start in tl.range(0, n_full, BLOCK, num_stages=STAGES):
+                m, d, sum_z, sum_w = _stats_block(
+                    x_row + start + cols2, weight_ptr + start + cols2, None, m, d, sum_z, sum_w,
+                    in_scale, out_scale, False, HAS_SOFTCAP, HAS_SMOOTHING, HAS_WEIGHT, KEEP,
+                )
+            if n_full < n_cols:
+                m, d, sum_z, sum_w = _stats_block(
+                    x_row + n_full + cols2, weight_ptr + n_full + cols2, n_full + cols2 < n_cols,
+                    m, d, sum_z, sum_w, in_scale, out_scale, True, HAS_SOFTCAP, HAS_SMOOTHING,
+                    HAS_WEIGHT, KEEP,
+                )
+            m_row = tl.max(m, axis=0)
+            lse2 = m_row + tl.log2(tl.sum(d * tl.exp2(m - m_row), axis=0))
+            lse = lse2 * _LN2
 
             # The target's logit, read before pass 2 may overwrite it (in place).
             t_col = tl.where((t >= 0) & (t < n_cols), t, 0).to(tl.int32)
             x_t = tl.load(x_row + t_col).to(tl.float32)
-            z_t = _transform(x_t, logit_scale, softcap, HAS_SOFTCAP)
+            z_t = _logits2(x_t, in_scale, out_scale, HAS_SOFTCAP)[0] * _LN2
             w_t = 1.0
             if HAS_WEIGHT:
                 w_t = tl.load(weight_ptr + t_col)
@@ -206,10 +290,11 @@ def _cross_entropy_kernel(
             eps_over_v = label_smoothing / n_cols
             smooth_coef = label_smoothing  # eps / V * sum_j w_j, with w = 1
             if HAS_WEIGHT:
-                smooth_coef = eps_over_v * sum_w
+                smooth_coef = eps_over_v * tl.sum(sum_w, axis=0)
             loss = w_t * (lse - z_t)
             if HAS_SMOOTHING:
-                loss = (1.0 - label_smoothing) * loss + smooth_coef * lse - eps_over_v * sum_z
+                sum_z_row = tl.sum(sum_z, axis=0) * _LN2
+                loss = (1.0 - label_smoothing) * loss + smooth_coef * lse - eps_over_v * sum_z_row
             tl.store(loss_ptr + row, loss)
             if HAS_Z:
                 tl.store(z_loss_ptr + row, lse_square_scale * lse * lse)
@@ -234,27 +319,34 @@ def _cross_entropy_kernel(
                     p_coef = c_target + ce_scale * smooth_coef
                 if HAS_Z:
                     p_coef += z_scale * 2.0 * lse_square_scale * lse
+                # dz/dx = logit_scale (times 1 - tanh^2 with softcap, in _grad_block)
+                coef_p = p_coef * logit_scale
+                coef_s = c_smooth * logit_scale
+                coef_t = c_target * logit_scale
                 # Pass 2, last block first (it is the most recently read, likeliest still in L2).
-                n_blocks = tl.cdiv(n_cols, BLOCK)
-                for i in tl.range(0, n_blocks, num_stages=STAGES):
-                    offs = (n_blocks - 1 - i) * BLOCK + cols
-                    mask = offs < n_cols
-                    x = tl.load(x_row + offs, mask=mask, other=0.0, eviction_policy=STREAM)
-                    z = _transform(x.to(tl.float32), logit_scale, softcap, HAS_SOFTCAP)
-                    g = p_coef * tl.exp2((z - lse) * _LOG2E)
-                    if HAS_SMOOTHING:
-                        if HAS_WEIGHT:
-                            g -= c_smooth * tl.load(weight_ptr + offs, mask=mask, other=0.0)
-                        else:
-                            g -= c_smooth
-                    g = tl.where(offs == t_col, g - c_target, g)
-                    if HAS_SOFTCAP:
-                        th = z / softcap
-                        g = g * (logit_scale * (1.0 - th * th))
-                    else:
-                        g = g * logit_scale
-                    tl.store(grad_row + offs, g.to(grad_ptr.dtype.element_ty), mask=mask,
-                             eviction_policy=STREAM)
+                if n_full < n_cols:
+                    offs = n_full + cols
+                    _grad_block(
+                        x_row + offs, grad_row + offs, weight_ptr + offs, offs < n_cols, lse2, coef_p,
+                        coef_s, in_scale, out_scale, True, HAS_SOFTCAP, HAS_SMOOTHING, HAS_WEIGHT,
+                        STREAM,
+                    )
+                for i in tl.range(0, n_full // BLOCK, num_stages=STAGES):
+                    offs = n_full - (i + 1) * BLOCK + cols
+                    _grad_block(
+                        x_row + offs, grad_row + offs, weight_ptr + offs, None, lse2, coef_p, coef_s,
+                        in_scale, out_scale, False, HAS_SOFTCAP, HAS_SMOOTHING, HAS_WEIGHT, STREAM,
+                    )
+                # The target's column gets its extra -coef_t dz/dx here, not in the loop: one
+                # scalar store, ordered after the block stores of every thread by the barrier.
+                g_t = _grad_values(x_t, w_t, lse2, coef_p, coef_s, in_scale, out_scale, HAS_SOFTCAP,
+                                   HAS_SMOOTHING, HAS_WEIGHT)
+                dz_t = 1.0
+                if HAS_SOFTCAP:
+                    th_t = _logits2(x_t, in_scale, out_scale, HAS_SOFTCAP)[1]
+                    dz_t = 1.0 - th_t * th_t
+                tl.debug_barrier()
+                tl.store(grad_row + t_col, (g_t - coef_t * dz_t).to(grad_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -371,6 +463,12 @@ def launch_cross_entropy(
     if CE_PROGRAMS_PER_SM:
         n_programs = min(n_rows, CE_PROGRAMS_PER_SM * sm_count(x.device))
     keep, stream = ("evict_last", "evict_first") if CE_L2_HINTS else ("", "")
+    # Base-2 logits z2 = log2(e) z: x * in_scale, or with softcap out_scale * tanh(x * in_scale).
+    if opts.softcap is None:
+        in_scale, out_scale = float(opts.logit_scale) * _LOG2E_F, 1.0
+    else:
+        in_scale = float(opts.logit_scale) / float(opts.softcap)
+        out_scale = float(opts.softcap) * _LOG2E_F
     # Each pipeline stage buffers a block of logits (and of fp32 class weights when smoothing
     # reads them) in shared memory: fewer stages rather than a launch failure past ~200 KB.
     stage_bytes = block * (x.element_size() + (4 if weight is not None and opts.label_smoothing else 0))
@@ -395,8 +493,9 @@ def launch_cross_entropy(
         opts.ignore_index,
         float(opts.label_smoothing),
         float(opts.lse_square_scale),
-        float(opts.softcap) if opts.softcap is not None else 1.0,
         float(opts.logit_scale),
+        in_scale,
+        out_scale,
         HAS_WEIGHT=weight is not None,
         HAS_SMOOTHING=opts.label_smoothing > 0,
         HAS_Z=z_rows is not None,
@@ -405,6 +504,7 @@ def launch_cross_entropy(
         HAS_ROW_SCALE=row_scale is not None,
         HAS_GRAD=grad is not None,
         BLOCK=block,
+        LANE=min(block, _LANE),
         KEEP=keep,
         STREAM=stream,
         STAGES=stages,

@@ -129,6 +129,19 @@ def test_launch_knobs(programs_per_sm, hints, warps, stages, device, small_block
     logits, target = make_inputs((7, 70), device, torch.bfloat16, n_ignored=2)
     check(logits, target, torch.bfloat16, label_smoothing=0.1, lse_square_scale=1e-3)
     check(logits, target, torch.bfloat16, "none", in_place=True, softcap=5.0)
+    logits, target = make_inputs((3, 64), device, torch.float32)  # whole blocks only, no tail
+    check(logits, target, torch.float32, weight=torch.rand(64, device=device), label_smoothing=0.2)
+
+
+def test_minus_inf_logits(device, small_blocks):
+    # Masked-out classes (-inf logits), a whole block of them first: probability and gradient 0,
+    # no NaN from a running max that is still -inf.
+    logits, _ = make_inputs((4, 100), device, torch.float32)
+    logits[:, :40] = float("-inf")
+    logits[1, 70:] = float("-inf")
+    target = torch.tensor([-100, 50, 99, 60], device=device)
+    for reduction in REDUCTIONS:
+        check(logits, target, torch.float32, reduction, lse_square_scale=1e-3)
 
 
 def test_many_blocks_one_row(device, small_blocks):
