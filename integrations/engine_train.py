@@ -207,13 +207,18 @@ def main(argv=None):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("gloo" if args.device == "cpu" else "nccl")
     world, rank = dist.get_world_size(), dist.get_rank()
-    if any(e.startswith("zero") for e in engines) and args.device == "cpu":
+    if any(e.startswith("zero") for e in engines):
         import importlib
 
-        # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce op (minutes, needs a C++
-        # toolchain) at init; gloo does the collectives without it. (`deepspeed.comm.torch` as an
-        # attribute is the torch package, hence the module lookup by name.)
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        import deepspeed
+
+        if args.device == "cpu":
+            # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce op (minutes, needs a C++
+            # toolchain) at init; gloo does the collectives without it. (`deepspeed.comm.torch` as an
+            # attribute is the torch package, hence the module lookup by name.)
+            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        # Before zero.Init reads the world size (it is 1 until DeepSpeed's comm layer is set up).
+        deepspeed.init_distributed()
     probe = KernelProbe()
     summary = {"script": "engine_train", "device": args.device, "precision": args.precision, "world_size": world,
                "torch": torch.__version__, "results": {}}

@@ -110,7 +110,7 @@ def loader(args, seed: int, n: int):
     return torch.utils.data.DataLoader(rows, batch_size=args.batch, shuffle=False)
 
 
-def fit(args, strategy: str, liger: bool, probe: KernelProbe) -> dict:
+def fit(args, strategy: str, liger: bool, probe: KernelProbe):
     precision = {"fp32": "32-true", "bf16": "bf16-mixed"}[args.precision]
     callbacks = [LigerCallback()] if liger else []
     trainer = pl.Trainer(
@@ -120,13 +120,15 @@ def fit(args, strategy: str, liger: bool, probe: KernelProbe) -> dict:
     )
     module = Module(args, strategy)
     probe.reset()
-    trainer.fit(module, loader(args, 1, args.steps * args.batch * args.devices))
+    # One epoch of exactly max_steps batches; the validation runs at its end, inside the same fit (no
+    # second strategy set-up of the wrapped model).
+    trainer.fit(module, loader(args, 1, args.steps * args.batch * args.devices),
+                loader(args, 2, 2 * args.batch * args.devices))
     record = {"loss": module.losses, "calls": dict(probe.calls), "weights_seen": list(probe.weights),
               "wrapper": module.wrapper, "world_size": trainer.world_size,
+              "val_loss": float(trainer.callback_metrics["val_loss"]),
               "patched_after_wrap": is_liger(module.model.model.norm.forward)
               and is_liger(module.model.model.layers[0].mlp.forward)}
-    record["val_loss"] = trainer.validate(module, loader(args, 2, 2 * args.batch * args.devices),
-                                          verbose=False)[0]["val_loss"]
     if liger:
         unpatch(module.model)
     return record, trainer.global_rank, module.model.config

@@ -86,23 +86,36 @@ def available(name: str) -> str | None:
     return None
 
 
+def stop(proc: subprocess.Popen) -> str:
+    """Stop a launch that ran out of time, workers included, so that no orphaned rank keeps a GPU or a
+    port for the next combination; its output so far. SIGTERM first: torchrun (also inside accelerate
+    launch) then stops the workers it started in sessions of their own; the launch's own session
+    (Lightning's second rank) gets SIGKILL after a grace period."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.communicate(timeout=30)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    try:
+        return proc.communicate(timeout=10)[0]
+    except subprocess.TimeoutExpired:  # a worker outside the session still holds the pipe
+        proc.stdout.close()
+        return "(output lost: a worker outside the launch's session did not stop)"
+
+
 def run_one(name: str, scratch: Path, timeout: int) -> dict:
     _, cmd, _ = MATRIX[name]
     summary_path = scratch / f"{name}.json"
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LIGER_POISON_OUTPUTS")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     start = time.perf_counter()
-    # A session of its own: on timeout the launcher and every worker it started are stopped together,
-    # so no orphaned rank keeps a GPU or a port for the next combination.
     proc = subprocess.Popen([*cmd, "--out", str(summary_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         output, _ = proc.communicate(timeout=timeout)
         status = "pass" if proc.returncode == 0 else "FAIL"
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        status = "TIMEOUT"
+        output, status = stop(proc), "TIMEOUT"
     tail = output[-3000:]
     result = {"status": status, "seconds": round(time.perf_counter() - start, 1), "command": " ".join(cmd)}
     if summary_path.exists():

@@ -1,6 +1,6 @@
 """Sweep of the cross-entropy and fused linear cross-entropy launch / schedule knobs on the GPU.
 
-    python3 scripts/flce_sweep.py --out $OUT/flce.json [--sections ce,flce,parts] [--time-limit 170]
+    python3 scripts/flce_sweep.py --out $OUT/flce.json [--sections ce,flce,parts] [--time-limit 150]
     python3 scripts/flce_sweep.py --smoke --out /tmp/flce_smoke.json   # tiny shapes, CPU, interpreter
 
 Run from the repository root. Sections (each writes the JSON again, so a killed run keeps what it
@@ -10,7 +10,8 @@ measured):
          grid of schedule knobs, then a "combo" of the best knob of each group that fits the memory
          target.
 - parts: the four per-chunk kernels of the fused loss timed alone at its chunk shape (and at twice
-         the rows): where the time goes, against the bf16 matmul rate and copy bandwidth.
+         the rows), the Triton dW configurations, dX and dW on two streams: where the time goes,
+         against the bf16 matmul rate and copy bandwidth.
 Times: forward+backward, `triton.testing.do_bench` median (L2 cleared before each run), grad_output 1.
 Memory: peak allocated beyond what was allocated before the call, gradients included (MiB); "kept":
 memory a variant's first call leaves allocated for good (e.g. a second stream's cuBLAS workspace).
@@ -51,49 +52,41 @@ FLCE_SHAPES = {"llama3": (8192, 4096, 128256), "gemma": (8192, 2304, 256000)}
 SMOKE_CE_SHAPE = (6, 300)
 SMOKE_FLCE_SHAPES = {"llama3": (9, 32, 300), "gemma": (9, 16, 500)}
 
-OLD_CE = {"CE_L2_HINTS": False, "CE_STAGES": 1, "CE_PROGRAMS_PER_SM": 0, "CE_NUM_WARPS": 0,
-          "_MAX_BLOCK": 16384}
 CE_VARIANTS = [
-    ("ref", {}),
-    ("old", OLD_CE),  # the kernel of docs/bench/results_run1.md
+    ("ref", {}),  # the defaults: 16384-column blocks, 16 warps, L2 hints
+    ("nohint", {"CE_L2_HINTS": False}),
+    ("w32", {"CE_NUM_WARPS": 32}),
+    ("b8k", {"_MAX_BLOCK": 8192}),  # 16 warps
+    ("b8k_w8", {"_MAX_BLOCK": 8192, "CE_NUM_WARPS": 8}),
+    ("b4k", {"_MAX_BLOCK": 4096}),  # 8 warps
+    ("b4k_w4", {"_MAX_BLOCK": 4096, "CE_NUM_WARPS": 4}),
+    ("b32k", {"_MAX_BLOCK": 32768}),  # 32 warps
     ("s2", {"CE_STAGES": 2}),
     ("s3", {"CE_STAGES": 3}),
+    ("b8k_s2", {"_MAX_BLOCK": 8192, "CE_STAGES": 2}),
     ("p1", {"CE_PROGRAMS_PER_SM": 1}),
-    ("p1_s2", {"CE_PROGRAMS_PER_SM": 1, "CE_STAGES": 2}),
-    ("p1_s3", {"CE_PROGRAMS_PER_SM": 1, "CE_STAGES": 3}),
-    ("p1_s2_nohint", {"CE_PROGRAMS_PER_SM": 1, "CE_STAGES": 2, "CE_L2_HINTS": False}),
-    ("p1_s2_b8k", {"CE_PROGRAMS_PER_SM": 1, "CE_STAGES": 2, "_MAX_BLOCK": 8192}),
-    ("p1_s3_b8k", {"CE_PROGRAMS_PER_SM": 1, "CE_STAGES": 3, "_MAX_BLOCK": 8192}),
-    ("p2_s2_b8k", {"CE_PROGRAMS_PER_SM": 2, "CE_STAGES": 2, "_MAX_BLOCK": 8192}),
-    ("p1_s2_w32", {"CE_PROGRAMS_PER_SM": 1, "CE_STAGES": 2, "CE_NUM_WARPS": 32}),
-    ("p1_s2_b32k", {"CE_PROGRAMS_PER_SM": 1, "CE_STAGES": 2, "_MAX_BLOCK": 32768, "CE_NUM_WARPS": 32}),
-    ("b8k_w8_s2", {"CE_STAGES": 2, "_MAX_BLOCK": 8192, "CE_NUM_WARPS": 8}),
+    ("b8k_p3", {"_MAX_BLOCK": 8192, "CE_PROGRAMS_PER_SM": 3}),
 ]
 # Groups for the "combo" variant: the best member of each group (within the memory target) is merged.
+ALL_ROWS = 1 << 30  # DW_TRITON_MAX_ROWS that sends every chunk to the Triton dW kernel
 FLCE_GROUPS = {
-    "streams": [
-        ("dw_first", {"DW_FIRST": True}),
-        ("stream", {"DW_STREAM": True}),
-        ("stream_dw_first", {"DW_STREAM": True, "DW_FIRST": True}),
+    "streams": [("stream", {"DW_STREAM": True})],
+    "dw": [
+        ("dw_triton", {"DW_TRITON_MAX_ROWS": ALL_ROWS}),  # DW_CONFIG default (64, 128, 64, 4, 3)
+        ("dw_triton_s2", {"DW_TRITON_MAX_ROWS": ALL_ROWS, "DW_CONFIG": (64, 128, 64, 4, 2)}),
+        ("dw_triton_64", {"DW_TRITON_MAX_ROWS": ALL_ROWS, "DW_CONFIG": (64, 64, 64, 4, 3)}),
+        ("dw_triton_128", {"DW_TRITON_MAX_ROWS": ALL_ROWS, "DW_CONFIG": (128, 128, 64, 8, 3)}),
     ],
-    "dx": [
-        ("dx_triton", {"DX_TRITON": True}),
-        ("dx_triton_256", {"DX_TRITON": True, "DX_CONFIG": (128, 256, 64, 8, 3)}),
-        ("dx_triton_64", {"DX_TRITON": True, "DX_CONFIG": (64, 128, 64, 4, 4)}),
-        ("dx_triton_s1", {"DX_TRITON": True, "DX_SPLIT": 1}),
-    ],
-    "ce": [("ce_best", None)],  # the fastest correct CE variant of the ce section (else p1_s2)
+    "ce": [("ce_best", None)],  # the fastest correct CE variant of the ce section (else b8k)
     "chunk": [
         ("chunk96", {"CHUNK_BYTES": 96 * MiB}),
-        ("chunk112", {"CHUNK_BYTES": 112 * MiB}),
         ("chunk160", {"CHUNK_BYTES": 160 * MiB}),
         ("chunk256", {"CHUNK_BYTES": 256 * MiB}),
     ],
 }
 KNOB_MODULES = (ce, flce)
 KNOB_NAMES = ("_MAX_BLOCK", "CE_NUM_WARPS", "CE_PROGRAMS_PER_SM", "CE_L2_HINTS", "CE_STAGES",
-              "CHUNK_BYTES", "MIN_CHUNK_ROWS", "DW_STREAM", "DW_FIRST", "DX_TRITON", "DX_CONFIG",
-              "DX_SPLIT")
+              "CHUNK_BYTES", "MIN_CHUNK_ROWS", "DW_STREAM", "DW_TRITON_MAX_ROWS", "DW_CONFIG")
 
 
 def _module_of(name):
@@ -448,8 +441,8 @@ def parts_section(env, smoke, log, rates) -> dict:
                 "dw_addmm": ({}, lambda: dw.addmm_(buf.t(), x)),
             }
             if rows == base_rows:
-                for name, values in FLCE_GROUPS["dx"]:
-                    items[name] = (values, lambda: flce._grad_input(dx, buf, w))
+                for name, values in FLCE_GROUPS["dw"]:
+                    items[name] = (values, lambda: flce._accumulate_grad_weight(dw, buf, x, False))
                 if env.device == "cuda":
                     side = torch.cuda.Stream()
 
@@ -476,7 +469,7 @@ def parts_section(env, smoke, log, rates) -> dict:
                 if name != "ce_kernel":
                     n_flops = 2 * flops if name == "dx_dw_2streams" else flops
                     entry["tflops"] = n_flops / (ms * 1e-3) / 1e12
-                if name in ("ce_kernel", "dw_addmm"):
+                if name == "ce_kernel" or name.startswith("dw_"):
                     # bytes at least: CE reads the chunk once and writes it; dW read and written
                     moved = 2 * rows * v * 2 if name == "ce_kernel" else 2 * v * h * 2 + rows * v * 2
                     entry["gb_per_s"] = moved / (ms * 1e-3) / 1e9
@@ -484,6 +477,10 @@ def parts_section(env, smoke, log, rates) -> dict:
             n_chunks = triton.cdiv(m, rows)
             step = sum(rec[k]["ms"] for k in ("logits_mm", "ce_kernel", "dx_cublas", "dw_addmm")
                        if "ms" in rec.get(k, {}))
+            dw_best = min((val["ms"] for k, val in rec.items() if k.startswith("dw_") and "ms" in val),
+                          default=None)
+            if dw_best is not None and "ms" in rec.get("dw_addmm", {}):
+                rec["projected_total_best_dw_ms"] = (step - rec["dw_addmm"]["ms"] + dw_best) * n_chunks
             rec["chunks"] = n_chunks
             rec["projected_total_ms"] = step * n_chunks
             if rates:  # one chunk's three GEMMs at the matmul rate; dW read + written at copy speed
@@ -494,7 +491,9 @@ def parts_section(env, smoke, log, rates) -> dict:
                 f"{k} {val['ms']:.3f} ms" + (f" {val['tflops']:.0f} TF/s" if "tflops" in val else "")
                 + (f" {val['gb_per_s']:.0f} GB/s" if "gb_per_s" in val else "")
                 for k, val in rec.items() if isinstance(val, dict) and "ms" in val)
-                + f"; sum x chunks {rec['projected_total_ms']:.2f} ms")
+                + f"; sum x chunks {rec['projected_total_ms']:.2f} ms"
+                + (f" ({rec['projected_total_best_dw_ms']:.2f} with the best dW)"
+                   if "projected_total_best_dw_ms" in rec else ""))
             del x, w, buf, dx, dw
             gc.collect()
             if env.device == "cuda":
@@ -562,7 +561,7 @@ def main(argv=None) -> int:
         log(f"ceilings: copy {result['ceilings']['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
             f"{result['ceilings']['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s")
     clock = Clock(args.time_limit)
-    ce_best_knobs = {"CE_PROGRAMS_PER_SM": 1, "CE_STAGES": 2}
+    ce_best_knobs = {"_MAX_BLOCK": 8192}
     if "ce" in sections:
         log(f"-- cross_entropy {SMOKE_CE_SHAPE if args.smoke else CE_SHAPE} bf16 in place "
             f"(target {TARGETS['ce'][0]} ms)")

@@ -1,13 +1,14 @@
 """Axolotl end to end: train one config with and without liger_plugins.axolotl.LigerPlugin, compare losses.
 
     python integrations/axolotl/tiny.py          # once: tiny local model, tokenizer and data under out/
-    python integrations/axolotl/compare.py       # configs/axolotl_tiny_cpu.yml, CPU, fp32, a few seconds
-    python integrations/axolotl/compare.py --config examples/axolotl.yml
+    python integrations/axolotl/compare.py       # configs/axolotl_tiny_cpu.yml: CPU, fp32, about a minute
+    python integrations/axolotl/compare.py --config configs/axolotl_tiny_lora_cpu.yml
 
 Both runs go through Axolotl's own entry points in one process (`load_cfg`, which registers the plugin
 from the config's `plugins:` list and validates its keys; `load_datasets`; `axolotl.train.train`, whose
 model loader calls the plugin's hooks). The baseline is the same config without the plugin and without
-the liger_* keys; it runs first, because the plugin's class-level patch lasts for the process. Paths in
+the liger_* keys; it runs first, because the plugin's class-level patch lasts for the process. Each run
+starts from the same RNG state (as a fresh process would), so LoRA adapters start equal. Paths in
 the configs are relative to the repository root. Exits 1 if the loss curves differ by more than
 --rtol (default: 1e-4 in fp32, 3e-2 in bf16/fp16) relative to the largest loss.
 On CPU the kernels run their torch reference (Triton needs CUDA tensors).
@@ -48,7 +49,11 @@ def train(cfg: dict, run_dir: Path):
     from axolotl.cli.config import load_cfg
     from axolotl.common.datasets import load_datasets
     from axolotl.train import train as axolotl_train
+    from transformers import set_seed
 
+    # Axolotl seeds only when it builds the trainer, after LoRA adapters took their initial weights from
+    # the process RNG: seed here so that every run in this process starts from the same RNG state.
+    set_seed(cfg.get("seed", 42))
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = {**cfg, "output_dir": str(run_dir / "out"), "dataset_prepared_path": str(run_dir / "prepared")}
     path = run_dir / "config.yml"
@@ -71,8 +76,9 @@ def main():
     parser.add_argument("--out", type=Path, default=Path("out/axolotl_compare"))
     parser.add_argument("--rtol", type=float)
     args = parser.parse_args()
-    os.chdir(ROOT)
     cfg = yaml.safe_load(args.config.read_text())
+    args.out = args.out.resolve()
+    os.chdir(ROOT)  # the configs' own paths are relative to the repository root
     if PLUGIN not in (cfg.get("plugins") or []):
         sys.exit(f"{args.config} does not list {PLUGIN} in plugins:")
     baseline, _ = train(without_plugin(cfg), args.out / "baseline")

@@ -18,19 +18,18 @@ Algorithm (forward pass, which also computes all the gradients):
         logits = x_c @ W.T (+ b)                  cuBLAS, into one reused (chunk, V) buffer
         CE kernel: per-row loss, and d loss / d logits written over the logits (in place), already
                    divided by the global mean normalizer (computed once up front, on device)
-        dX[c] = g @ W                             cuBLAS (or `DX_TRITON`: a Triton split-K GEMM),
-                                                  straight into the preallocated dX rows
-        dW   += g.T @ x_c                         cuBLAS addmm into one dW buffer (first chunk: mm)
+        dX[c] = g @ W                             cuBLAS, straight into the preallocated dX rows
+        dW   += g.T @ x_c                         cuBLAS addmm (or `DW_TRITON_MAX_ROWS`: Triton) into
+                                                  one dW buffer (first chunk: no accumulation)
         db   += g.sum(0)                          fp32
 With `DW_STREAM` the dW GEMM runs on a second stream, overlapping the dX GEMM (both only read g);
-the next chunk's logits GEMM waits for it. `DW_FIRST` swaps the launch order of the two GEMMs.
+the next chunk's logits GEMM waits for it.
 The backward multiplies the stored gradients by grad_output (skipped on device when it is 1).
 Gradients of inputs that do not require grad are not computed (e.g. a frozen lm_head under LoRA).
 reduction="none" needs a per-row grad_output, so there the forward computes only the losses and the
 backward recomputes the chunks with the row weights folded into the kernel (one extra logits GEMM).
 
-Memory beyond the inputs: dX + dW + one logits chunk of about `CHUNK_BYTES` (+ the split-K
-partial sums with `DX_TRITON`, split x rows x H fp32). The dW update
+Memory beyond the inputs: dX + dW + one logits chunk of about `CHUNK_BYTES`. The dW update
 `dW += g.T @ x_c` reads and writes all of dW once per chunk, so its time is
 max(2|dW| / bandwidth, 2 V H rows / FLOPs): with fewer than ~400 rows per chunk on an H200 it is
 memory-bound. 128 MiB of bf16 logits is 512 rows at V = 128256 (Llama 3: dW 0.98 GiB + dX 0.06 +
@@ -67,7 +66,6 @@ from liger_kernels.ops.cross_entropy import (
     mean_denominators,
     reduce_loss,
     scale_,
-    sm_count,
 )
 
 # Schedule knobs, read at every call (scripts/flce_sweep.py tries others).
@@ -80,16 +78,14 @@ MIN_CHUNK_ROWS = 64
 # compute-bound, so sharing the GPU between them can hide part of the dW traffic. No extra memory
 # besides the second stream's cuBLAS workspace (allocated once per device).
 DW_STREAM = False
-# Launch the dW GEMM before the dX GEMM (which kernel gets the SMs first when they overlap).
-DW_FIRST = False
-# dX of a chunk, (rows, V) @ (V, H), has few output tiles (rows x H) and a long K: cuBLAS splits K
-# by its own heuristics. DX_TRITON=True runs a Triton split-K GEMM instead (16-bit inputs), with
-# DX_CONFIG = (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) and DX_SPLIT K ranges (0: as many
-# as fill one wave of the GPU); the partial sums (split x rows x H fp32) are added in a fixed
-# order.
-DX_TRITON = False
-DX_CONFIG = (128, 128, 64, 8, 4)
-DX_SPLIT = 0
+# dW += g.T @ x_c has K = rows of a chunk: cuBLAS's addmm ran at 2.3-2.5 TB/s on the H200 (run 2:
+# 1.0 ms per 256-row Gemma chunk against a 0.58 ms floor for reading and writing dW), its C tile
+# read not overlapping the short product. Chunks of at most DW_TRITON_MAX_ROWS rows (0: none) run
+# `_grad_weight_kernel` instead (16-bit weights; the fp32 accumulation of
+# accum_dtype=torch.float32 always does), with DW_CONFIG = (BLOCK_V, BLOCK_H, BLOCK_K, num_warps,
+# num_stages): 64 x 128 tiles, 4 warps, 3 stages fit 3 programs per SM (163 registers, 72 KB).
+DW_TRITON_MAX_ROWS = 0
+DW_CONFIG = (64, 128, 64, 4, 3)
 
 
 def chunk_rows(n_rows: int, n_classes: int, element_size: int) -> int:
@@ -100,7 +96,7 @@ def chunk_rows(n_rows: int, n_classes: int, element_size: int) -> int:
 
 
 @triton.jit
-def _grad_weight_fp32_kernel(
+def _grad_weight_kernel(
     g_ptr,
     x_ptr,
     out_ptr,
@@ -116,10 +112,22 @@ def _grad_weight_fp32_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """out (V, H) fp32 (+)= g(K, V).T @ x(K, H), fp32 accumulation of 16-bit inputs."""
-    offs_v = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
-    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    """out (V, H) (+)= g (K, V).T @ x (K, H) of 16-bit g and x: fp32 products and sum, rounded once
+    to out's dtype (fp32, or the inputs' dtype: the rounding of cuBLAS's addmm).
+
+    K is short (one chunk's rows), so the kernel is bound by reading and writing out: the out tile's
+    load is issued before the products so that it is in flight during them. Program p owns tile
+    (p // tiles_h, p % tiles_h): the H tiles of one V block run side by side, so g's columns of that
+    block come from HBM once (then from L2).
+    """
+    tiles_h = tl.cdiv(n_h, BLOCK_H)
+    offs_v = (tl.program_id(0) // tiles_h) * BLOCK_V + tl.arange(0, BLOCK_V)
+    offs_h = (tl.program_id(0) % tiles_h) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_k = tl.arange(0, BLOCK_K)
+    mask = (offs_v[:, None] < n_v) & (offs_h[None, :] < n_h)
+    out = out_ptr + offs_v[:, None].to(tl.int64) * out_stride + offs_h[None, :]
+    if ACCUMULATE:
+        prev = tl.load(out, mask=mask, other=0.0)
     acc = tl.zeros((BLOCK_V, BLOCK_H), dtype=tl.float32)
     for k0 in range(0, n_k, BLOCK_K):
         ks = (k0 + offs_k).to(tl.int64)
@@ -136,16 +144,17 @@ def _grad_weight_fp32_kernel(
         if UPCAST:  # the interpreter's tl.dot multiplies bf16 bit patterns; fp32 products are exact
             g, x = g.to(tl.float32), x.to(tl.float32)
         acc = tl.dot(g, x, acc=acc)
-    out = out_ptr + offs_v[:, None].to(tl.int64) * out_stride + offs_h[None, :]
-    mask = (offs_v[:, None] < n_v) & (offs_h[None, :] < n_h)
     if ACCUMULATE:
-        acc += tl.load(out, mask=mask)
-    tl.store(out, acc, mask=mask)
+        acc += prev.to(tl.float32)
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _accumulate_grad_weight(grad_w: torch.Tensor, g: torch.Tensor, x: torch.Tensor, first: bool):
-    """grad_w (V, H) = or += g.T @ x for g (rows, V), x (rows, H)."""
-    if grad_w.dtype == g.dtype:
+    """grad_w (V, H) = or += g.T @ x for g (rows, V), x (rows, H): cuBLAS, or the Triton kernel for
+    an fp32 grad_w of 16-bit g and for chunks of at most `DW_TRITON_MAX_ROWS` rows (16-bit only:
+    tl.dot would take fp32 as TF32)."""
+    triton_16bit = g.dtype != torch.float32 and g.shape[0] <= DW_TRITON_MAX_ROWS
+    if grad_w.dtype == g.dtype and not triton_16bit:
         if first:
             torch.mm(g.t(), x, out=grad_w)
         else:
@@ -153,9 +162,9 @@ def _accumulate_grad_weight(grad_w: torch.Tensor, g: torch.Tensor, x: torch.Tens
         return
     n_k, n_v = g.shape
     n_h = x.shape[1]
-    block_v, block_h, block_k = 128, 128, 32
-    grid = (triton.cdiv(n_v, block_v), triton.cdiv(n_h, block_h))
-    _grad_weight_fp32_kernel[grid](
+    block_v, block_h, block_k, num_warps, num_stages = DW_CONFIG
+    grid = (triton.cdiv(n_v, block_v) * triton.cdiv(n_h, block_h),)
+    _grad_weight_kernel[grid](
         g,
         x,
         grad_w,
@@ -170,125 +179,9 @@ def _accumulate_grad_weight(grad_w: torch.Tensor, g: torch.Tensor, x: torch.Tens
         BLOCK_V=block_v,
         BLOCK_H=block_h,
         BLOCK_K=block_k,
-        num_warps=8,
-        num_stages=3,
-    )
-
-
-@triton.jit
-def _grad_input_kernel(
-    g_ptr,
-    w_ptr,
-    out_ptr,
-    part_ptr,
-    n_m,
-    n_n,
-    n_k,
-    k_per_split,
-    g_stride,
-    w_stride,
-    out_stride,
-    SPLIT: tl.constexpr,
-    UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """out (M, N) = g (M, K) @ w (K, N), fp32 accumulation. Program (tile, s) sums the K range
-    [s * k_per_split, (s + 1) * k_per_split) (k_per_split a multiple of BLOCK_K). SPLIT > 1: the
-    fp32 partial sums go to part (SPLIT, M, N) and `_sum_splits_kernel` adds them in a fixed order
-    (deterministic, unlike atomics)."""
-    tiles_n = tl.cdiv(n_n, BLOCK_N)
-    offs_m = (tl.program_id(0) // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = (tl.program_id(0) % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m[:, None] < n_m
-    mask_n = offs_n[None, :] < n_n
-    k_start = tl.program_id(1) * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, n_k)
-    g_ptrs = g_ptr + offs_m[:, None].to(tl.int64) * g_stride + (k_start + offs_k)[None, :]
-    w_ptrs = w_ptr + (k_start + offs_k)[:, None].to(tl.int64) * w_stride + offs_n[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # Whole K blocks without a K mask (the loop the compiler pipelines best), then a masked tail.
-    n_full = (k_end - k_start) // BLOCK_K
-    for _ in range(0, n_full):
-        g = tl.load(g_ptrs, mask=mask_m, other=0.0)
-        w = tl.load(w_ptrs, mask=mask_n, other=0.0)
-        if UPCAST:  # the interpreter's tl.dot multiplies bf16 bit patterns; fp32 products are exact
-            g, w = g.to(tl.float32), w.to(tl.float32)
-        acc = tl.dot(g, w, acc=acc)
-        g_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K * w_stride
-    if k_start + n_full * BLOCK_K < k_end:
-        mask_k = k_start + n_full * BLOCK_K + offs_k < k_end
-        g = tl.load(g_ptrs, mask=mask_m & mask_k[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n, other=0.0)
-        if UPCAST:
-            g, w = g.to(tl.float32), w.to(tl.float32)
-        acc = tl.dot(g, w, acc=acc)
-    if SPLIT == 1:
-        out = out_ptr + offs_m[:, None].to(tl.int64) * out_stride + offs_n[None, :]
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m & mask_n)
-    else:
-        part = part_ptr + (tl.program_id(1) * n_m + offs_m[:, None]).to(tl.int64) * n_n + offs_n[None, :]
-        tl.store(part, acc, mask=mask_m & mask_n)
-
-
-@triton.jit
-def _sum_splits_kernel(part_ptr, out_ptr, n_m, n_n, out_stride, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
-    """out row r = sum over s of part[s, r] (fp32, in order s = 0, 1, ...), rounded once."""
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    for start in range(0, n_n, BLOCK):
-        mask = start + cols < n_n
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for s in tl.static_range(SPLIT):
-            acc += tl.load(part_ptr + (s * n_m + row) * n_n + start + cols, mask=mask, other=0.0)
-        tl.store(out_ptr + row * out_stride + start + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def _grad_input(out: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> None:
-    """out (rows, H) = g (rows, V) @ w (V, H): cuBLAS, or with `DX_TRITON` (16-bit inputs; fp32
-    would go through TF32 in tl.dot) the split-K Triton GEMM."""
-    if not DX_TRITON or g.dtype == torch.float32:
-        torch.mm(g, w, out=out)
-        return
-    n_m, n_k = g.shape
-    n_n = w.shape[1]
-    block_m, block_n, block_k, num_warps, num_stages = DX_CONFIG
-    tiles = triton.cdiv(n_m, block_m) * triton.cdiv(n_n, block_n)
-    # Default split: as many K ranges as fill one wave, counting the programs that fit on an SM by
-    # their pipeline buffers (~200 KB of shared memory per SM usable).
-    smem = num_stages * (block_m + block_n) * block_k * g.element_size()
-    slots = sm_count(g.device) * max(1, 200 * 1024 // smem)
-    split = DX_SPLIT or max(1, slots // tiles)
-    k_per_split = triton.cdiv(triton.cdiv(n_k, split), block_k) * block_k
-    split = triton.cdiv(n_k, k_per_split)
-    part = new_output((split, n_m, n_n), torch.float32, g.device) if split > 1 else out
-    _grad_input_kernel[(tiles, split)](
-        g,
-        w,
-        out,
-        part,
-        n_m,
-        n_n,
-        n_k,
-        k_per_split,
-        g.stride(0),
-        w.stride(0),
-        out.stride(0),
-        SPLIT=split,
-        UPCAST=INTERPRET,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
         num_warps=num_warps,
         num_stages=num_stages,
     )
-    if split > 1:
-        block = min(triton.next_power_of_2(n_n), 4096)
-        _sum_splits_kernel[(n_m,)](part, out, n_m, n_n, out.stride(0), SPLIT=split, BLOCK=block,
-                                   num_warps=4)
 
 
 @dataclass(frozen=True)
@@ -351,12 +244,11 @@ def _chunked_pass(x, w, b, target, ce_weight, plan: _Plan, needs, denoms=None, r
         )
         if side is not None:
             side.wait_stream(main)  # the gradient chunk is written
-        for product in ("dw", "dx") if DW_FIRST else ("dx", "dw"):
-            if product == "dx" and need_dx:
-                _grad_input(grad_x[start:end], logits, w)
-            elif product == "dw" and need_dw:
-                with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-                    _accumulate_grad_weight(grad_w, logits, x_c, first=start == 0)
+        if need_dx:
+            torch.mm(logits, w, out=grad_x[start:end])
+        if need_dw:
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                _accumulate_grad_weight(grad_w, logits, x_c, first=start == 0)
         if need_db:
             grad_b += logits.sum(0, dtype=torch.float32)
     if side is not None:

@@ -206,44 +206,38 @@ def test_reference_path(case, dtype, device, monkeypatch):
     check(x, w, target, dtype, "sum", num_items_in_batch=5, **dict(kw))
 
 
-@pytest.mark.parametrize("dw_first", [False, True])
+@pytest.mark.parametrize("dw_triton", [False, True])
 @pytest.mark.parametrize("dw_stream", [False, True])
-def test_schedule_knobs(dw_first, dw_stream, device, monkeypatch):
-    # GEMM order and the second stream for dW give the same loss and gradients; several chunks so
-    # that the stream hand-offs between chunks matter.
+def test_schedule_knobs(dw_triton, dw_stream, device, monkeypatch):
+    # dW by the Triton kernel and on a second stream give the same loss and gradients; several
+    # chunks so that the accumulation and the stream hand-offs between chunks matter.
     if dw_stream and device != "cuda":
         pytest.skip("the second stream exists on CUDA only (elsewhere the flag has no effect)")
-    monkeypatch.setattr(flce_module, "DW_FIRST", dw_first)
+    monkeypatch.setattr(flce_module, "DW_TRITON_MAX_ROWS", 64 if dw_triton else 0)
+    monkeypatch.setattr(flce_module, "DW_CONFIG", (16, 16, 16, 4, 1))
     monkeypatch.setattr(flce_module, "DW_STREAM", dw_stream)
-    x, w, target, kw = make_inputs(device, torch.bfloat16, "everything")
-    check(x, w, target, torch.bfloat16, grad_scale=1.5, **kw)
-    x, w, target, kw = make_inputs(device, torch.float32, "bias")
-    check(x, w, target, torch.float32, "none", **kw)
-
-
-@pytest.mark.parametrize("split", [0, 1, 3])
-@pytest.mark.parametrize("shape", [(4, 37, 40), (1, 16, 16), (20, 100, 7)])
-def test_triton_grad_input(shape, split, device, monkeypatch):
-    # The split-K dX GEMM alone: ragged M, N and K tails, one or several K ranges (0: automatic).
-    monkeypatch.setattr(flce_module, "DX_TRITON", True)
-    monkeypatch.setattr(flce_module, "DX_CONFIG", (16, 16, 16, 4, 1))
-    monkeypatch.setattr(flce_module, "DX_SPLIT", split)
-    rows, vocab, hidden = shape
-    for dtype in (torch.bfloat16, torch.float16):
-        g = torch.randn(rows, vocab, device=device).to(dtype)
-        w = torch.randn(vocab, hidden, device=device).to(dtype)
-        out = torch.full((rows + 2, hidden), float("nan"), device=device, dtype=dtype)
-        flce_module._grad_input(out[1:-1], g, w)  # rows of a bigger buffer, as the dX chunks are
-        assert out[0].isnan().all() and out[-1].isnan().all()
-        assert_close(out[1:-1], g.double() @ w.double(), dtype, reduction=True, name="dx")
-
-
-def test_triton_grad_input_in_the_loss(device, monkeypatch):
-    monkeypatch.setattr(flce_module, "DX_TRITON", True)
-    monkeypatch.setattr(flce_module, "DX_CONFIG", (16, 16, 16, 4, 1))
-    monkeypatch.setattr(flce_module, "DX_SPLIT", 2)
     x, w, target, kw = make_inputs(device, torch.bfloat16, "everything", hidden=40)
-    check(x, w, target, torch.bfloat16, grad_scale=0.7, **kw)
+    check(x, w, target, torch.bfloat16, grad_scale=1.5, **kw)
+    x, w, target, kw = make_inputs(device, torch.float16, "bias")
+    check(x, w, target, torch.float16, "none", **kw)
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("shape", [(4, 37, 40), (1, 16, 16), (20, 100, 7)])
+def test_triton_grad_weight(shape, accumulate, device, monkeypatch):
+    # The dW GEMM alone: ragged V, H and K tails, written or added to (16-bit and fp32 out).
+    monkeypatch.setattr(flce_module, "DW_TRITON_MAX_ROWS", 64)
+    monkeypatch.setattr(flce_module, "DW_CONFIG", (16, 16, 16, 4, 1))
+    rows, vocab, hidden = shape
+    for dtype, out_dtype in [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                             (torch.bfloat16, torch.float32)]:
+        g = torch.randn(rows, vocab, device=device).to(dtype)
+        x = torch.randn(rows, hidden, device=device).to(dtype)
+        start = torch.randn(vocab, hidden, device=device).to(out_dtype)
+        out = start.clone() if accumulate else torch.full_like(start, float("nan"))
+        flce_module._accumulate_grad_weight(out, g, x, first=not accumulate)
+        expected = g.double().t() @ x.double() + (start.double() if accumulate else 0)
+        assert_close(out, expected, dtype, reduction=True, name="dw")
 
 
 def test_chunk_rows():
@@ -298,12 +292,12 @@ def test_errors(device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("knobs", [{}, {"DW_STREAM": True}, {"DX_TRITON": True}])
+@pytest.mark.parametrize("knobs", [{}, {"DW_STREAM": True}, {"DW_TRITON_MAX_ROWS": 4096}])
 def test_parity_gpu(knobs, device, monkeypatch):
     if device != "cuda":
         pytest.skip("real-size check; run with LIGER_TEST_DEVICE=cuda")
     # Several automatic chunks of a real vocabulary, bf16, against float64 materialized logits;
-    # default schedule, dW on a second stream, Triton split-K dX.
+    # default schedule, dW on a second stream, dW by the Triton kernel.
     for name, value in knobs.items():
         monkeypatch.setattr(flce_module, name, value)
     x, w, target, kw = make_inputs(device, torch.bfloat16, "plain", (2048,), 1024, 128256)
@@ -312,13 +306,16 @@ def test_parity_gpu(knobs, device, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_memory_llama3_gpu(device):
+@pytest.mark.parametrize("shape, limit_mib", [((8192, 4096, 128256), 1200), ((8192, 2304, 256000), 1300)])
+def test_memory_gpu(shape, limit_mib, device):
     if device != "cuda":
         pytest.skip("real-size check; run with LIGER_TEST_DEVICE=cuda")
-    # 8192 x 4096 x 128256 bf16: peak memory beyond the inputs (gradients included) <= 1.2 GiB.
-    x = torch.randn(8192, 4096, device=device, dtype=torch.bfloat16).requires_grad_()
-    w = (torch.randn(128256, 4096, device=device) / 64).to(torch.bfloat16).requires_grad_()
-    target = torch.randint(0, 128256, (8192,), device=device)
+    # Llama 3 and Gemma shapes, bf16: peak memory beyond the inputs (gradients included) within the
+    # issue-3 targets, in the unit of ANCHORS.md (its "1.2 GB" is 1200 MiB; docs/perf_notes_ce.md).
+    n, h, v = shape
+    x = torch.randn(n, h, device=device, dtype=torch.bfloat16).requires_grad_()
+    w = (torch.randn(v, h, device=device) / h**0.5).to(torch.bfloat16).requires_grad_()
+    target = torch.randint(0, v, (n,), device=device)
     fused_linear_cross_entropy(x, w, target).backward()  # warm-up (compilation, cuBLAS workspace)
     x.grad = w.grad = None
     torch.cuda.synchronize()
@@ -327,4 +324,4 @@ def test_memory_llama3_gpu(device):
     fused_linear_cross_entropy(x, w, target).backward()
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before
-    assert extra <= 1.2 * 2**30, f"{extra / 2**30:.3f} GiB"
+    assert extra <= limit_mib * 2**20, f"{extra / 2**20:.0f} MiB"

@@ -16,23 +16,24 @@ import torch
 import yaml
 from tests.tolerances import REDUCTION_TOLERANCES, assert_model_close
 
-from integrations.axolotl import compare, tiny  # noqa: I001  (sets AXOLOTL_DO_NOT_TRACK, HF_HUB_OFFLINE)
+# Before Axolotl: compare sets AXOLOTL_DO_NOT_TRACK and HF_HUB_OFFLINE (no network here).
+from integrations.axolotl import compare, tiny  # isort: skip
 
-from accelerate import Accelerator  # noqa: E402
-from axolotl.cli.config import load_cfg  # noqa: E402
-from axolotl.integrations import base as axolotl_base  # noqa: E402
-from axolotl.integrations.base import PluginManager  # noqa: E402
-from axolotl.loaders import ModelLoader, load_tokenizer  # noqa: E402
-from axolotl.utils.dict import DictDefault  # noqa: E402
-from pydantic import ValidationError  # noqa: E402
-from transformers import LlamaForCausalLM  # noqa: E402
-from transformers.models.llama import modeling_llama  # noqa: E402
+from accelerate import Accelerator
+from axolotl.cli.config import load_cfg
+from axolotl.integrations import base as axolotl_base
+from axolotl.integrations.base import PluginManager
+from axolotl.loaders import ModelLoader, load_tokenizer
+from axolotl.utils.dict import DictDefault
+from pydantic import ValidationError
+from transformers import LlamaForCausalLM
+from transformers.models.llama import modeling_llama
 
-import liger_kernels._utils as kernel_utils  # noqa: E402
-import liger_kernels.functional as LF  # noqa: E402
-from liger_plugins.axolotl import LigerPlugin, LigerPluginsArgs  # noqa: E402
-from liger_plugins.patching import unpatch  # noqa: E402
-from liger_plugins.patching.forwards import is_liger  # noqa: E402
+import liger_kernels._utils as kernel_utils
+import liger_kernels.functional as LF
+from liger_plugins.axolotl import LigerPlugin, LigerPluginsArgs
+from liger_plugins.patching import unpatch
+from liger_plugins.patching.forwards import is_liger
 
 ROOT = Path(__file__).resolve().parents[2]
 PLUGIN = "liger_plugins.axolotl.LigerPlugin"
