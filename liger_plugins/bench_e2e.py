@@ -93,6 +93,10 @@ def run_one(family: str, setup: str, batch: int, seq: int, steps: int, warmup: i
         times.append(time.perf_counter() - start)
         losses.append(float(loss))
     median = statistics.median(times)
+    if patcher == "ours":  # leave the process as it was (rope is patched per modeling module)
+        from liger_plugins.patching import unpatch
+
+        unpatch(model)
     return dict(family=family, setup=setup, batch=batch, seq=seq, steps=steps,
                 step_ms=median * 1e3, tokens_per_s=batch * seq / median,
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
