@@ -66,7 +66,12 @@ class Module(pl.LightningModule):
         from transformers import AutoModelForCausalLM
 
         torch.manual_seed(0)
-        self.model = AutoModelForCausalLM.from_config(model_config(self.args.config))
+        config = model_config(self.args.config)
+        if self.strategy_name == "deepspeed_stage_3":
+            # Lightning builds this under zero.Init, where parameters are already partitioned (size 0);
+            # transformers' init would index the embedding's padding row and fail (with or without us).
+            config.pad_token_id = None
+        self.model = AutoModelForCausalLM.from_config(config)
         if self.strategy_name == "model_parallel":  # the module shards itself (FSDP2)
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
