@@ -281,6 +281,64 @@ OPS = {
         {"tokens": tuple({"M": m, "H": 4096, "V": 128256} for m in (4096, 8192, 16384))},
         {"M": 4, "H": 16, "V": 37, "ignore_every": 3}),
 }
+
+
+# --- fused-linear losses: ours vs the same loss computed the plain PyTorch way -------------------------
+# "eager" is the loss function with fused=False: lm_head over the whole batch, fp32 log-softmax over the
+# full (B, T, V) logits, one autograd graph (what TRL computes without Liger). "compile" compiles that.
+# Policy only (no reference model), as the ANCHORS.md alignment anchor: 8 pairs = 16 sequences x 1024.
+
+LOSS_ANCHOR = {"B": 16, "T": 1024, "H": 4096, "V": 128256}
+LOSS_FUNCTIONS = {  # op -> (liger_kernels.losses function, keyword arguments)
+    "dpo_loss": ("fused_linear_dpo_loss", {"beta": 0.1}),
+    "orpo_loss": ("fused_linear_orpo_loss", {"beta": 0.1}),
+    "cpo_loss": ("fused_linear_cpo_loss", {"beta": 0.1}),
+    "simpo_loss": ("fused_linear_simpo_loss", {"beta": 0.1}),
+    "kto_loss": ("fused_linear_kto_loss", {"beta": 0.1}),
+    "grpo_loss": ("fused_linear_grpo_loss", {"loss_type": "dapo"}),
+    "jsd_loss": ("fused_linear_jsd_loss", {"beta": 0.5}),
+}
+
+
+def make_loss(op):
+    def make(d, device, dtype):
+        b, t, h, v = d["B"], d["T"], d["H"], d["V"]
+        x = _randn(b, t, h, device=device, dtype=dtype)
+        weight = _randn(v, h, device=device, dtype=dtype, scale=h ** -0.5)
+        target = _targets(b * t, v, d.get("ignore_every", 0), device).view(b, t)
+        if op == "jsd_loss":  # teacher: same tokens, its own head, no gradients
+            teacher = [_randn(b, t, h, device=device, dtype=dtype, grad=False),
+                       _randn(v, h, device=device, dtype=dtype, scale=h ** -0.5, grad=False)]
+            return Inputs([x, weight], [*teacher, target], [None], _positional)
+        extra = {"kto_loss": [torch.arange(b, device=device) % 2 == 0],  # desirable / undesirable
+                 "grpo_loss": [torch.randn(b, device=device)]}.get(op, [])  # advantages
+        return Inputs([x, weight], [target, *extra], [None], _positional)
+    return make
+
+
+def _loss_fn(op, **extra):
+    from liger_kernels import losses
+
+    name, kwargs = LOSS_FUNCTIONS[op]
+    fn = getattr(losses, name)
+    return lambda *args: fn(*args, **kwargs, **extra).loss
+
+
+def _loss_work(op):
+    heads = 4 if op == "jsd_loss" else 3  # the teacher's logits: one more (M, H) x (H, V) product
+    return lambda d, e: {"fwd": 2 * d["B"] * d["T"] * d["H"] * d["V"] * (heads - 1),
+                         "fwd_bwd": 2 * d["B"] * d["T"] * d["H"] * d["V"] * heads}
+
+
+for _op in LOSS_FUNCTIONS:
+    OPS[_op] = OpSpec(
+        _op, "losses", {}, make_loss(_op), _loss_fn(_op, fused=False),
+        lambda d: f"{d['B']}x{d['T']}x{d['H']}x{d['V']}", "flops",
+        "fwd+bwd 6*B*T*H*V FLOPs (logits, dX, dW; + 2*B*T*H*V for the teacher); fwd counts all but one: "
+        "the fused losses compute their gradients in the forward",
+        _loss_work(_op), (LOSS_ANCHOR,), {}, {"B": 4, "T": 5, "H": 16, "V": 37, "ignore_every": 3})
+LOSS_OPS = tuple(LOSS_FUNCTIONS)
+
 # Run order: the issue's headline ops first, so a time limit cuts the least important.
 DEFAULT_OPS = ("rms_norm", "rope", "swiglu", "cross_entropy", "fused_linear_cross_entropy",
                "fused_add_rms_norm", "layer_norm", "geglu")
@@ -311,6 +369,8 @@ OURS_ONLY_KWARGS = {"cross_entropy": {"in_place": True}}
 
 
 def _ours(spec: OpSpec) -> Callable:
+    if spec.module == "losses":
+        return _loss_fn(spec.name)
     mod = importlib.import_module(f"liger_kernels.ops.{spec.module}")
     kwargs = {**spec.kwargs, **OURS_ONLY_KWARGS.get(spec.name, {})}
 
@@ -350,7 +410,34 @@ def _liger(op: str) -> Callable:
         "cross_entropy": lambda logits, t: lf.liger_cross_entropy(logits, t),
         # liger_fused_linear_cross_entropy(input, weight, target, bias=None, ...)
         "fused_linear_cross_entropy": lambda x, w, t: lf.liger_fused_linear_cross_entropy(x, w, t),
-    }[op]
+    }.get(op) or _liger_loss(op)
+
+
+def _liger_loss(op: str) -> Callable:
+    """Liger-Kernel's chunked losses (liger_kernel.chunked_loss, 0.8.x): policy only, default options."""
+    import liger_kernel.chunked_loss as cl
+
+    def first(out):
+        return out[0] if isinstance(out, tuple) else out
+
+    if op == "dpo_loss":
+        f = cl.LigerFusedLinearDPOLoss(beta=0.1, use_ref_model=False)
+        return lambda x, w, t: first(f(w, x, t))
+    if op in ("orpo_loss", "cpo_loss", "simpo_loss"):
+        cls = {"orpo_loss": cl.LigerFusedLinearORPOLoss, "cpo_loss": cl.LigerFusedLinearCPOLoss,
+               "simpo_loss": cl.LigerFusedLinearSimPOLoss}[op]
+        f = cls(beta=0.1)
+        return lambda x, w, t: first(f(w, x, t))
+    if op == "kto_loss":
+        f = cl.LigerFusedLinearKTOLoss(beta=0.1, use_ref_model=False)
+        return lambda x, w, t, labels: first(f(x, w, t, preference_labels=labels))
+    if op == "grpo_loss":
+        f = cl.LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="dapo")
+        return lambda x, w, t, adv: first(f(x, w, t, t != -100, adv))
+    if op == "jsd_loss":
+        f = cl.LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.5)
+        return lambda x, w, tx, tw, t: first(f(x.flatten(0, 1), w, tx.flatten(0, 1), tw, t.flatten()))
+    raise KeyError(op)
 
 
 def implementations(op: str, impls=IMPLS) -> dict:

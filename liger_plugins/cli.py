@@ -18,6 +18,8 @@ import sys
 
 OPS = ("rms_norm", "rope", "swiglu", "cross_entropy", "fused_linear_cross_entropy",
        "fused_add_rms_norm", "layer_norm", "geglu")  # = liger_kernels.bench.DEFAULT_OPS, without importing torch
+# = liger_kernels.bench.LOSS_OPS: the fused-linear losses, on request (--ops dpo_loss,...)
+LOSS_OPS = ("dpo_loss", "orpo_loss", "cpo_loss", "simpo_loss", "kto_loss", "grpo_loss", "jsd_loss")
 IMPLS = ("ours", "eager", "compile", "liger")
 DTYPES = ("bf16", "fp16", "fp32")
 
@@ -42,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="time the ops against torch eager, torch.compile and Liger-Kernel (GPU)")
     bench.add_argument("--out", default="docs/bench", help="folder for results.json, results.md and plots")
     bench.add_argument("--quick", action="store_true", help="the anchor shapes only (no sweeps)")
-    bench.add_argument("--ops", type=_choices(OPS), default=OPS, help=f"comma-separated, from {','.join(OPS)}")
+    bench.add_argument("--ops", type=_choices(OPS + LOSS_OPS), default=OPS,
+                       help=f"comma-separated, from {','.join(OPS + LOSS_OPS)} (default: all but the losses)")
     bench.add_argument("--impls", type=_choices(IMPLS), default=IMPLS,
                        help="comma-separated implementations (liger runs only where liger_kernel imports)")
     bench.add_argument("--dtype", choices=DTYPES, default="bf16")

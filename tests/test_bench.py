@@ -59,7 +59,9 @@ def test_plan_runs_anchors_first_once_each():
     assert tags["32768x4096"] == ["anchor", "tokens", "hidden"]
     assert tags["32768x16384"] == ["hidden"]
     assert all(tags for _, _, tags in full)
-    assert set(op for op, _, _ in full) == set(bench.OPS)
+    assert set(op for op, _, _ in full) == set(bench.DEFAULT_OPS)
+    assert set(bench.OPS) == set(bench.DEFAULT_OPS) | set(bench.LOSS_OPS)
+    assert cli.LOSS_OPS == bench.LOSS_OPS
     assert cli.OPS == bench.DEFAULT_OPS and cli.IMPLS == bench.IMPLS and set(cli.DTYPES) == set(bench.DTYPES)
 
 
@@ -141,6 +143,23 @@ def test_run_bench_on_cpu_writes_every_output(tmp_path):
     assert (again / "results.md").read_text() == md
 
 
+@pytest.mark.parametrize("op", bench.LOSS_OPS)
+def test_loss_cases_run_and_match_the_unfused_loss(op):
+    """Each fused-linear loss case: ours (chunked, kernels in the interpreter) against the same loss
+    unfused (fused=False), timed by the runner; the flop count is 6 (8 with a teacher) * B*T*H*V."""
+    spec = bench.OPS[op]
+    records = bench.run_case(op, spec.tiny, ["anchor"], bench.implementations(op, ("ours", "eager")), "cpu",
+                             torch.float32, bench.CpuTimer(1), _fake_ceilings())
+    assert [r["impl"] for r in records] == ["ours", "eager"]
+    for r in records:
+        assert "error" not in r, r
+        assert r["rel_err_vs_eager"] < 1e-5
+    d = spec.tiny
+    heads = 4 if op == "jsd_loss" else 3
+    assert records[0]["work"]["fwd_bwd"] == 2 * heads * d["B"] * d["T"] * d["H"] * d["V"]
+    assert cli.build_parser().parse_args(["bench", "--ops", op]).ops == (op,)
+
+
 def test_failing_implementation_is_recorded_not_fatal():
     def broken(x, w):
         raise RuntimeError("CUDA out of memory\nmore text")
@@ -211,7 +230,8 @@ def test_liger_kernel_calls_bind_to_its_signatures(monkeypatch):
             sig = inspect.signature(fn)
             monkeypatch.setattr(lf, name, lambda *a, _n=name, _s=sig, **k: calls.setdefault(_n, _s.bind(*a, **k)))
     x = object()
-    for op, spec in bench.OPS.items():  # called with as many arguments as our inputs hold
+    for op in bench.DEFAULT_OPS:  # called with as many arguments as our inputs hold
+        spec = bench.OPS[op]
         torch.manual_seed(0)
         bench._liger(op)(*[x] * len(spec.make(spec.tiny, "cpu", torch.float32).args()))
     assert calls["liger_rms_norm"].arguments["eps"] == bench.RMS_EPS

@@ -30,9 +30,11 @@ mode: one program per row (a few rows for narrow vocabularies) for the log-sum-e
 ``row_stats_reference`` and ``logprob_grad_reference`` do the same with torch ops: the specification.
 
 Precision: matmuls in the compute dtype (the inputs' dtype, or the autocast dtype), every softmax-side
-quantity in fp32, ``grad_bias`` accumulated in fp32, ``grad_weight`` accumulated in ``accum_dtype``
-(fp32 by default: a half-precision running sum would round away the small contributions of later
-chunks; pass the weight dtype to save the ``V * H * 4`` bytes of the fp32 buffer).
+quantity in fp32, ``grad_bias`` accumulated in fp32, ``grad_weight`` accumulated in ``accum_dtype``:
+the weight's dtype by default, as the fused linear cross-entropy does (each chunk's product is summed in
+fp32 inside the matmul and rounded once per chunk; chunks are large, a few pairs or sequences, so there
+are few roundings), or ``torch.float32`` for one rounding at the end at the cost of a ``V * H * 4``-byte
+buffer (2 GiB for a 128k x 4096 head: more than the rest of the loss together).
 """
 
 from __future__ import annotations
@@ -557,7 +559,7 @@ def chunked_fused_linear_loss(
     teacher: Head | None = None,
     row_data: dict[str, torch.Tensor] | None = None,
     with_stats: bool = False,
-    accum_dtype: torch.dtype = torch.float32,
+    accum_dtype: torch.dtype | None = None,
     fused: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Runs `loss_fn` over `groups` of rows (a partition of the batch) and returns (loss, outputs).
@@ -595,7 +597,7 @@ def chunked_fused_linear_loss(
         teacher=teacher,
         row_data={k: v.detach() for k, v in (row_data or {}).items()},
         with_stats=with_stats,
-        accum_dtype=accum_dtype,
+        accum_dtype=accum_dtype or weight.dtype,
         compute_dtypes=(
             _compute_dtype(hidden, weight, "input"),
             None if ref is None else _compute_dtype(ref.hidden, ref.weight, "ref"),

@@ -72,7 +72,7 @@ def fused_linear_jsd_loss(
     weight_hard_loss: float = 0.0,
     ignore_index: int = -100,
     chunk_size: int | None = None,
-    accum_dtype: torch.dtype = torch.float32,
+    accum_dtype: torch.dtype | None = None,
     fused: bool = True,
 ) -> LossOutput:
     """Generalized JSD distillation fused with both heads (teacher under no_grad).

@@ -82,7 +82,7 @@ def fused_linear_grpo_loss(
     ignore_index: int = -100,
     temperature: float = 1.0,
     chunk_size: int | None = None,
-    accum_dtype: torch.dtype = torch.float32,
+    accum_dtype: torch.dtype | None = None,
     fused: bool = True,
 ) -> LossOutput:
     """GRPO / BNPO / Dr. GRPO / DAPO policy loss fused with the final linear layer.

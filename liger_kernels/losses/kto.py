@@ -62,7 +62,7 @@ def fused_linear_kto_loss(
     ignore_index: int = -100,
     temperature: float = 1.0,
     chunk_size: int | None = None,
-    accum_dtype: torch.dtype = torch.float32,
+    accum_dtype: torch.dtype | None = None,
     fused: bool = True,
 ) -> LossOutput:
     """KTO fused with the final linear layer.

@@ -214,7 +214,7 @@ def fused_linear_dpo_loss(
     ignore_index: int = -100,
     temperature: float = 1.0,
     chunk_size: int | None = None,
-    accum_dtype: torch.dtype = torch.float32,
+    accum_dtype: torch.dtype | None = None,
     fused: bool = True,
 ) -> LossOutput:
     """DPO fused with the final linear layer.
@@ -336,7 +336,7 @@ def fused_linear_orpo_loss(
     ignore_index: int = -100,
     temperature: float = 1.0,
     chunk_size: int | None = None,
-    accum_dtype: torch.dtype = torch.float32,
+    accum_dtype: torch.dtype | None = None,
     fused: bool = True,
 ) -> LossOutput:
     """ORPO: NLL(chosen) - beta * mean(logsigmoid(log odds ratio)), fused with the final linear layer.
@@ -410,7 +410,7 @@ def fused_linear_cpo_loss(
     ignore_index: int = -100,
     temperature: float = 1.0,
     chunk_size: int | None = None,
-    accum_dtype: torch.dtype = torch.float32,
+    accum_dtype: torch.dtype | None = None,
     fused: bool = True,
 ) -> LossOutput:
     """CPO: mean(pair loss on reward(chosen) - reward(rejected)) + cpo_alpha * NLL(chosen).
@@ -464,7 +464,7 @@ def fused_linear_simpo_loss(
     ignore_index: int = -100,
     temperature: float = 1.0,
     chunk_size: int | None = None,
-    accum_dtype: torch.dtype = torch.float32,
+    accum_dtype: torch.dtype | None = None,
     fused: bool = True,
 ) -> LossOutput:
     """SimPO: -logsigmoid(beta * (mean logp(chosen) - mean logp(rejected)) - gamma), reference-free,
