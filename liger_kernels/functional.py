@@ -6,7 +6,12 @@ Signatures (the contract every op file implements):
       -> (y, new_residual)            new_residual = x + residual, y = rms_norm(new_residual)
 - layer_norm(x, weight, bias=None, eps=1e-5) -> y
 - rope(q, k, cos, sin, unsqueeze_dim=1) -> (q_embed, k_embed)   Hugging Face rotate-half layout
+- mrope(q, k, cos, sin, mrope_section, unsqueeze_dim=1) -> (q_embed, k_embed)   Qwen2-VL multimodal RoPE,
+      cos/sin (3, B or 1, T, D)
+- llama4_rope(q, k, freqs_cis) -> (q_out, k_out)   Llama-4 complex RoPE, q/k (B, T, H, D),
+      freqs_cis complex64 (B or 1, T, D/2) or its real view (..., D/2, 2)
 - swiglu(a, b) -> silu(a) * b
+- swiglu_gate_up(gate_up) -> silu(gate) * up,  gate, up = gate_up.chunk(2, dim=-1)   (..., 2I) -> (..., I)
 - geglu(a, b, approximate="tanh") -> gelu(a, approximate) * b
 - cross_entropy(logits, target, weight=None, ignore_index=-100, label_smoothing=0.0,
       lse_square_scale=0.0, softcap=None, logit_scale=1.0, reduction="mean", return_z_loss=False,
@@ -22,13 +27,22 @@ Signatures (the contract every op file implements):
 - softmax(x, dim=-1), sparsemax(x, dim=-1) -> y
 - group_norm(x, num_groups, weight=None, bias=None, eps=1e-5) -> y          x (N, C, *)
 - poly_norm(x, weight, bias, eps=1e-6) -> w0 norm(x^3) + w1 norm(x^2) + w2 norm(x) + b
+- fused_moe(hidden, router_logits, gate_up_weight, down_weight, top_k, normalize_topk=True) -> out
+      softmax top-k routing + SwiGLU experts; hidden (N, H), router_logits (N, E),
+      gate_up_weight (E, 2I, H), down_weight (E, H, I) (transformers' 3-D experts layout)
+- fused_moe_experts(hidden, top_k_index, top_k_weights, gate_up_weight, down_weight) -> out
+      the experts alone, as transformers' `*Experts.forward`; index E means "no expert"
+- multi_token_attention(scores, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> out
+      causal softmax of scores (B, C, L, L), conv2d over the map, output zeroed above the diagonal
 """
 
 from liger_kernels.ops.cross_entropy import cross_entropy
 from liger_kernels.ops.fused_add_rms_norm import fused_add_rms_norm
 from liger_kernels.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
-from liger_kernels.ops.glu import geglu, swiglu
+from liger_kernels.ops.glu import geglu, swiglu, swiglu_gate_up
 from liger_kernels.ops.layer_norm import layer_norm
+from liger_kernels.ops.llama4_rope import llama4_rope
+from liger_kernels.ops.mrope import mrope
 from liger_kernels.ops.rms_norm import rms_norm
 from liger_kernels.ops.rope import rope
 from liger_kernels.ops.dyt import dyt
@@ -40,6 +54,8 @@ from liger_kernels.ops.relu_squared import relu_squared
 from liger_kernels.ops.softmax import softmax
 from liger_kernels.ops.sparsemax import sparsemax
 from liger_kernels.ops.tvd import tvd
+from liger_kernels.ops.fused_moe import fused_moe, fused_moe_experts
+from liger_kernels.ops.multi_token_attention import multi_token_attention
 
 __all__ = [
     "cross_entropy",
@@ -47,9 +63,12 @@ __all__ = [
     "fused_linear_cross_entropy",
     "geglu",
     "layer_norm",
+    "llama4_rope",
+    "mrope",
     "rms_norm",
     "rope",
     "swiglu",
+    "swiglu_gate_up",
     "dyt",
     "group_norm",
     "jsd",
@@ -59,4 +78,7 @@ __all__ = [
     "softmax",
     "sparsemax",
     "tvd",
+    "fused_moe",
+    "fused_moe_experts",
+    "multi_token_attention",
 ]

@@ -4,6 +4,8 @@ modules shard and checkpoint like their PyTorch counterparts; "Norm" stays in th
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -61,6 +63,18 @@ class LigerSwiGLUMLP(nn.Module):
         return self.down_proj(F.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
+class LigerFusedGateUpSwiGLUMLP(nn.Module):
+    """Phi-3 / GLM-4-style MLP: one gate_up_proj (H -> 2I), down(silu(gate) * up) with the gating fused."""
+
+    def __init__(self, hidden_size, intermediate_size, bias=False):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.swiglu_gate_up(self.gate_up_proj(x)))
+
+
 class LigerGEGLUMLP(LigerSwiGLUMLP):
     """Gemma-style MLP: down(gelu_tanh(gate(x)) * up(x))."""
 
@@ -73,15 +87,17 @@ class LigerGEGLUMLP(LigerSwiGLUMLP):
 
 
 class LigerCrossEntropyLoss(nn.Module):
-    """Drop-in for `nn.CrossEntropyLoss` with z-loss, softcap and logit scaling options."""
+    """Drop-in for `nn.CrossEntropyLoss` with z-loss, softcap, logit scaling and token accuracy options."""
 
     def __init__(self, weight=None, ignore_index=-100, label_smoothing=0.0, lse_square_scale=0.0,
-                 softcap=None, logit_scale=1.0, reduction="mean", return_z_loss=False, in_place=False):
+                 softcap=None, logit_scale=1.0, reduction="mean", return_z_loss=False, in_place=False,
+                 return_token_accuracy=False):
         super().__init__()
         self.register_buffer("weight", weight)
         self.options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing,
                             lse_square_scale=lse_square_scale, softcap=softcap, logit_scale=logit_scale,
-                            reduction=reduction, return_z_loss=return_z_loss, in_place=in_place)
+                            reduction=reduction, return_z_loss=return_z_loss, in_place=in_place,
+                            return_token_accuracy=return_token_accuracy)
 
     def forward(self, logits, target):
         return F.cross_entropy(logits, target, self.weight, **self.options)
@@ -91,12 +107,14 @@ class LigerFusedLinearCrossEntropyLoss(nn.Module):
     """Loss of `lin_weight @ hidden + bias` against targets without materializing the logits."""
 
     def __init__(self, ce_weight=None, ignore_index=-100, label_smoothing=0.0, lse_square_scale=0.0,
-                 softcap=None, logit_scale=1.0, reduction="mean", return_z_loss=False):
+                 softcap=None, logit_scale=1.0, reduction="mean", return_z_loss=False,
+                 return_token_accuracy=False):
         super().__init__()
         self.register_buffer("ce_weight", ce_weight)
         self.options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing,
                             lse_square_scale=lse_square_scale, softcap=softcap, logit_scale=logit_scale,
-                            reduction=reduction, return_z_loss=return_z_loss)
+                            reduction=reduction, return_z_loss=return_z_loss,
+                            return_token_accuracy=return_token_accuracy)
 
     def forward(self, lin_weight, hidden, target, bias=None, num_items_in_batch=None):
         return F.fused_linear_cross_entropy(hidden, lin_weight, target, bias, self.ce_weight,
@@ -192,3 +210,34 @@ class LigerPolyNorm(nn.Module):
 
     def forward(self, x):
         return F.poly_norm(x, self.weight, self.bias, self.eps)
+
+
+class LigerMultiTokenAttention(nn.Module):
+    """Multi-token attention over attention scores (B, in_channels, L, L): causal softmax, a
+    key-query conv2d, causal mask of the result. Conv2d's initialization (Kaiming uniform), zero bias."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True):
+        super().__init__()
+        kernel = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *kernel))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def forward(self, scores):
+        return F.multi_token_attention(scores, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class LigerFusedMoEExperts(nn.Module):
+    """SwiGLU experts in transformers' layout (gate_up_proj (E, 2I, H), down_proj (E, H, I)):
+    forward(hidden_states, top_k_index, top_k_weights), the signature of transformers' `*Experts`."""
+
+    def __init__(self, num_experts, hidden_size, intermediate_size):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        nn.init.normal_(self.gate_up_proj, std=hidden_size**-0.5)
+        nn.init.normal_(self.down_proj, std=intermediate_size**-0.5)
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        return F.fused_moe_experts(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj)

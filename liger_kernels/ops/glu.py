@@ -7,6 +7,10 @@ Math in fp32, outputs in the input dtype. Inputs are seen as rows of width I (th
 any row stride, so the halves of a fused gate/up projection (`chunk(2, dim=-1)`) are read in place.
 The grid is 2-D (row blocks x column blocks), so any width works.
 
+`swiglu_gate_up(gate_up)` is swiglu on the two halves of one fused projection (Phi-3, GLM-4:
+`gate, up = gate_up.chunk(2, dim=-1)`): the same kernels read the halves in place, and its backward
+writes d_gate and d_up into the two halves of one (..., 2I) gradient, so no concatenation follows.
+
 Memory: the backward allocates new da and db. It never writes into a or b (saved tensors the caller
 may still hold) nor into dc (autograd may hand the same gradient tensor to several consumers).
 """
@@ -142,30 +146,36 @@ def _glu_forward(a: torch.Tensor, b: torch.Tensor, act: int) -> torch.Tensor:
     return c.view(a.shape)
 
 
-def _glu_backward(dc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, act: int):
-    dc2, a2, b2 = _as_rows(dc), _as_rows(a), _as_rows(b)
+def _launch_glu_backward(dc2, a2, b2, da2, db2, act: int) -> None:
+    """Write the gradients of (M, I) rows into da2, db2: (M, I) with unit column stride and one row stride."""
     n_rows, n_cols = a2.shape
-    da = new_output((n_rows, n_cols), a.dtype, a.device)
-    db = new_output((n_rows, n_cols), b.dtype, b.device)
-    if da.numel():
-        grid, block_m, block_n, num_warps = _launch_config(n_rows, n_cols)
-        _glu_backward_kernel[grid](
-            dc2,
-            a2,
-            b2,
-            da,
-            db,
-            dc2.stride(0),
-            a2.stride(0),
-            b2.stride(0),
-            n_cols,
-            n_rows,
-            n_cols,
-            ACT=act,
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            num_warps=num_warps,
-        )
+    if n_rows * n_cols == 0:
+        return
+    grid, block_m, block_n, num_warps = _launch_config(n_rows, n_cols)
+    _glu_backward_kernel[grid](
+        dc2,
+        a2,
+        b2,
+        da2,
+        db2,
+        dc2.stride(0),
+        a2.stride(0),
+        b2.stride(0),
+        da2.stride(0),
+        n_rows,
+        n_cols,
+        ACT=act,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=num_warps,
+    )
+
+
+def _glu_backward(dc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, act: int):
+    a2 = _as_rows(a)
+    da = new_output(a2.shape, a.dtype, a.device)
+    db = new_output(a2.shape, b.dtype, b.device)
+    _launch_glu_backward(_as_rows(dc), a2, _as_rows(b), da, db, act)
     return da.view(a.shape), db.view(b.shape)
 
 
@@ -183,6 +193,38 @@ class GLUFunction(torch.autograd.Function):
         a, b = ctx.saved_tensors
         da, db = _glu_backward(dc, a, b, ctx.act)
         return da, db, None
+
+
+def _swiglu_gate_up_forward(gate_up: torch.Tensor) -> torch.Tensor:
+    rows = _as_rows(gate_up)
+    width = rows.shape[1] // 2
+    c = _glu_forward(rows[:, :width], rows[:, width:], _SILU)
+    return c.view(*gate_up.shape[:-1], width)
+
+
+def _swiglu_gate_up_backward(dc: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+    """d_gate_up: (d_gate, d_up) written into the two halves of one new tensor shaped like gate_up."""
+    rows = _as_rows(gate_up)
+    width = rows.shape[1] // 2
+    d_rows = new_output(rows.shape, gate_up.dtype, gate_up.device)
+    _launch_glu_backward(
+        _as_rows(dc), rows[:, :width], rows[:, width:], d_rows[:, :width], d_rows[:, width:], _SILU
+    )
+    return d_rows.view(gate_up.shape)
+
+
+class SwiGLUGateUpFunction(torch.autograd.Function):
+    """gate_up (..., 2I) -> silu(gate) * up (..., I); saves gate_up only."""
+
+    @staticmethod
+    def forward(ctx, gate_up):
+        ctx.save_for_backward(gate_up)
+        return _swiglu_gate_up_forward(gate_up)
+
+    @staticmethod
+    def backward(ctx, dc):
+        (gate_up,) = ctx.saved_tensors
+        return _swiglu_gate_up_backward(dc, gate_up)
 
 
 def swiglu_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -232,6 +274,28 @@ def geglu(a: torch.Tensor, b: torch.Tensor, approximate: str = "tanh") -> torch.
     return GLUFunction.apply(a, b, _GELU_ACTIVATIONS[approximate])
 
 
+def swiglu_gate_up_reference(gate_up: torch.Tensor) -> torch.Tensor:
+    """Torch specification of swiglu_gate_up: silu(gate) * up, gate, up = gate_up.chunk(2, dim=-1)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return swiglu_reference(gate, up)
+
+
+def swiglu_gate_up(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate, up = gate_up.chunk(2, dim=-1): the MLP gate of Phi-3 and GLM-4, whose
+    gate_up_proj computes both in one matrix product. (..., 2I) -> (..., I); the gradient is one (..., 2I)
+    tensor."""
+    check_float("gate_up", gate_up)
+    if gate_up.dim() == 0 or gate_up.shape[-1] % 2:
+        raise ValueError(
+            f"gate_up must have an even last dimension (gate and up halves), got shape {tuple(gate_up.shape)}"
+        )
+    if _library.compiling():  # one graph node under torch.compile
+        return _swiglu_gate_up_op(gate_up)
+    if not use_triton(gate_up):
+        return swiglu_gate_up_reference(gate_up)
+    return SwiGLUGateUpFunction.apply(gate_up)
+
+
 # ---- torch.library ops: what torch.compile records (see liger_kernels/_library.py) ---------------
 
 
@@ -271,3 +335,34 @@ def _glu_grad(ctx, dc):
 
 
 _glu_op.register_autograd(_glu_grad, setup_context=_glu_setup)
+
+
+@_library.custom_op(
+    "swiglu_gate_up", lambda gate_up: gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
+)
+def _swiglu_gate_up_op(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of the halves of gate_up."""
+    if not use_triton(gate_up):
+        return swiglu_gate_up_reference(gate_up).contiguous()
+    return _swiglu_gate_up_forward(gate_up)
+
+
+@_library.custom_op("swiglu_gate_up_backward", lambda dc, gate_up: gate_up.new_empty(gate_up.shape))
+def _swiglu_gate_up_backward_op(dc: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+    """d_gate_up."""
+    if not use_triton(gate_up):
+        (d_gate_up,) = _library.reference_vjp(swiglu_gate_up_reference, (gate_up,), dc)
+        return d_gate_up.contiguous()
+    return _swiglu_gate_up_backward(dc, gate_up)
+
+
+def _swiglu_gate_up_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _swiglu_gate_up_grad(ctx, dc):
+    (gate_up,) = ctx.saved_tensors
+    return _swiglu_gate_up_backward_op(dc, gate_up)
+
+
+_swiglu_gate_up_op.register_autograd(_swiglu_gate_up_grad, setup_context=_swiglu_gate_up_setup)

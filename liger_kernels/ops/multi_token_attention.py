@@ -1,0 +1,153 @@
+"""Multi-token attention (Golovneva et al., 2025, arXiv:2504.00927): a key-query convolution over
+the causally masked attention map.
+
+    p   = softmax(scores with key j > query i set to -inf)         over the last dimension
+    out = conv2d(p, weight, bias, stride, padding, dilation, groups), then out[..., i, j] = 0 for j > i
+
+scores is (B, C_in, L, L) (C_in = heads), weight (C_out, C_in / groups, kH, kW); the convolution must
+keep the L x L map (e.g. stride 1 and padding (k - 1) // 2 per side for odd kernels), otherwise the
+causal mask of the output is undefined and a ValueError is raised.
+
+The masked softmax and its backward are Triton kernels, one program per (b, c, query) row: they read
+only the keys j <= i (the masked half of the map is never loaded) and write p with exact zeros above
+the diagonal. The convolution and its gradients are cuDNN's (torch.nn.functional.conv2d and
+torch.nn.grad), run on p in the input dtype. The backward masks the incoming gradient, recomputes
+nothing and uses the saved p: dscores = p * (dp - sum(p * dp)).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from liger_kernels._utils import (
+    check_float,
+    check_row_size,
+    check_same_device,
+    new_output,
+    row_launch_config,
+    use_triton,
+)
+
+
+@triton.jit
+def _causal_softmax_fwd_kernel(x_ptr, p_ptr, seq_len, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    query = row % seq_len
+    cols = tl.arange(0, BLOCK)
+    keep = cols <= query
+    x = tl.load(x_ptr + row * seq_len + cols, mask=keep, other=-float("inf")).to(tl.float32)
+    e = tl.exp(x - tl.max(x, axis=0))  # the diagonal is always kept: the max is finite
+    p = e / tl.sum(e, axis=0)
+    tl.store(p_ptr + row * seq_len + cols, p.to(p_ptr.dtype.element_ty), mask=cols < seq_len)
+
+
+@triton.jit
+def _causal_softmax_bwd_kernel(p_ptr, dp_ptr, dx_ptr, seq_len, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    query = row % seq_len
+    cols = tl.arange(0, BLOCK)
+    keep = cols <= query
+    p = tl.load(p_ptr + row * seq_len + cols, mask=keep, other=0.0).to(tl.float32)
+    dp = tl.load(dp_ptr + row * seq_len + cols, mask=keep, other=0.0).to(tl.float32)
+    dx = p * (dp - tl.sum(p * dp, axis=0))
+    tl.store(dx_ptr + row * seq_len + cols, dx.to(dx_ptr.dtype.element_ty), mask=cols < seq_len)
+
+
+def _causal_softmax(x: torch.Tensor) -> torch.Tensor:
+    seq_len = x.shape[-1]
+    p = new_output(x.shape, x.dtype, x.device)
+    block, num_warps = row_launch_config(seq_len)
+    _causal_softmax_fwd_kernel[(x.numel() // seq_len,)](x, p, seq_len, BLOCK=block, num_warps=num_warps)
+    return p
+
+
+def _causal_softmax_backward(p: torch.Tensor, dp: torch.Tensor) -> torch.Tensor:
+    seq_len = p.shape[-1]
+    dx = new_output(p.shape, p.dtype, p.device)
+    block, num_warps = row_launch_config(seq_len)
+    _causal_softmax_bwd_kernel[(p.numel() // seq_len,)](p, dp, dx, seq_len, BLOCK=block, num_warps=num_warps)
+    return dx
+
+
+def _future(seq_len: int, device) -> torch.Tensor:
+    """(L, L) boolean mask of the keys after each query (j > i)."""
+    return torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).triu(1)
+
+
+class MultiTokenAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, scores, weight, bias, stride, padding, dilation, groups):
+        p = _causal_softmax(scores)
+        out = torch.nn.functional.conv2d(p, weight, bias, stride, padding, dilation, groups)
+        future = _future(scores.shape[-1], scores.device)
+        ctx.save_for_backward(p, weight, future)
+        ctx.conv = (stride, padding, dilation, groups)
+        ctx.has_bias = bias is not None
+        return out.masked_fill_(future, 0.0)  # out is our own buffer
+
+    @staticmethod
+    def backward(ctx, dout):
+        p, weight, future = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        dout = dout.masked_fill(future, 0.0)
+        dscores = dweight = dbias = None
+        if ctx.needs_input_grad[0]:
+            dp = torch.nn.grad.conv2d_input(p.shape, weight, dout, stride, padding, dilation, groups)
+            dscores = _causal_softmax_backward(p, dp.contiguous())
+        if ctx.needs_input_grad[1]:
+            dweight = torch.nn.grad.conv2d_weight(p, weight.shape, dout, stride, padding, dilation, groups)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            dbias = dout.sum(dim=(0, 2, 3), dtype=torch.float32).to(weight.dtype)
+        return dscores, dweight, dbias, None, None, None, None
+
+
+def multi_token_attention_reference(scores, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """Torch specification: masked softmax and convolution in fp32 (fp64 for fp64), input dtype out."""
+    compute = torch.promote_types(scores.dtype, torch.float32)
+    future = _future(scores.shape[-1], scores.device)
+    p = torch.softmax(scores.to(compute).masked_fill(future, float("-inf")), dim=-1)
+    out = torch.nn.functional.conv2d(
+        p, weight.to(compute), None if bias is None else bias.to(compute), stride, padding, dilation, groups
+    )
+    return out.masked_fill(future, 0.0).to(scores.dtype)
+
+
+def _check_inputs(scores, weight, bias, stride, padding, dilation, groups):
+    check_float("scores", scores)
+    check_float("weight", weight)
+    if bias is not None:
+        check_float("bias", bias)
+    check_same_device(scores=scores, weight=weight, bias=bias)
+    if scores.dim() != 4 or scores.shape[-1] != scores.shape[-2]:
+        raise ValueError(f"scores must be (batch, channels, L, L), got shape {tuple(scores.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"weight must be (out_channels, in_channels / groups, kH, kW), got {tuple(weight.shape)}")
+    if not (scores.dtype == weight.dtype and (bias is None or bias.dtype == weight.dtype)):
+        raise TypeError("scores, weight and bias must have the same dtype")
+    if scores.shape[1] != weight.shape[1] * groups or weight.shape[0] % groups:
+        raise ValueError(
+            f"weight {tuple(weight.shape)} with groups={groups} does not fit scores with {scores.shape[1]} channels"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
+    seq_len = scores.shape[-1]
+    check_row_size("scores", seq_len)
+    for axis in range(2):
+        s, p, d, k = (v if isinstance(v, int) else v[axis] for v in (stride, padding, dilation, weight.shape[2 + axis]))
+        if (seq_len + 2 * p - d * (k - 1) - 1) // s + 1 != seq_len:
+            raise ValueError(
+                f"the convolution (kernel {tuple(weight.shape[2:])}, stride={stride}, padding={padding}, "
+                f"dilation={dilation}) must keep the {seq_len} x {seq_len} attention map"
+            )
+
+
+def multi_token_attention(scores, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """Multi-token attention of the scores (B, C_in, L, L): causal softmax over keys, a 2-D
+    key-query convolution (weight (C_out, C_in / groups, kH, kW), optional bias (C_out,)), and the
+    causal mask applied to the result (zeros above the diagonal). Returns (B, C_out, L, L)."""
+    _check_inputs(scores, weight, bias, stride, padding, dilation, groups)
+    if not use_triton(scores, weight, bias) or scores.numel() == 0:
+        return multi_token_attention_reference(scores, weight, bias, stride, padding, dilation, groups)
+    return MultiTokenAttentionFunction.apply(scores.contiguous(), weight, bias, stride, padding, dilation, groups)

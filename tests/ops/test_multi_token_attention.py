@@ -1,0 +1,103 @@
+"""multi_token_attention: the Triton causal softmax (interpreter on CPU) with the convolution, and the
+torch reference, vs float64 math; the output and every gradient."""
+
+import pytest
+import torch
+
+import liger_kernels._utils
+from liger_kernels.nn import LigerMultiTokenAttention
+from liger_kernels.ops.multi_token_attention import multi_token_attention, multi_token_attention_reference
+from tests.tolerances import DTYPES, assert_close
+
+
+def _check(batch, c_in, c_out, seq_len, kernel, dtype, device, padding=None, dilation=1, groups=1, bias=True):
+    if padding is None:
+        padding = dilation * (kernel - 1) // 2
+    scores = (torch.randn(batch, c_in, seq_len, seq_len, device=device) * 2).to(dtype)
+    weight = (torch.randn(c_out, c_in // groups, kernel, kernel, device=device) / kernel).to(dtype)
+    b = torch.randn(c_out, device=device).to(dtype) if bias else None
+    grad = torch.randn(batch, c_out, seq_len, seq_len, device=device).to(dtype)
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (scores, weight, b)]
+    out = multi_token_attention(*leaves, 1, padding, dilation, groups)
+    out.backward(grad)
+    ref_leaves = [t.detach().double().requires_grad_() if t is not None else None for t in (scores, weight, b)]
+    ref = multi_token_attention_reference(*ref_leaves, 1, padding, dilation, groups)
+    ref.backward(grad.double())
+
+    assert out.dtype == dtype and out.shape == (batch, c_out, seq_len, seq_len)
+    assert_close(out, ref, dtype, reduction=True, name="out")
+    assert torch.equal(out.detach().triu(1), torch.zeros_like(out.detach()))
+    for name, t, r in zip(("scores", "weight", "bias"), leaves, ref_leaves):
+        if t is not None:
+            assert_close(t.grad, r.grad, dtype, reduction=True, name=f"d{name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "batch, c_in, c_out, seq_len, kernel",
+    [(2, 3, 3, 7, 3), (1, 2, 4, 1, 3), (1, 4, 2, 13, 5)],
+)
+def test_mta_matches_float64(batch, c_in, c_out, seq_len, kernel, dtype, device):
+    _check(batch, c_in, c_out, seq_len, kernel, dtype, device)
+
+
+def test_mta_groups_dilation_no_bias(device):
+    _check(2, 4, 4, 9, 3, torch.float32, device, dilation=2, groups=2, bias=False)
+
+
+def test_mta_long_rows(device):
+    # A row wider than one power-of-two block boundary.
+    _check(1, 1, 1, 130, 3, torch.float32, device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mta_reference_path(dtype, device, monkeypatch):
+    monkeypatch.setattr(liger_kernels._utils, "INTERPRET", False)
+    _check(2, 3, 3, 7, 3, dtype, device)
+
+
+def test_mta_module(device):
+    module = LigerMultiTokenAttention(4, 4, kernel_size=3, padding=1).to(device)
+    scores = torch.randn(2, 4, 6, 6, device=device)
+    out = module(scores)
+    ref = multi_token_attention_reference(
+        scores.double(), module.weight.double(), module.bias.double(), 1, 1, 1, 1
+    )
+    assert_close(out, ref, torch.float32, name="module out")
+    assert torch.equal(module.bias.detach(), torch.zeros(4, device=device))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"scores": torch.randn(1, 2, 5, 4)}, ValueError, "scores must be"),
+        ({"scores": torch.randn(1, 2, 5, 5, dtype=torch.float64)}, TypeError, "scores has dtype"),
+        ({"weight": torch.randn(2, 2, 3, 3, dtype=torch.bfloat16)}, TypeError, "same dtype"),
+        ({"weight": torch.randn(2, 3, 3, 3)}, ValueError, "does not fit"),
+        ({"bias": torch.randn(3)}, ValueError, "bias must be"),
+        ({"padding": 0}, ValueError, "must keep"),
+        ({"stride": 2}, ValueError, "must keep"),
+    ],
+)
+def test_mta_bad_inputs(kwargs, error, match, device):
+    args = dict(scores=torch.randn(1, 2, 5, 5), weight=torch.randn(2, 2, 3, 3), bias=torch.randn(2), padding=1)
+    args.update(kwargs)
+    args = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    with pytest.raises(error, match=match):
+        multi_token_attention(**args)
+
+
+@pytest.mark.gpu
+def test_mta_gpu_size(device):
+    # 16 heads over a 2048-token map in bf16, against the fp32 reference (float64 is slow on GPU).
+    scores = torch.randn(1, 16, 2048, 2048, device=device, dtype=torch.bfloat16).requires_grad_()
+    weight = (torch.randn(16, 16, 3, 3, device=device) / 12).to(torch.bfloat16).requires_grad_()
+    out = multi_token_attention(scores, weight, None, 1, 1)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    s32, w32 = scores.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
+    ref = multi_token_attention_reference(s32, w32, None, 1, 1)
+    ref.backward(grad.float())
+    assert_close(out, ref, torch.bfloat16, reduction=True, name="out")
+    assert_close(scores.grad, s32.grad, torch.bfloat16, reduction=True, name="dscores")
+    assert_close(weight.grad, w32.grad, torch.bfloat16, reduction=True, name="dweight")
