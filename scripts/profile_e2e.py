@@ -1,0 +1,113 @@
+"""Where one training step of the end-to-end setup spends its GPU time, by kernel family.
+
+    python scripts/profile_e2e.py --setups hf_eager,ours --out docs/e2e/profile.json
+
+Same model, batch and optimizer as `liger-plugins bench --e2e` (liger_plugins/bench_e2e.py). After a
+few warm-up steps, torch.profiler records `--steps` steps; every CUDA kernel's time is put into one
+family by its name (matmul, attention, our Triton kernels, optimizer, other) and reported per step.
+Matmul + attention is what no elementwise fusion can shorten: it bounds the speed-up left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from liger_plugins.bench_e2e import FAMILIES, SETUPS
+
+FAMILY_PATTERNS = [  # first match wins; names as the CUDA profiler reports them
+    ("attention", r"flash|fmha|attention|sdpa|cudnn.*(mha|attn)"),
+    ("matmul", r"gemm|cutlass|nvjet|xmma|sm90_|cublas|matmul|splitK"),
+    ("optimizer", r"multi_tensor|foreach|adam"),
+    ("ours (triton)", r"^_\w*kernel"),
+    ("elementwise/reduce (torch)", r"elementwise|vectorized|reduce|unrolled|index|copy|cat|fill|softmax|gather|scatter"),
+]
+
+
+def family(name: str) -> str:
+    for label, pattern in FAMILY_PATTERNS:
+        if re.search(pattern, name, re.IGNORECASE):
+            return label
+    return "other"
+
+
+def profile(setup: str, family_name: str, batch: int, seq: int, steps: int) -> dict:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    patcher, checkpointing, compiled = SETUPS[setup]
+    if patcher not in ("none", "ours") or compiled:
+        raise SystemExit(f"profile supports the eager setups with or without our patch, not {setup}")
+    spec = dict(FAMILIES[family_name])
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    if patcher == "ours":
+        from liger_plugins.patching import apply_liger
+
+        apply_liger(model)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+    ids = torch.randint(0, config.vocab_size, (batch, seq), device="cuda")
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    per_family, per_kernel = {}, {}
+    for evt in prof.events():  # device-side events only: kernels and memcpy/memset, each once
+        if evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        ms = evt.time_range.elapsed_us() / 1e3 / steps
+        fam = family(evt.name)
+        per_family[fam] = per_family.get(fam, 0.0) + ms
+        prev = per_kernel.get(evt.name, (fam, 0.0))[1]
+        per_kernel[evt.name] = (fam, prev + ms)
+    total = sum(per_family.values())
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1][1])[:25]
+    if patcher == "ours":
+        from liger_plugins.patching import unpatch
+
+        unpatch(model)
+    return {"setup": setup, "family": family_name, "batch": batch, "seq": seq, "steps": steps,
+            "gpu_ms_per_step": total, "ms_per_step_by_family": dict(sorted(per_family.items(), key=lambda kv: -kv[1])),
+            "top_kernels_ms_per_step": [{"name": k[:120], "family": f, "ms": ms} for k, (f, ms) in top]}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setups", default="hf_eager,ours")
+    parser.add_argument("--family", default="llama", choices=sorted(FAMILIES))
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--out", default="docs/e2e/profile.json")
+    args = parser.parse_args(argv)
+    results = []
+    for setup in args.setups.split(","):
+        r = profile(setup, args.family, args.batch, args.seq, args.steps)
+        results.append(r)
+        fams = ", ".join(f"{k} {v:.1f}" for k, v in r["ms_per_step_by_family"].items())
+        print(f"{setup}: {r['gpu_ms_per_step']:.1f} GPU ms/step: {fams}", flush=True)
+        torch.cuda.empty_cache()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                          "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
