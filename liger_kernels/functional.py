@@ -13,14 +13,21 @@ Signatures (the contract every op file implements):
 - swiglu(a, b) -> silu(a) * b
 - swiglu_gate_up(gate_up) -> silu(gate) * up,  gate, up = gate_up.chunk(2, dim=-1)   (..., 2I) -> (..., I)
 - geglu(a, b, approximate="tanh") -> gelu(a, approximate) * b
+- gated_down_proj(a, b, weight, bias=None, activation="silu") -> (f(a) * b) @ weight.T + bias, keeping
+      only a, b, weight for the backward (f: "silu", "gelu_tanh", "gelu")
 - cross_entropy(logits, target, weight=None, ignore_index=-100, label_smoothing=0.0,
       lse_square_scale=0.0, softcap=None, logit_scale=1.0, reduction="mean", return_z_loss=False,
-      in_place=False) -> loss  or (loss, z_loss)
+      in_place=False, return_token_accuracy=False) -> loss  or (loss, z_loss)
+      return_token_accuracy=True appends the token accuracy (fp32 scalar): (loss[, z_loss], accuracy)
 - fused_linear_cross_entropy(input, weight, target, bias=None, ce_weight=None, ignore_index=-100,
       label_smoothing=0.0, lse_square_scale=0.0, softcap=None, logit_scale=1.0, reduction="mean",
-      return_z_loss=False, num_items_in_batch=None) -> loss  or (loss, z_loss)
+      return_z_loss=False, num_items_in_batch=None, return_token_accuracy=False)
+      -> loss  or (loss, z_loss), the accuracy appended as for cross_entropy
 - kl_div(input, target, reduction="batchmean", log_target=False, eps=1e-10) -> loss   torch kl_div
 - jsd(student_logprobs, teacher_logprobs, label=None, beta=0.5, ignore_index=-100) -> loss
+- fused_linear_jsd(student_input, student_weight, teacher_input, teacher_weight, label=None, beta=0.5,
+      ignore_index=-100, temperature=1.0) -> loss      jsd of log_softmax(input @ weight.T / temperature)
+      of student and teacher, without the (N, V) logits; the teacher gets no gradient
 - tvd(p, q, reduction="batchmean", label=None, ignore_index=-100) -> loss
 - dyt(x, alpha, weight, bias=None) -> weight * tanh(alpha * x) + bias
 - relu_squared(x) -> relu(x)^2
@@ -39,6 +46,8 @@ Signatures (the contract every op file implements):
 from liger_kernels.ops.cross_entropy import cross_entropy
 from liger_kernels.ops.fused_add_rms_norm import fused_add_rms_norm
 from liger_kernels.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
+from liger_kernels.ops.fused_linear_jsd import fused_linear_jsd
+from liger_kernels.ops.gated_down_proj import gated_down_proj
 from liger_kernels.ops.glu import geglu, swiglu, swiglu_gate_up
 from liger_kernels.ops.layer_norm import layer_norm
 from liger_kernels.ops.llama4_rope import llama4_rope
@@ -61,6 +70,8 @@ __all__ = [
     "cross_entropy",
     "fused_add_rms_norm",
     "fused_linear_cross_entropy",
+    "fused_linear_jsd",
+    "gated_down_proj",
     "geglu",
     "layer_norm",
     "llama4_rope",
