@@ -50,7 +50,8 @@ def test_cross_entropy_past_2_31(rows, vocab):
     x = logits.requires_grad_()
     out = cross_entropy(x, target, in_place=True)
     out.backward()
-    assert abs(out.item() - ref_loss.item()) <= 1e-3 * abs(ref_loss.item())
+    # the loss comes back in the logits' dtype (bf16: 8 significant bits, steps of 1/16 near 12)
+    assert abs(out.item() - ref_loss.item()) <= 2**-8 * abs(ref_loss.item())
     tail = x.grad[-BLOCK_ROWS:]
     assert _rel(tail, ref_tail_grad) < 1e-2
     assert torch.isfinite(x.grad[:BLOCK_ROWS]).all()
