@@ -143,6 +143,19 @@ class LigerJSD(nn.Module):
         return F.jsd(student_logprobs, teacher_logprobs, label, self.beta, self.ignore_index)
 
 
+class LigerFusedLinearJSD(nn.Module):
+    """Generalized JSD distillation loss fused with the student's and the teacher's final linear layers:
+    forward(student_input, student_weight, teacher_input, teacher_weight, label=None) -> fp32 loss."""
+
+    def __init__(self, beta=0.5, ignore_index=-100, temperature=1.0):
+        super().__init__()
+        self.beta, self.ignore_index, self.temperature = beta, ignore_index, temperature
+
+    def forward(self, student_input, student_weight, teacher_input, teacher_weight, label=None):
+        return F.fused_linear_jsd(student_input, student_weight, teacher_input, teacher_weight, label,
+                                  self.beta, self.ignore_index, self.temperature)
+
+
 class LigerTVDLoss(nn.Module):
     """Total variation distance between probabilities p and q (rows of the last dimension)."""
 

@@ -204,12 +204,12 @@ def _opcheck_cases(device):
         ),
         "cross_entropy": lambda: (
             ops.cross_entropy,
-            (_r(5, 11), target, None, -100, 0.1, 1e-3, 3.0, 1.0, "none", True),
+            (_r(5, 11), target, None, -100, 0.1, 1e-3, 3.0, 1.0, "none", True, True),
         ),
         "fused_linear_cross_entropy": lambda: (
             ops.fused_linear_cross_entropy,
             (_r(5, 8), _r(11, 8), _r(11), target, None, None, None, -100, 0.0, 1e-3, None, 1.0, "mean", 2,
-             False, True, True, True),
+             False, True, True, True, True),
         ),
     }
 

@@ -19,6 +19,9 @@ Reductions:
   all gradients are 0.
 `return_z_loss=True` returns (loss, z_loss); `loss` already includes `z_loss`, which is reduced the
 same way and is for logging only (no gradient flows through it).
+`return_token_accuracy=True` appends the token accuracy: the fraction of rows not ignored whose
+target's z equals the row max of z (ties count as correct), fp32, no gradient, 0 when all rows
+are ignored. The kernel takes it from pass 1's row max (a compare and a store per row).
 
 Kernel: one program per row (or a persistent grid looping over rows, `CE_PROGRAMS_PER_SM`), two
 passes over the vocabulary in blocks. Pass 1 computes the running max and sum of exponentials
@@ -211,6 +214,7 @@ def _cross_entropy_kernel(
     weight_ptr,
     loss_ptr,
     z_loss_ptr,
+    acc_ptr,
     ce_denom_ptr,
     z_denom_ptr,
     row_scale_ptr,
@@ -229,6 +233,7 @@ def _cross_entropy_kernel(
     HAS_DENOM: tl.constexpr,
     HAS_ROW_SCALE: tl.constexpr,
     HAS_GRAD: tl.constexpr,
+    HAS_ACC: tl.constexpr,
     BLOCK: tl.constexpr,
     LANE: tl.constexpr,
     KEEP: tl.constexpr,
@@ -245,6 +250,8 @@ def _cross_entropy_kernel(
     STAGES > 1: the compiler prefetches the next blocks (through shared memory) while the current
     one is reduced, so that loads stay in flight during the arithmetic.
     grad_ptr may equal x_ptr (in place): every element is read before the program writes it.
+    HAS_ACC: also store 1.0 per row whose target's logit equals the row max (ties count as correct),
+    else 0.0 (ignored rows 0), from pass 1's max: no extra pass.
     """
     cols = tl.arange(0, BLOCK)
     # Pass 1 sees a block as (BLOCK // LANE, LANE): lanes of LANE consecutive columns.
@@ -259,6 +266,8 @@ def _cross_entropy_kernel(
             tl.store(loss_ptr + row, 0.0)
             if HAS_Z:
                 tl.store(z_loss_ptr + row, 0.0)
+            if HAS_ACC:
+                tl.store(acc_ptr + row, 0.0)
             if HAS_GRAD:
                 zeros = tl.zeros([BLOCK], dtype=grad_ptr.dtype.element_ty)
                 for start in range(0, n_cols, BLOCK):
@@ -288,7 +297,11 @@ def _cross_entropy_kernel(
             # The target's logit, read before pass 2 may overwrite it (in place).
             t_col = tl.where((t >= 0) & (t < n_cols), t, 0).to(tl.int32)
             x_t = tl.load(x_row + t_col).to(tl.float32)
-            z_t = _logits2(x_t, in_scale, out_scale, HAS_SOFTCAP)[0] * _LN2
+            z2_t = _logits2(x_t, in_scale, out_scale, HAS_SOFTCAP)[0]
+            z_t = z2_t * _LN2
+            if HAS_ACC:
+                # Same fp32 math as pass 1 on the same element, so equal to m_row iff it is a max.
+                tl.store(acc_ptr + row, tl.where(z2_t >= m_row, 1.0, 0.0))
             w_t = 1.0
             if HAS_WEIGHT:
                 w_t = tl.load(weight_ptr + t_col)
@@ -459,8 +472,10 @@ def launch_cross_entropy(
     denoms: tuple[torch.Tensor, torch.Tensor] | None,
     row_scale: torch.Tensor | None,
     opts: CrossEntropyOptions,
+    acc_rows: torch.Tensor | None = None,
 ) -> None:
-    """Run the row kernel on x (rows with unit column stride). grad may be x itself (in place)."""
+    """Run the row kernel on x (rows with unit column stride). grad may be x itself (in place).
+    acc_rows (fp32, one per row): filled with 1.0 where the target is an argmax (see the kernel)."""
     n_rows, n_cols = x.shape
     if n_rows == 0:
         return
@@ -492,6 +507,7 @@ def launch_cross_entropy(
         weight if weight is not None else dummy,
         loss_rows,
         z_rows if z_rows is not None else dummy,
+        acc_rows if acc_rows is not None else dummy,
         denoms[0] if denoms is not None else dummy,
         denoms[1] if denoms is not None else dummy,
         row_scale if row_scale is not None else dummy,
@@ -510,6 +526,7 @@ def launch_cross_entropy(
         HAS_DENOM=denoms is not None,
         HAS_ROW_SCALE=row_scale is not None,
         HAS_GRAD=grad is not None,
+        HAS_ACC=acc_rows is not None,
         BLOCK=block,
         LANE=min(block, _LANE),
         KEEP=keep,
@@ -517,6 +534,13 @@ def launch_cross_entropy(
         STAGES=stages,
         num_warps=num_warps,
     )
+
+
+def reduce_accuracy(acc_rows, target, ignore_index):
+    """Token accuracy from the kernel's per-row 0/1 values: their sum over the count of rows not
+    ignored (fp32 scalar, 0 when every row is ignored; no host sync)."""
+    count = (target.reshape(-1) != ignore_index).sum(dtype=torch.float32)
+    return acc_rows.sum() / count.clamp_min(1.0)
 
 
 def reduce_loss(loss_rows, z_rows, reduction, denoms, out_shape, dtype):
@@ -533,7 +557,8 @@ def reduce_loss(loss_rows, z_rows, reduction, denoms, out_shape, dtype):
 
 class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, weight, opts: CrossEntropyOptions, reduction: str, in_place):
+    def forward(ctx, logits, target, weight, opts: CrossEntropyOptions, reduction: str, in_place,
+                with_accuracy: bool):
         n_cols = logits.shape[-1]
         x = logits.reshape(-1, n_cols)
         if x.stride(-1) != 1:
@@ -556,23 +581,26 @@ class CrossEntropyFunction(torch.autograd.Function):
                 grad = saved = new_output((n_rows, n_cols), x.dtype, x.device)
         loss_rows = new_output((n_rows,), torch.float32, x.device)
         z_rows = new_output((n_rows,), torch.float32, x.device) if opts.lse_square_scale else None
-        launch_cross_entropy(x, grad, target, weight, loss_rows, z_rows, denoms, None, opts)
+        acc_rows = new_output((n_rows,), torch.float32, x.device) if with_accuracy else None
+        launch_cross_entropy(x, grad, target, weight, loss_rows, z_rows, denoms, None, opts, acc_rows)
 
         loss, z_loss = reduce_loss(
             loss_rows, z_rows, reduction, denoms, logits.shape[:-1], logits.dtype
         )
-        ctx.mark_non_differentiable(z_loss)
+        accuracy = reduce_accuracy(acc_rows, target, opts.ignore_index) if with_accuracy else None
+        # One call: each call replaces the set of non-differentiable outputs.
+        ctx.mark_non_differentiable(*(t for t in (z_loss, accuracy) if t is not None))
         ctx.save_for_backward(saved)
         ctx.reduction = reduction
         ctx.logits_shape = logits.shape
         ctx.used = False
-        return loss, z_loss
+        return loss, z_loss, accuracy
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_z_loss):
+    def backward(ctx, grad_loss, grad_z_loss, grad_accuracy):
         (grad,) = ctx.saved_tensors
         if grad is None:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         if ctx.used:
             raise RuntimeError(
                 "cross_entropy's backward scales its saved gradient in place and can run only once"
@@ -584,7 +612,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             torch.mul(rows, grad_loss.reshape(-1, 1).float(), out=rows)
         else:
             scale_(grad, grad_loss)
-        return grad.view(ctx.logits_shape), None, None, None, None, None
+        return grad.view(ctx.logits_shape), None, None, None, None, None, None
 
 
 def cross_entropy_reference(
@@ -598,9 +626,11 @@ def cross_entropy_reference(
     logit_scale: float = 1.0,
     reduction: str = "mean",
     return_z_loss: bool = False,
+    return_token_accuracy: bool = False,
 ):
     """Torch specification of `cross_entropy` (see the module docstring); fp32 math (fp64 for fp64
-    inputs), outputs in the logits dtype. Differentiable by autograd; used as the CPU path."""
+    inputs), outputs in the logits dtype (the accuracy in fp32). Differentiable by autograd; used as
+    the CPU path."""
     compute = torch.promote_types(logits.dtype, torch.float32)
     n_cols = logits.shape[-1]
     z = logits.reshape(-1, n_cols).to(compute) * logit_scale
@@ -634,7 +664,21 @@ def cross_entropy_reference(
         z_loss = zl.sum() / torch.where(count == 0, 1.0, count)
         loss = ce_mean + z_loss
     loss, z_loss = loss.to(logits.dtype), z_loss.detach().to(logits.dtype)
-    return (loss, z_loss) if return_z_loss else loss
+    accuracy = None
+    if return_token_accuracy:
+        # The target is correct iff its (transformed) logit equals the row max: ties count.
+        hit = (z.gather(1, safe_target[:, None]).squeeze(1) >= z.max(-1).values) & valid
+        accuracy = (hit.sum() / valid.sum().clamp_min(1)).detach().float()
+    return loss_outputs(loss, z_loss, accuracy, return_z_loss)
+
+
+def loss_outputs(loss, z_loss, accuracy, return_z_loss):
+    """What the cross-entropy functions return: loss, then z_loss if asked for, then the accuracy
+    if it was computed (not None)."""
+    out = (loss, z_loss) if return_z_loss else (loss,)
+    if accuracy is not None:
+        out = out + (accuracy,)
+    return out if len(out) > 1 else loss
 
 
 def cross_entropy(
@@ -649,13 +693,18 @@ def cross_entropy(
     reduction: str = "mean",
     return_z_loss: bool = False,
     in_place: bool = False,
+    return_token_accuracy: bool = False,
 ):
     """Cross-entropy of (optionally soft-capped and scaled) logits (..., V) against class indices.
 
     See the module docstring for the exact formula, the reductions and the memory behaviour.
     `logit_scale` multiplies the logits before the softcap (Granite: 1 / logits_scaling).
     `in_place=True` overwrites `logits` with its gradient during the forward pass.
-    Returns loss, or (loss, z_loss) with `return_z_loss=True`.
+    `return_token_accuracy=True` also returns the fraction of rows not ignored whose target has the
+    largest transformed logit z (ties count as correct): an fp32 scalar without gradient (0 when
+    every row is ignored), computed by the loss kernel's first pass (no extra pass over the logits).
+    Returns loss, (loss, z_loss) with `return_z_loss=True`, (loss, accuracy) with
+    `return_token_accuracy=True`, (loss, z_loss, accuracy) with both.
     """
     check_float("logits", logits)
     if logits.dim() == 0 or logits.shape[-1] == 0:
@@ -671,29 +720,33 @@ def cross_entropy(
     check_target(target, n_rows, n_cols, ignore_index)
     if _library.compiling() and n_rows:  # one graph node under torch.compile (in_place does not apply)
         compute_grad = torch.is_grad_enabled() and logits.requires_grad
-        loss, z_loss, _ = _cross_entropy_op(
+        loss, z_loss, _, accuracy = _cross_entropy_op(
             logits, target, weight, ignore_index, float(label_smoothing), float(lse_square_scale),
             None if softcap is None else float(softcap), float(logit_scale), reduction, compute_grad,
+            return_token_accuracy,
         )
-        return (loss, z_loss) if return_z_loss else loss
+        return loss_outputs(loss, z_loss, accuracy if return_token_accuracy else None, return_z_loss)
     if n_rows == 0 or not use_triton(logits, target, weight):
         return cross_entropy_reference(
             logits, target, weight, ignore_index, label_smoothing, lse_square_scale, softcap,
-            logit_scale, reduction, return_z_loss,
+            logit_scale, reduction, return_z_loss, return_token_accuracy,
         )
-    loss, z_loss = CrossEntropyFunction.apply(logits, target, weight, opts, reduction, in_place)
-    return (loss, z_loss) if return_z_loss else loss
+    loss, z_loss, accuracy = CrossEntropyFunction.apply(
+        logits, target, weight, opts, reduction, in_place, return_token_accuracy
+    )
+    return loss_outputs(loss, z_loss, accuracy, return_z_loss)
 
 
 # ---- torch.library ops: what torch.compile records (see liger_kernels/_library.py) ---------------
 
 
 def _cross_entropy_fake(logits, target, weight, ignore_index, label_smoothing, lse_square_scale, softcap,
-                        logit_scale, reduction, compute_grad):
+                        logit_scale, reduction, compute_grad, compute_accuracy):
     loss_shape = logits.shape[:-1] if reduction == "none" else ()
     n_cols = logits.shape[-1]
     grad = logits.new_empty((logits.numel() // n_cols, n_cols)) if compute_grad else _library.absent(logits)
-    return logits.new_empty(loss_shape), logits.new_empty(loss_shape), grad
+    accuracy = logits.new_empty((), dtype=torch.float32) if compute_accuracy else _library.absent(logits)
+    return logits.new_empty(loss_shape), logits.new_empty(loss_shape), grad, accuracy
 
 
 @_library.custom_op("cross_entropy", _cross_entropy_fake)
@@ -708,9 +761,11 @@ def _cross_entropy_op(
     logit_scale: float,
     reduction: str,
     compute_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, z_loss, d loss / d logits as (rows, V) or a placeholder), the gradient for a unit
-    grad_output; with reduction="none" row i holds the gradient of loss i."""
+    compute_accuracy: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, z_loss, d loss / d logits as (rows, V) or a placeholder, token accuracy or a
+    placeholder), the gradient for a unit grad_output; with reduction="none" row i holds the
+    gradient of loss i."""
     opts = CrossEntropyOptions(ignore_index, label_smoothing, lse_square_scale, softcap, logit_scale)
     n_cols = logits.shape[-1]
     if not use_triton(logits, target, weight):
@@ -718,11 +773,15 @@ def _cross_entropy_op(
             cross_entropy_reference, target=target, weight=weight, ignore_index=ignore_index,
             label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap,
             logit_scale=logit_scale, reduction=reduction, return_z_loss=True,
+            return_token_accuracy=compute_accuracy,
         )
         if not compute_grad:
-            return (*loss_fn(logits), _library.absent(logits))
-        (loss, z_loss), (grad,) = _library.reference_value_and_grads(loss_fn, (logits,))
-        return loss, z_loss, grad.reshape(-1, n_cols)
+            outputs, grad = loss_fn(logits), _library.absent(logits)
+        else:
+            outputs, (grad,) = _library.reference_value_and_grads(loss_fn, (logits,))
+            grad = grad.reshape(-1, n_cols)
+        accuracy = outputs[2] if compute_accuracy else _library.absent(logits)
+        return outputs[0], outputs[1], grad, accuracy
     x = logits.reshape(-1, n_cols)
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -732,24 +791,28 @@ def _cross_entropy_op(
     grad = new_output(x.shape, x.dtype, x.device) if compute_grad else None
     loss_rows = new_output((x.shape[0],), torch.float32, x.device)
     z_rows = new_output((x.shape[0],), torch.float32, x.device) if lse_square_scale else None
-    launch_cross_entropy(x, grad, target, weight, loss_rows, z_rows, denoms, None, opts)
+    acc_rows = new_output((x.shape[0],), torch.float32, x.device) if compute_accuracy else None
+    launch_cross_entropy(x, grad, target, weight, loss_rows, z_rows, denoms, None, opts, acc_rows)
     loss, z_loss = reduce_loss(loss_rows, z_rows, reduction, denoms, logits.shape[:-1], logits.dtype)
-    return loss, z_loss, grad if compute_grad else _library.absent(logits)
+    accuracy = _library.absent(logits)
+    if compute_accuracy:
+        accuracy = reduce_accuracy(acc_rows, target, ignore_index)
+    return loss, z_loss, grad if compute_grad else _library.absent(logits), accuracy
 
 
 def _cross_entropy_setup(ctx, inputs, output):
     ctx.logits_shape, ctx.reduction = inputs[0].shape, inputs[8]
-    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.mark_non_differentiable(output[1], output[2], output[3])
     ctx.save_for_backward(output[2])
 
 
-def _cross_entropy_grad(ctx, dloss, _dz_loss, _dgrad):
+def _cross_entropy_grad(ctx, dloss, _dz_loss, _dgrad, _daccuracy):
     (grad,) = ctx.saved_tensors
     if not ctx.needs_input_grad[0]:
-        return (None,) * 10
+        return (None,) * 11
     scale = dloss.reshape(-1, 1) if ctx.reduction == "none" else dloss
     dlogits = (grad.float() * scale.float()).to(grad.dtype)
-    return (dlogits.view(ctx.logits_shape),) + (None,) * 9
+    return (dlogits.view(ctx.logits_shape),) + (None,) * 10
 
 
 _cross_entropy_op.register_autograd(_cross_entropy_grad, setup_context=_cross_entropy_setup)

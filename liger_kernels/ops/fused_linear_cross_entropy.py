@@ -63,7 +63,9 @@ from liger_kernels.ops.cross_entropy import (
     check_target,
     cross_entropy_reference,
     launch_cross_entropy,
+    loss_outputs,
     mean_denominators,
+    reduce_accuracy,
     reduce_loss,
     scale_,
 )
@@ -205,8 +207,10 @@ def _side_stream(device: torch.device):
     return _SIDE_STREAMS[index]
 
 
-def _chunked_pass(x, w, b, target, ce_weight, plan: _Plan, needs, denoms=None, row_scale=None):
-    """Per-row losses (fp32) and, as `needs` = (dX, dW, db) asks, the gradients, chunk by chunk."""
+def _chunked_pass(x, w, b, target, ce_weight, plan: _Plan, needs, denoms=None, row_scale=None,
+                  acc_rows=None):
+    """Per-row losses (fp32) and, as `needs` = (dX, dW, db) asks, the gradients, chunk by chunk;
+    with `acc_rows` (fp32, one per row) also whether each row's target is an argmax."""
     n, h = x.shape
     v = w.shape[0]
     device = x.device
@@ -241,6 +245,7 @@ def _chunked_pass(x, w, b, target, ce_weight, plan: _Plan, needs, denoms=None, r
             denoms,
             row_scale[start:end] if row_scale is not None else None,
             opts,
+            acc_rows[start:end] if acc_rows is not None else None,
         )
         if side is not None:
             side.wait_stream(main)  # the gradient chunk is written
@@ -258,7 +263,7 @@ def _chunked_pass(x, w, b, target, ce_weight, plan: _Plan, needs, denoms=None, r
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, b, target, ce_weight, plan: _Plan, reduction, num_items):
+    def forward(ctx, x, w, b, target, ce_weight, plan: _Plan, reduction, num_items, with_accuracy):
         out_shape = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1]).contiguous()
         w = w.contiguous()
@@ -275,24 +280,29 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         ctx.reduction = reduction
         ctx.used = False
         ctx.w_dtype, ctx.b_dtype = w.dtype, (b.dtype if b is not None else None)
+        acc_rows = new_output((x.shape[0],), torch.float32, x.device) if with_accuracy else None
         if reduction == "none":
             # Gradients need the per-row grad_output: computed in backward.
             no_grads = (False, False, False)
-            loss_rows, z_rows, *_ = _chunked_pass(x, w, b, target, ce_weight, plan, no_grads)
+            loss_rows, z_rows, *_ = _chunked_pass(
+                x, w, b, target, ce_weight, plan, no_grads, acc_rows=acc_rows
+            )
             ctx.save_for_backward(x, w, b, target, ce_weight)
             ctx.plan, ctx.needs = plan, needs
         else:
             loss_rows, z_rows, grad_x, grad_w, grad_b = _chunked_pass(
-                x, w, b, target, ce_weight, plan, needs, denoms
+                x, w, b, target, ce_weight, plan, needs, denoms, acc_rows=acc_rows
             )
             ctx.save_for_backward(grad_x, grad_w, grad_b)
         ctx.x_shape = out_shape + (x.shape[-1],)
         loss, z_loss = reduce_loss(loss_rows, z_rows, reduction, denoms, out_shape, torch.float32)
-        ctx.mark_non_differentiable(z_loss)
-        return loss, z_loss
+        accuracy = reduce_accuracy(acc_rows, target, plan.opts.ignore_index) if with_accuracy else None
+        # One call: each call replaces the set of non-differentiable outputs.
+        ctx.mark_non_differentiable(*(t for t in (z_loss, accuracy) if t is not None))
+        return loss, z_loss, accuracy
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_z_loss):
+    def backward(ctx, grad_loss, grad_z_loss, grad_accuracy):
         if ctx.reduction == "none":
             x, w, b, target, ce_weight = ctx.saved_tensors
             row_scale = grad_loss.reshape(-1).float().contiguous()
@@ -316,7 +326,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             grad_w = grad_w.to(ctx.w_dtype)
         if grad_b is not None:
             grad_b = grad_b.to(ctx.b_dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
 def fused_linear_cross_entropy_reference(
@@ -333,24 +343,25 @@ def fused_linear_cross_entropy_reference(
     reduction: str = "mean",
     return_z_loss: bool = False,
     num_items_in_batch: int | torch.Tensor | None = None,
+    return_token_accuracy: bool = False,
 ):
     """Torch specification of `fused_linear_cross_entropy`: materialized logits in fp32 (fp64 for
     fp64 inputs), then `cross_entropy_reference`. Outputs in float32 (float64 for float64 inputs),
-    whatever the input dtype (see the module docstring). The CPU path."""
+    whatever the input dtype (see the module docstring); the accuracy in float32. The CPU path."""
     compute = torch.promote_types(input.dtype, torch.float32)
     with torch.autocast(input.device.type, enabled=False):
         logits = input.to(compute) @ weight.to(compute).t()
     if bias is not None:
         logits = logits + bias.to(compute)
-    loss, z_loss = cross_entropy_reference(
+    loss, z_loss, *accuracy = cross_entropy_reference(
         logits, target, ce_weight, ignore_index, label_smoothing, lse_square_scale, softcap,
-        logit_scale, reduction, return_z_loss=True,
+        logit_scale, reduction, return_z_loss=True, return_token_accuracy=return_token_accuracy,
     )
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, torch.Tensor):
             num_items_in_batch = num_items_in_batch.to(device=loss.device, dtype=compute)
         loss, z_loss = loss / num_items_in_batch, z_loss / num_items_in_batch
-    return (loss, z_loss) if return_z_loss else loss
+    return loss_outputs(loss, z_loss, accuracy[0] if accuracy else None, return_z_loss)
 
 
 def _check_num_items(num_items_in_batch, reduction: str) -> None:
@@ -388,6 +399,7 @@ def fused_linear_cross_entropy(
     reduction: str = "mean",
     return_z_loss: bool = False,
     num_items_in_batch: int | torch.Tensor | None = None,
+    return_token_accuracy: bool = False,
     *,
     chunk_size: int | None = None,
     accum_dtype: torch.dtype | None = None,
@@ -396,7 +408,10 @@ def fused_linear_cross_entropy(
 
     `chunk_size`: rows per chunk (None: automatic, see `chunk_rows`). `accum_dtype`: None (the
     weight's dtype) or torch.float32 for the weight-gradient accumulation. See the module docstring.
-    Returns loss, or (loss, z_loss) with `return_z_loss=True`, in float32 whatever the input dtype.
+    `return_token_accuracy`: also return the token accuracy, as `cross_entropy` defines it, of the
+    logits the kernel sees (in the input dtype), from the loss kernel's pass (no extra pass).
+    Returns loss, or (loss, z_loss) with `return_z_loss=True`, in float32 whatever the input dtype;
+    the accuracy (fp32) comes last: (loss, accuracy) or (loss, z_loss, accuracy).
     """
     check_float("input", input)
     check_float("weight", weight)
@@ -440,15 +455,16 @@ def fused_linear_cross_entropy(
         )
 
     if _library.compiling() and n_rows:  # one graph node under torch.compile
-        loss, z_loss = _compiled_fused_linear_cross_entropy(
+        loss, z_loss, accuracy = _compiled_fused_linear_cross_entropy(
             input, weight, target, bias, ce_weight, opts, reduction, num_items_in_batch, chunk_size,
-            accum_dtype,
+            accum_dtype, return_token_accuracy,
         )
-        return (loss, z_loss) if return_z_loss else loss
+        return loss_outputs(loss, z_loss, accuracy if return_token_accuracy else None, return_z_loss)
     if n_rows == 0 or not use_triton(input, weight, target, bias, ce_weight):
         return fused_linear_cross_entropy_reference(
             input, weight, target, bias, ce_weight, ignore_index, label_smoothing,
             lse_square_scale, softcap, logit_scale, reduction, return_z_loss, num_items_in_batch,
+            return_token_accuracy,
         )
     if isinstance(num_items_in_batch, torch.Tensor):
         num_items = num_items_in_batch.reshape(()).to(device=input.device, dtype=torch.float32)
@@ -461,19 +477,21 @@ def fused_linear_cross_entropy(
         chunk_size or chunk_rows(n_rows, n_classes, input.element_size()),
         accum_dtype or weight.dtype,
     )
-    loss, z_loss = FusedLinearCrossEntropyFunction.apply(
-        input, weight, bias, target, ce_weight, plan, reduction, num_items
+    loss, z_loss, accuracy = FusedLinearCrossEntropyFunction.apply(
+        input, weight, bias, target, ce_weight, plan, reduction, num_items, return_token_accuracy
     )
-    return (loss, z_loss) if return_z_loss else loss
+    return loss_outputs(loss, z_loss, accuracy, return_z_loss)
 
 
 # ---- torch.library ops: what torch.compile records (see liger_kernels/_library.py) ---------------
 
 
 def _compiled_fused_linear_cross_entropy(
-    input, weight, target, bias, ce_weight, opts, reduction, num_items_in_batch, chunk_size, accum_dtype
+    input, weight, target, bias, ce_weight, opts, reduction, num_items_in_batch, chunk_size, accum_dtype,
+    compute_accuracy,
 ):
-    """(loss, z_loss) through the custom op; gradients are computed in the forward where asked for."""
+    """(loss, z_loss, accuracy or a placeholder) through the custom op; gradients are computed in
+    the forward where asked for."""
     if isinstance(num_items_in_batch, torch.Tensor):
         num_items = num_items_in_batch.reshape(()).to(device=input.device, dtype=torch.float32)
     elif num_items_in_batch is not None:
@@ -484,17 +502,17 @@ def _compiled_fused_linear_cross_entropy(
     grads = torch.is_grad_enabled() and reduction != "none"
     needs = [grads and t is not None and t.requires_grad for t in (input, weight, bias)]
     softcap = None if opts.softcap is None else float(opts.softcap)
-    loss, z_loss, *_ = _fused_linear_cross_entropy_op(
+    loss, z_loss, *_, accuracy = _fused_linear_cross_entropy_op(
         input, weight, bias, target, ce_weight, num_items, None, opts.ignore_index,
         float(opts.label_smoothing), float(opts.lse_square_scale), softcap, float(opts.logit_scale),
-        reduction, chunk_size, accum_dtype == torch.float32, *needs,
+        reduction, chunk_size, accum_dtype == torch.float32, *needs, compute_accuracy,
     )
-    return loss, z_loss
+    return loss, z_loss, accuracy
 
 
 def _fused_linear_cross_entropy_fake(x, weight, bias, target, ce_weight, num_items, row_scale, ignore_index,
                                      label_smoothing, lse_square_scale, softcap, logit_scale, reduction,
-                                     chunk_size, accum_fp32, need_dx, need_dw, need_db):
+                                     chunk_size, accum_fp32, need_dx, need_dw, need_db, compute_accuracy):
     loss_shape = x.shape[:-1] if reduction == "none" else ()
     dw_dtype = torch.float32 if accum_fp32 else weight.dtype
     return (
@@ -503,6 +521,7 @@ def _fused_linear_cross_entropy_fake(x, weight, bias, target, ce_weight, num_ite
         x.new_empty(x.shape) if need_dx else _library.absent(x),
         weight.new_empty(weight.shape, dtype=dw_dtype) if need_dw else _library.absent(x),
         weight.new_empty(weight.shape[0], dtype=torch.float32) if need_db else _library.absent(x),
+        x.new_empty((), dtype=torch.float32) if compute_accuracy else _library.absent(x),
     )
 
 
@@ -526,26 +545,31 @@ def _fused_linear_cross_entropy_op(
     need_dx: bool,
     need_dw: bool,
     need_db: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, z_loss, dx, dweight, dbias): the gradients asked for (placeholders otherwise) for a
-    unit grad_output, or with `row_scale` (reduction="none") for that per-row grad_output.
-    dweight is fp32 with accum_fp32, dbias always fp32."""
+    compute_accuracy: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, z_loss, dx, dweight, dbias, accuracy): the gradients asked for (placeholders
+    otherwise) for a unit grad_output, or with `row_scale` (reduction="none") for that per-row
+    grad_output; the token accuracy if asked for. dweight is fp32 with accum_fp32, dbias always fp32."""
     needs = (need_dx, need_dw, need_db)
+    accuracy = _library.absent(x)
     if not use_triton(x, weight, target, bias, ce_weight):
         def loss_fn(x, w, b=None):
             return fused_linear_cross_entropy_reference(
                 x, w, target, b, ce_weight, ignore_index, label_smoothing, lse_square_scale, softcap,
-                logit_scale, reduction, True, num_items,
+                logit_scale, reduction, True, num_items, compute_accuracy,
             )
 
         primals = (x, weight) if bias is None else (x, weight, bias)
         if any(needs):
-            (loss, z_loss), grads = _library.reference_value_and_grads(loss_fn, primals, row_scale)
+            outputs, grads = _library.reference_value_and_grads(loss_fn, primals, row_scale)
             dx, dw, db = (*grads, None)[:3]
             dw = dw.to(torch.float32 if accum_fp32 else weight.dtype)
             db = db.float() if db is not None else None
         else:
-            (loss, z_loss), dx, dw, db = loss_fn(*primals), None, None, None
+            outputs, dx, dw, db = loss_fn(*primals), None, None, None
+        loss, z_loss = outputs[:2]
+        if compute_accuracy:
+            accuracy = outputs[2]
     else:
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
         target = target.reshape(-1).contiguous()
@@ -557,16 +581,20 @@ def _fused_linear_cross_entropy_op(
         opts = CrossEntropyOptions(ignore_index, label_smoothing, lse_square_scale, softcap, logit_scale)
         rows = chunk_size or chunk_rows(x2.shape[0], weight.shape[0], x.element_size())
         plan = _Plan(opts, rows, torch.float32 if accum_fp32 else weight.dtype)
+        acc_rows = new_output((x2.shape[0],), torch.float32, x.device) if compute_accuracy else None
         loss_rows, z_rows, dx, dw, db = _chunked_pass(
-            x2, weight.contiguous(), bias, target, ce_weight, plan, needs, denoms, row_scale
+            x2, weight.contiguous(), bias, target, ce_weight, plan, needs, denoms, row_scale, acc_rows
         )
         loss, z_loss = reduce_loss(loss_rows, z_rows, reduction, denoms, x.shape[:-1], torch.float32)
+        if compute_accuracy:
+            accuracy = reduce_accuracy(acc_rows, target, ignore_index)
     return (
         loss,
         z_loss,
         dx.view(x.shape) if need_dx else _library.absent(x),
         dw if need_dw else _library.absent(x),
         db if need_db else _library.absent(x),
+        accuracy,
     )
 
 
@@ -578,21 +606,21 @@ def _fused_linear_cross_entropy_setup(ctx, inputs, output):
     if ctx.reduction == "none":  # recomputed in backward with the per-row grad_output
         ctx.save_for_backward(x, weight, bias, target, ce_weight, num_items)
     else:
-        ctx.save_for_backward(*output[2:])
+        ctx.save_for_backward(*output[2:5])
 
 
 def _fused_linear_cross_entropy_grad(ctx, dloss, *_):
     needs = ctx.needs_input_grad[:3]
     if ctx.reduction == "none":
         row_scale = dloss.reshape(-1).float().contiguous()
-        _, _, *grads = _fused_linear_cross_entropy_op(
-            *ctx.saved_tensors, row_scale, *ctx.params[:-3], *needs
+        _, _, *grads, _ = _fused_linear_cross_entropy_op(
+            *ctx.saved_tensors, row_scale, *ctx.params[:-4], *needs, False
         )
     else:
         grads = [g.float() * dloss.float() if need else None for g, need in zip(ctx.saved_tensors, needs)]
     grads = [g.to(dtype) if g is not None and need else None
              for g, dtype, need in zip(grads, ctx.dtypes, needs)]
-    return (*grads,) + (None,) * 15
+    return (*grads,) + (None,) * 16
 
 
 _fused_linear_cross_entropy_op.register_autograd(

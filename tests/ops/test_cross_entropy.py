@@ -315,3 +315,103 @@ def test_llama3_vocab_gpu(in_place, persistent, device, monkeypatch):
     extra = torch.cuda.max_memory_allocated() - before
     assert (extra < 2**20) if in_place else (extra <= x.numel() * 2 + 2**20), extra
     loss.backward()
+
+
+# ---- token accuracy (return_token_accuracy) --------------------------------------------------------
+
+
+def accuracy_truth(logits, target, ignore_index=-100, softcap=None, logit_scale=1.0, **_):
+    """float64 fraction of counted rows whose target's z equals the row max (ties count)."""
+    z = logits.detach().double().reshape(-1, logits.shape[-1]) * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    t = target.reshape(-1)
+    valid = t != ignore_index
+    hit = (z.gather(1, torch.where(valid, t, 0)[:, None]).squeeze(1) == z.max(-1).values) & valid
+    return hit.sum().double() / valid.sum().clamp_min(1)
+
+
+def accuracy_inputs(shape, device, dtype, ignore_index=-100):
+    """Logits and targets with every kind of row: target = argmax, target = runner-up, target tied
+    with another column for the max (correct), and ignored rows."""
+    logits, _ = make_inputs(shape, device, dtype)
+    n_rows = logits.numel() // shape[-1]
+    rows = logits.view(n_rows, shape[-1])
+    top2 = rows.float().topk(2, dim=-1).indices
+    target = torch.where(torch.arange(n_rows, device=device) % 2 == 0, top2[:, 0], top2[:, 1])
+    rows[1, 3] = rows[1].max()  # row 1: the runner-up target becomes a tie for the max
+    target[1] = 3
+    target[2::5] = ignore_index
+    return logits, target.view(shape[:-1])
+
+
+@pytest.mark.parametrize(
+    "reduction, return_z_loss, kw",
+    [
+        ("mean", False, {}),
+        ("sum", True, {"softcap": 4.0, "logit_scale": 0.7}),
+        ("none", True, {"in_place": True, "ignore_index": 5}),
+        ("mean", True, {"weight": True, "label_smoothing": 0.1}),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_accuracy(dtype, reduction, return_z_loss, kw, device, small_blocks):
+    # 12 rows of 70 columns in blocks of 32: loss and gradient unchanged, accuracy as defined.
+    kw = dict(kw, lse_square_scale=1e-3)
+    if kw.pop("weight", False):
+        kw["weight"] = torch.rand(70, device=device) + 0.5
+    logits, target = accuracy_inputs((12, 70), device, dtype, kw.get("ignore_index", -100))
+    expected = accuracy_truth(logits, target, **kw)
+    assert 0 < expected < 1
+    leaf = logits.clone().requires_grad_()
+    out = cross_entropy(leaf * 1, target, reduction=reduction, return_z_loss=return_z_loss,
+                        return_token_accuracy=True, **kw)
+    assert len(out) == (3 if return_z_loss else 2)
+    accuracy = out[-1]
+    assert accuracy.dtype == torch.float32 and accuracy.shape == () and not accuracy.requires_grad
+    torch.testing.assert_close(accuracy.double(), expected)
+    out[0].sum().backward()
+    plain = logits.clone().requires_grad_()
+    loss, z_loss = cross_entropy(plain * 1, target, reduction=reduction, return_z_loss=True, **kw)
+    loss.sum().backward()
+    assert torch.equal(out[0], loss) and torch.equal(leaf.grad, plain.grad)
+    if return_z_loss:
+        assert torch.equal(out[1], z_loss)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_accuracy_reference_path(dtype, device, monkeypatch):
+    monkeypatch.setattr(liger_kernels._utils, "INTERPRET", False)
+    logits, target = accuracy_inputs((3, 4, 23), device, dtype)
+    loss, accuracy = cross_entropy(logits, target, return_token_accuracy=True, softcap=3.0)
+    torch.testing.assert_close(accuracy.double(), accuracy_truth(logits, target, softcap=3.0))
+    assert accuracy.dtype == torch.float32
+    assert torch.equal(loss, cross_entropy(logits, target, softcap=3.0))
+
+
+def test_token_accuracy_all_ignored_and_module(device, small_blocks):
+    from liger_kernels.nn import LigerCrossEntropyLoss
+
+    logits, target = make_inputs((4, 40), device, torch.float32, n_ignored=4)
+    _, accuracy = cross_entropy(logits, target, return_token_accuracy=True)
+    assert accuracy.item() == 0.0
+    logits, target = accuracy_inputs((6, 40), device, torch.float32)
+    loss, z_loss, accuracy = LigerCrossEntropyLoss(return_z_loss=True, return_token_accuracy=True)(
+        logits, target
+    )
+    torch.testing.assert_close(accuracy.double(), accuracy_truth(logits, target))
+
+
+def test_token_accuracy_compiled(device, small_blocks):
+    # Under torch.compile the accuracy comes out of the cross_entropy custom op.
+    torch._dynamo.reset()
+    logits, target = accuracy_inputs((6, 40), device, torch.float32)
+    fn = torch.compile(
+        lambda x, t: cross_entropy(x, t, return_token_accuracy=True), backend="aot_eager", fullgraph=True
+    )
+    leaf = logits.clone().requires_grad_()
+    loss, accuracy = fn(leaf, target)
+    loss.backward()
+    torch.testing.assert_close(accuracy.double(), accuracy_truth(logits, target))
+    assert_close(loss, truth(logits, target)[0], torch.float32, reduction=True, name="loss")
+    torch._dynamo.reset()

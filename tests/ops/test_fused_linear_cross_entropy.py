@@ -325,3 +325,97 @@ def test_memory_gpu(shape, limit_mib, device):
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before
     assert extra <= limit_mib * 2**20, f"{extra / 2**20:.0f} MiB"
+
+
+# ---- token accuracy (return_token_accuracy) --------------------------------------------------------
+
+
+def accuracy_case(device, dtype, case, shape=(N,)):
+    """Inputs whose targets are the argmax (even rows) or the runner-up (odd rows) of the float64
+    logits; rows whose top two are closer than the dtype's rounding of the logits are ignored, so
+    the expected accuracy (float64) does not depend on that rounding."""
+    x, w, target, kw = make_inputs(device, dtype, case, shape)
+    z = x.double() @ w.double().t()
+    if "bias" in kw:
+        z = z + kw["bias"].double()
+    z = z.reshape(-1, w.shape[0]) * kw.get("logit_scale", 1.0)
+    if kw.get("softcap") is not None:
+        z = kw["softcap"] * torch.tanh(z / kw["softcap"])
+    top2 = z.topk(2, dim=-1)
+    rows = torch.arange(z.shape[0], device=device)
+    t = torch.where(rows % 2 == 0, top2.indices[:, 0], top2.indices[:, 1])
+    ambiguous = top2.values[:, 0] - top2.values[:, 1] < 0.1
+    ignore_index = kw.get("ignore_index", -100)
+    t = torch.where(ambiguous | (rows % 4 == 3), ignore_index, t)
+    valid = t != ignore_index
+    expected = ((rows % 2 == 0) & valid).sum().double() / valid.sum().clamp_min(1)
+    assert 0 < expected < 1
+    return x, w, t.view(shape), kw, expected
+
+
+@pytest.mark.parametrize(
+    "case, reduction, return_z_loss", [("plain", "mean", False), ("everything", "none", True),
+                                       ("z_loss_softcap", "sum", True)]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_accuracy(case, reduction, return_z_loss, dtype, device):
+    # Accuracy as defined, and loss / gradients identical to a call without it.
+    x, w, target, kw, expected = accuracy_case(device, dtype, case)
+    bias = kw.pop("bias", None)
+    results = []
+    for with_accuracy in (True, False):
+        xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
+        out = fused_linear_cross_entropy(
+            xl, wl, target, bias, reduction=reduction, return_z_loss=return_z_loss,
+            return_token_accuracy=with_accuracy, chunk_size=CHUNK, **kw,
+        )
+        out = out if isinstance(out, tuple) else (out,)
+        out[0].sum().backward()
+        results.append((out, xl.grad, wl.grad))
+    (out, dx, dw), (plain, dx_plain, dw_plain) = results
+    assert len(out) == len(plain) + 1 == (3 if return_z_loss else 2)
+    accuracy = out[-1]
+    assert accuracy.dtype == torch.float32 and accuracy.shape == () and not accuracy.requires_grad
+    torch.testing.assert_close(accuracy.double(), expected)
+    for a, b in zip(out[:-1] + (dx, dw), plain + (dx_plain, dw_plain)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_accuracy_reference_path(dtype, device, monkeypatch):
+    monkeypatch.setattr(liger_kernels._utils, "INTERPRET", False)
+    x, w, target, kw, expected = accuracy_case(device, dtype, "bias", shape=(3, 4))
+    loss, z_loss, accuracy = fused_linear_cross_entropy(
+        x, w, target, kw["bias"], return_z_loss=True, return_token_accuracy=True
+    )
+    torch.testing.assert_close(accuracy.double(), expected)
+    assert accuracy.dtype == torch.float32
+    assert torch.equal(loss, fused_linear_cross_entropy(x, w, target, kw["bias"]))
+
+
+def test_token_accuracy_all_ignored_and_module(device):
+    from liger_kernels.nn import LigerFusedLinearCrossEntropyLoss
+
+    x, w, target, kw = make_inputs(device, torch.float32, "plain")
+    _, accuracy = fused_linear_cross_entropy(x, w, torch.full_like(target, -100),
+                                             return_token_accuracy=True, chunk_size=CHUNK)
+    assert accuracy.item() == 0.0
+    x, w, target, kw, expected = accuracy_case(device, torch.float32, "plain")
+    loss, accuracy = LigerFusedLinearCrossEntropyLoss(return_token_accuracy=True)(w, x, target)
+    torch.testing.assert_close(accuracy.double(), expected)
+
+
+def test_token_accuracy_compiled(device):
+    # Under torch.compile the accuracy comes out of the fused_linear_cross_entropy custom op.
+    torch._dynamo.reset()
+    x, w, target, kw, expected = accuracy_case(device, torch.float32, "plain")
+    fn = torch.compile(
+        lambda x, w, t: fused_linear_cross_entropy(x, w, t, return_token_accuracy=True, chunk_size=CHUNK),
+        backend="aot_eager", fullgraph=True,
+    )
+    wl = w.clone().requires_grad_()
+    loss, accuracy = fn(x, wl, target)
+    loss.backward()
+    torch.testing.assert_close(accuracy.double(), expected)
+    assert_close(loss, truth(x, w, target), torch.float32, reduction=True, name="loss")
+    torch._dynamo.reset()
