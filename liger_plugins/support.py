@@ -30,10 +30,13 @@ def _ops_table() -> list[str]:
     for name in sorted(functional.__all__):
         fn = getattr(functional, name)
         summary = (inspect.getdoc(fn) or "").split("\n\n")[0].replace("\n", " ")
-        # Table cells: escape the column separator and the emphasis marker.
-        summary = summary.replace("|", "\\|").replace("*", "\\*")
-        lines.append(f"| `{name}` | `{name}({_parameters(fn)})` | {summary} |")
+        lines.append(f"| `{name}` | `{name}({_parameters(fn)})` | {_cell(summary)} |")
     return lines
+
+
+def _cell(text: str) -> str:
+    """Free text in a table cell: escape the column separator and the emphasis marker."""
+    return text.replace("|", "\\|").replace("*", "\\*")
 
 
 def _parameters(fn) -> str:
@@ -65,7 +68,7 @@ def _architectures_table() -> list[str]:
     from liger_plugins.patching.registry import SUPPORTED_MODEL_TYPES, TRAITS
 
     columns = ["model_type", "causal LM (fused linear cross-entropy)", "RoPE", "RMSNorm", "LayerNorm",
-               "gated MLP", "MoE experts"]
+               "gated MLP", "MoE experts", "kept as is"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for model_type in SUPPORTED_MODEL_TYPES:
         t = TRAITS[model_type]
@@ -73,12 +76,19 @@ def _architectures_table() -> list[str]:
         loss_notes = [note for note, on in notes if on]
         causal_lm = f"`{t.causal_lm}`" + (f" ({', '.join(loss_notes)})" if loss_notes else "")
         rope = f"`{t.rope}`" if t.rope else "— (not rotate-half)"
+        if t.sub_configs:  # a wrapper: its language model is patched as its own architecture
+            rope = f"the {', '.join(t.sub_configs)} architecture's (built model)"
         norms = ", ".join(f"`{name}`{_norm_flavour(spec)}" for name, spec in t.norms.items()) or "—"
         mlps = ", ".join(f"`{name}`" + (" (fused gate_up)" if spec.layout == "fused" else "")
                          for name, spec in t.mlps.items()) or "—"
+        layer_norms = [f"`{name}`" + (f" (weight + {offset:g})" if offset else "")
+                       for name, offset in t.layer_norms.items()]
+        if t.torch_layer_norm:
+            layer_norms.append("`torch.nn.LayerNorm` (vision tower; built model)")
+        layer_norms = ", ".join(layer_norms) or "—"
         lines.append(
-            f"| `{model_type}` | {causal_lm} | {rope} | {norms} | {_names(t.layer_norms)} | {mlps} | "
-            f"{_names(t.experts)} |"
+            f"| `{model_type}` | {causal_lm} | {rope} | {norms} | {layer_norms} | {mlps} | "
+            f"{_names(t.experts)} | {_cell('; '.join(t.unpatched)) or '—'} |"
         )
     return lines
 
@@ -95,7 +105,10 @@ def render_support_table() -> str:
         "",
         "### Architectures",
         "",
-        "What `apply_liger(model_type_or_model)` swaps in, per Hugging Face `model_type`.",
+        "What `apply_liger(model_type_or_model)` swaps in, per Hugging Face `model_type`. Vision-language",
+        "models: \"built model\" marks what only an instance patch (`apply_liger(model)`) can reach; a",
+        "wrapper (Llava, PaliGemma, InternVL, SmolVLM) patches its language model as that model's own",
+        "architecture (`text_config.model_type`).",
         "",
         *_architectures_table(),
     ]

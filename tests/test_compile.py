@@ -4,7 +4,9 @@ Patched tiny models of three families compile to one graph in which every kernel
 `torch.ops.liger.*` node, with the loss and gradients of the eager patched model; explain() finds no
 graph break in our code; a decoder layer compiles with fullgraph=True under Inductor; new sequence
 lengths reuse the first (dynamic) compilation; each op passes torch.library.opcheck (schema, fake
-implementation vs the real one, autograd registration, AOT dispatch with dynamic shapes).
+implementation vs the real one, autograd registration, AOT dispatch with dynamic shapes); the ops a
+patch does not use (losses, softmax/sparsemax, other norms and activations) each compile with
+fullgraph=True to one node with eager's values and gradients, and all of them together under Inductor.
 
 Compiling is slow on CPU (Inductor's C++ code generation above all), so the model tests use the
 aot_eager backend (Dynamo + AOTAutograd: every fake implementation and autograd formula is traced)
@@ -211,6 +213,15 @@ def _opcheck_cases(device):
             (_r(5, 8), _r(11, 8), _r(11), target, None, None, None, -100, 0.0, 1e-3, None, 1.0, "mean", 2,
              False, True, True, True, True),
         ),
+        "kl_div": lambda: (ops.kl_div, (_r(3, 7), _r(3, 7), "batchmean", False, 1e-10)),
+        "jsd": lambda: (ops.jsd, (_r(5, 7), _r(5, 7), target, 0.3, -100)),
+        "tvd": lambda: (ops.tvd, (_r(5, 7), _r(5, 7), "none", target, -100)),
+        "dyt": lambda: (ops.dyt, (_r(3, 8), _r(()), _r(8), _r(8))),
+        "relu_squared": lambda: (ops.relu_squared, (_r(3, 8),)),
+        "softmax": lambda: (ops.softmax, (_r(3, 5, 4), 1)),
+        "sparsemax": lambda: (ops.sparsemax, (_r(4, 6), 0)),
+        "group_norm": lambda: (ops.group_norm, (_r(2, 6, 3), 3, _r(6), _r(6), 1e-5)),
+        "poly_norm": lambda: (ops.poly_norm, (_r(3, 8), _r(3), _r(1), 1e-6)),
     }
 
 
@@ -224,3 +235,94 @@ def test_opcheck(name, dispatch, device, monkeypatch):
         device = "cpu"
     op, args = _opcheck_cases(device)[name]()
     torch.library.opcheck(op, args)
+
+
+def _standalone_op_cases(device):
+    """name -> (function of the public API, its tensor inputs): the ops a patch does not put into a
+    model, each compiled on its own. Sizes are small and odd; every input gets a gradient."""
+
+    def _r(*shape):
+        return torch.randn(*shape, device=device)
+
+    label = torch.tensor([[1, -100, 3], [0, 2, -100]], device=device)
+    return {
+        "kl_div": (lambda x, t: LF.kl_div(x, t), (_r(2, 3, 7).log_softmax(-1), _r(2, 3, 7).softmax(-1))),
+        "jsd": (
+            lambda x, y: LF.jsd(x, y, label, beta=0.3),
+            (_r(2, 3, 7).log_softmax(-1), _r(2, 3, 7).log_softmax(-1)),
+        ),
+        "tvd": (lambda p, q: LF.tvd(p, q, "mean", label), (_r(2, 3, 7).softmax(-1), _r(2, 3, 7).softmax(-1))),
+        "dyt": (LF.dyt, (_r(2, 3, 8), _r(()), _r(8), _r(8))),
+        "relu_squared": (LF.relu_squared, (_r(2, 3, 8),)),
+        "softmax": (lambda x: LF.softmax(x, dim=1), (_r(2, 5, 3),)),
+        "sparsemax": (LF.sparsemax, (_r(3, 6),)),
+        "group_norm": (lambda x, w, b: LF.group_norm(x, 2, w, b), (_r(2, 4, 3), _r(4), _r(4))),
+        "poly_norm": (LF.poly_norm, (_r(3, 8), _r(3), _r(1))),
+    }
+
+
+@pytest.mark.parametrize("dispatch", ["triton", "reference"])
+@pytest.mark.parametrize("name", sorted(_standalone_op_cases("cpu")))
+def test_standalone_op_compiles_to_one_node_like_eager(name, dispatch, device, monkeypatch):
+    """fullgraph=True (no graph break) forward and backward; the graph holds the op as one node; the
+    output and every input gradient equal eager's (the autograd.Function path or the reference)."""
+    if dispatch == "reference":
+        monkeypatch.setattr(liger_kernels._utils, "INTERPRET", False)
+        device = "cpu"
+    fn, inputs = _standalone_op_cases(device)[name]
+
+    def step(f, cotangent=None):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        out = f(*leaves)
+        cotangent = torch.randn_like(out) if cotangent is None else cotangent
+        return out.detach(), torch.autograd.grad(out, leaves, cotangent), cotangent
+
+    out_ref, grads_ref, cotangent = step(fn)
+    backend = RecordingBackend()
+    out, grads, _ = step(torch.compile(fn, backend=backend, fullgraph=True), cotangent)
+    assert len(backend.graphs) == 1
+    assert backend.liger_ops() == {name}
+    assert_model_close(out, out_ref, torch.float32, "output")
+    for i, (grad, grad_ref) in enumerate(zip(grads, grads_ref)):
+        assert_model_close(grad, grad_ref, torch.float32, f"grad of input {i}")
+
+
+def test_explain_finds_no_graph_break_in_standalone_ops(device):
+    cases = _standalone_op_cases(device)
+
+    def all_ops():
+        return [fn(*inputs) for fn, inputs in cases.values()]
+
+    explanation = torch._dynamo.explain(all_ops)()
+    assert explanation.graph_break_count == 0, "\n".join(r.reason for r in explanation.break_reasons)
+    called = {
+        str(node.target).split(".")[1]
+        for gm in explanation.graphs
+        for node in gm.graph.nodes
+        if str(node.target).startswith("liger.")
+    }
+    assert called == set(cases)
+
+
+def test_standalone_ops_fullgraph_inductor(reference_dispatch, device):
+    """All of them in one function under Inductor (the reference dispatch inside the ops on CPU)."""
+    cases = _standalone_op_cases(device)
+    leaves = [[t.detach().clone().requires_grad_() for t in inputs] for _, inputs in cases.values()]
+    flat_leaves = [t for inputs in leaves for t in inputs]
+
+    def all_ops():
+        return [fn(*inputs) for (fn, _), inputs in zip(cases.values(), leaves)]
+
+    cotangents = [torch.randn_like(out) for out in all_ops()]
+
+    def step(f):
+        outs = f()
+        loss = sum((out * cotangent).sum() for out, cotangent in zip(outs, cotangents))
+        return [out.detach() for out in outs], torch.autograd.grad(loss, flat_leaves)
+
+    outs_ref, grads_ref = step(all_ops)
+    outs, grads = step(torch.compile(all_ops, fullgraph=True))
+    for name, out, out_ref in zip(cases, outs, outs_ref):
+        assert_model_close(out, out_ref, torch.float32, name)
+    for i, (grad, grad_ref) in enumerate(zip(grads, grads_ref)):
+        assert_model_close(grad, grad_ref, torch.float32, f"grad of input {i}")

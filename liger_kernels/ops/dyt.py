@@ -15,10 +15,13 @@ Only x is saved for backward. Any H works (column blocks), no row-size limit.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
+from liger_kernels import _library
 from liger_kernels._utils import check_float, check_same_device, new_output, num_programs_for_rows, use_triton
 from liger_kernels.ops._tiles import as_rows, tile_config, tile_offsets
 
@@ -84,44 +87,54 @@ def _dyt_bwd_kernel(
     tl.store(dalpha_partial_ptr + pid * tl.num_programs(1) + tl.program_id(1), tl.sum(dalpha))
 
 
+def _dyt_forward(x2, alpha, weight, bias):
+    """y (M, N) of rows x2 (unit column stride); weight and bias contiguous."""
+    n_rows, n_cols = x2.shape
+    y = new_output((n_rows, n_cols), x2.dtype, x2.device)
+    grid, block_m, block_n, num_warps = tile_config(n_rows, n_cols)
+    _dyt_fwd_kernel[grid](
+        x2, x2.stride(0), alpha, weight, bias if bias is not None else weight, y, n_rows, n_cols,
+        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    return y
+
+
+def _dyt_backward(dy2, x2, alpha, weight, bias):
+    """(dx (M, N), dalpha, dweight, dbias or None) of rows dy2, x2 (unit column stride)."""
+    n_rows, n_cols = x2.shape
+    has_bias = bias is not None
+    dx = new_output((n_rows, n_cols), x2.dtype, x2.device)
+    (_, n_col_blocks), block_m, block_n, num_warps = tile_config(n_rows, n_cols)
+    # A few programs per SM in all: the column blocks share the persistent row programs.
+    n_row_tiles = triton.cdiv(n_rows, block_m)
+    n_programs = max(1, num_programs_for_rows(n_row_tiles, x2.device) // n_col_blocks)
+    dw_partial = new_output((n_programs, n_cols), torch.float32, x2.device)
+    db_partial = new_output((n_programs, n_cols), torch.float32, x2.device) if has_bias else dw_partial
+    dalpha_partial = new_output((n_programs, n_col_blocks), torch.float32, x2.device)
+    _dyt_bwd_kernel[(n_programs, n_col_blocks)](
+        dy2, dy2.stride(0), x2, x2.stride(0), alpha, weight, dx, dw_partial, db_partial, dalpha_partial,
+        n_rows, n_cols,
+        HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    # The partials are a few hundred rows: one torch column sum each finishes the reduction.
+    dalpha = dalpha_partial.sum().to(alpha.dtype).view(alpha.shape)
+    dweight = dw_partial.sum(0).to(weight.dtype)
+    dbias = db_partial.sum(0).to(bias.dtype) if has_bias else None
+    return dx, dalpha, dweight, dbias
+
+
 class DyTFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, alpha, weight, bias):
         x2 = as_rows(x)
-        n_rows, n_cols = x2.shape
-        y = new_output((n_rows, n_cols), x.dtype, x.device)
-        grid, block_m, block_n, num_warps = tile_config(n_rows, n_cols)
-        _dyt_fwd_kernel[grid](
-            x2, x2.stride(0), alpha, weight, bias if bias is not None else weight, y, n_rows, n_cols,
-            HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
-        )
         ctx.save_for_backward(x2, alpha, weight, bias)
         ctx.x_shape = x.shape
-        return y.view(x.shape)
+        return _dyt_forward(x2, alpha, weight, bias).view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
         x2, alpha, weight, bias = ctx.saved_tensors
-        dy2 = as_rows(dy)
-        n_rows, n_cols = x2.shape
-        has_bias = bias is not None
-        dx = new_output((n_rows, n_cols), x2.dtype, x2.device)
-        (_, n_col_blocks), block_m, block_n, num_warps = tile_config(n_rows, n_cols)
-        # A few programs per SM in all: the column blocks share the persistent row programs.
-        n_row_tiles = triton.cdiv(n_rows, block_m)
-        n_programs = max(1, num_programs_for_rows(n_row_tiles, x2.device) // n_col_blocks)
-        dw_partial = new_output((n_programs, n_cols), torch.float32, x2.device)
-        db_partial = new_output((n_programs, n_cols), torch.float32, x2.device) if has_bias else dw_partial
-        dalpha_partial = new_output((n_programs, n_col_blocks), torch.float32, x2.device)
-        _dyt_bwd_kernel[(n_programs, n_col_blocks)](
-            dy2, dy2.stride(0), x2, x2.stride(0), alpha, weight, dx, dw_partial, db_partial, dalpha_partial,
-            n_rows, n_cols,
-            HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
-        )
-        # The partials are a few hundred rows: one torch column sum each finishes the reduction.
-        dalpha = dalpha_partial.sum().to(alpha.dtype).view(alpha.shape)
-        dweight = dw_partial.sum(0).to(weight.dtype)
-        dbias = db_partial.sum(0).to(bias.dtype) if has_bias else None
+        dx, dalpha, dweight, dbias = _dyt_backward(as_rows(dy), x2, alpha, weight, bias)
         return dx.view(ctx.x_shape), dalpha, dweight, dbias
 
 
@@ -156,6 +169,60 @@ def dyt(
             raise ValueError(
                 f"{name} must have shape ({x.shape[-1]},) (x's last dimension), got {tuple(param.shape)}"
             )
+    if _library.compiling() and x.numel():  # one graph node under torch.compile
+        return _dyt_op(x, alpha, weight, bias)
     if not use_triton(x, alpha, weight, bias) or x.numel() == 0:
         return dyt_reference(x, alpha, weight, bias)
     return DyTFunction.apply(x, alpha, weight.contiguous(), bias.contiguous() if bias is not None else None)
+
+
+# ---- torch.library ops: what torch.compile records (see liger_kernels/_library.py) ---------------
+
+
+def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return t.contiguous() if t is not None else None
+
+
+@_library.custom_op("dyt", lambda x, alpha, weight, bias: x.new_empty(x.shape))
+def _dyt_op(
+    x: torch.Tensor, alpha: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
+) -> torch.Tensor:
+    if not use_triton(x, alpha, weight, bias):
+        return dyt_reference(x, alpha, weight, bias).contiguous()
+    return _dyt_forward(as_rows(x), alpha, weight.contiguous(), _contiguous(bias)).view(x.shape)
+
+
+def _dyt_backward_fake(dy, x, alpha, weight, bias):
+    dbias = bias.new_empty(bias.shape) if bias is not None else _library.absent(weight)
+    return x.new_empty(x.shape), alpha.new_empty(alpha.shape), weight.new_empty(weight.shape), dbias
+
+
+@_library.custom_op("dyt_backward", _dyt_backward_fake)
+def _dyt_backward_op(
+    dy: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dalpha, dweight, dbias or a placeholder)."""
+    if not use_triton(x, alpha, weight, bias):
+        params = (alpha, weight) if bias is None else (alpha, weight, bias)
+        dx, dalpha, dweight, *dbias = _library.reference_vjp(dyt_reference, (x, *params), dy)
+        dbias = dbias[0].contiguous() if dbias else None
+        dx = dx.contiguous()
+    else:
+        dx, dalpha, dweight, dbias = _dyt_backward(
+            as_rows(dy), as_rows(x), alpha, weight.contiguous(), _contiguous(bias)
+        )
+        dx = dx.view(x.shape)
+    return dx, dalpha, dweight, dbias if dbias is not None else _library.absent(weight)
+
+
+def _dyt_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _dyt_grad(ctx, dy):
+    dx, dalpha, dweight, dbias = _dyt_backward_op(dy, *ctx.saved_tensors)
+    needs = ctx.needs_input_grad
+    return tuple(g if need else None for g, need in zip((dx, dalpha, dweight, dbias), needs))
+
+
+_dyt_op.register_autograd(_dyt_grad, setup_context=_dyt_setup)

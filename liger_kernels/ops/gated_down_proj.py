@@ -12,8 +12,9 @@ and one write of c): a third less MLP activation memory, e.g. 4 GiB on the ANCHO
 
 f is silu ("silu"), tanh-approximated gelu ("gelu_tanh") or exact gelu ("gelu"). The matrix products
 are torch's (cuBLAS), in the inputs' dtype. Under autocast the inputs are cast as `F.linear` would.
-On CPU (without the interpreter), and while torch.compile traces, it is the plain composition
-`F.linear(glu(a, b), W, bias)`, which Inductor may schedule as it likes.
+On CPU (without the interpreter), while torch.compile traces, and while saved-tensor hooks are active
+(non-reentrant activation checkpointing keeps nothing of the layer anyway; measured on the H200, the
+recompute there only cost time), it is the plain composition `F.linear(glu(a, b), W, bias)`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ from liger_kernels.ops.glu import (
 )
 
 ACTIVATIONS = {"silu": _SILU, "gelu_tanh": _GELU_TANH, "gelu": _GELU_ERF}
+
+
+def _saved_tensor_hooks_active() -> bool:
+    """True inside torch.autograd.graph.saved_tensors_hooks (checkpointing, offloading to the CPU)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is not None and top(False) is not None
 
 
 class GatedDownProjFunction(torch.autograd.Function):
@@ -102,7 +109,7 @@ def gated_down_proj(
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     device_type = a.device.type
-    if _library.compiling() or not use_triton(a, b):
+    if _library.compiling() or not use_triton(a, b) or _saved_tensor_hooks_active():
         return F.linear(_glu(a, b, activation), weight, bias)
     if torch.is_autocast_enabled(device_type):  # cast as F.linear does under autocast, then run without it
         dtype = torch.get_autocast_dtype(device_type)

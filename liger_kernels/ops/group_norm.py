@@ -20,11 +20,13 @@ group sums; then dx). Passes after the first re-read the group, mostly from L2. 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from liger_kernels import _library
 from liger_kernels._utils import check_float, check_same_device, new_output, use_triton
 
 _TILE_ELEMENTS = 2048
@@ -149,47 +151,64 @@ def _launch(n_channels: int, n_spatial: int):
     return block_c, block_s, num_warps
 
 
+def _group_norm_forward(x3, num_groups, weight, bias, eps):
+    """(y, mean, rstd) of the contiguous (N, C, S) x3: y like x3, fp32 statistics (N * G,)."""
+    n, c, s = x3.shape
+    cg = c // num_groups
+    y = new_output(x3.shape, x3.dtype, x3.device)
+    mean = new_output((n * num_groups,), torch.float32, x3.device)
+    rstd = new_output((n * num_groups,), torch.float32, x3.device)
+    block_c, block_s, num_warps = _launch(cg, s)
+    _group_norm_fwd_kernel[(n * num_groups,)](
+        x3, y, weight if weight is not None else x3, bias if bias is not None else x3, mean, rstd,
+        num_groups, cg, s, eps,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        BLOCK_C=block_c, BLOCK_S=block_s, num_warps=num_warps,
+    )
+    return y, mean, rstd
+
+
+def _group_norm_backward(dy3, x3, weight, mean, rstd, num_groups, bias_dtype, compute_dw, compute_db):
+    """(dx like x3, dweight or None, dbias or None) from the contiguous (N, C, S) dy3 and x3."""
+    n, c, s = x3.shape
+    cg = c // num_groups
+    dx = new_output(x3.shape, x3.dtype, x3.device)
+    dw_partial = new_output((n, c), torch.float32, x3.device) if compute_dw else mean
+    db_partial = new_output((n, c), torch.float32, x3.device) if compute_db else mean
+    block_c, block_s, num_warps = _launch(cg, s)
+    _group_norm_bwd_kernel[(n * num_groups,)](
+        dy3, x3, weight if weight is not None else x3, mean, rstd, dx, dw_partial, db_partial,
+        num_groups, cg, s,
+        HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
+        BLOCK_C=block_c, BLOCK_S=block_s, num_warps=num_warps,
+    )
+    dweight = dw_partial.sum(0).to(weight.dtype) if compute_dw else None
+    dbias = db_partial.sum(0).to(bias_dtype) if compute_db else None
+    return dx, dweight, dbias
+
+
+def _as_groups(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, *) -> contiguous (N, C, S)."""
+    return x.contiguous().view(x.shape[0], x.shape[1], -1)
+
+
 class GroupNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, num_groups, weight, bias, eps):
-        shape = x.shape
-        x3 = x.contiguous().view(shape[0], shape[1], -1)
-        n, c, s = x3.shape
-        cg = c // num_groups
-        y = new_output(x3.shape, x.dtype, x.device)
-        mean = new_output((n * num_groups,), torch.float32, x.device)
-        rstd = new_output((n * num_groups,), torch.float32, x.device)
-        block_c, block_s, num_warps = _launch(cg, s)
-        _group_norm_fwd_kernel[(n * num_groups,)](
-            x3, y, weight if weight is not None else x3, bias if bias is not None else x3, mean, rstd,
-            num_groups, cg, s, eps,
-            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            BLOCK_C=block_c, BLOCK_S=block_s, num_warps=num_warps,
-        )
+        x3 = _as_groups(x)
+        y, mean, rstd = _group_norm_forward(x3, num_groups, weight, bias, eps)
         ctx.save_for_backward(x3, weight, mean, rstd)
-        ctx.shape, ctx.num_groups = shape, num_groups
+        ctx.shape, ctx.num_groups = x.shape, num_groups
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        return y.view(shape)
+        return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
         x3, weight, mean, rstd = ctx.saved_tensors
-        n, c, s = x3.shape
-        cg = c // ctx.num_groups
-        dy3 = dy.contiguous().view(n, c, s)
-        compute_dw, compute_db = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
-        dx = new_output(x3.shape, x3.dtype, x3.device)
-        dw_partial = new_output((n, c), torch.float32, x3.device) if compute_dw else mean
-        db_partial = new_output((n, c), torch.float32, x3.device) if compute_db else mean
-        block_c, block_s, num_warps = _launch(cg, s)
-        _group_norm_bwd_kernel[(n * ctx.num_groups,)](
-            dy3, x3, weight if weight is not None else x3, mean, rstd, dx, dw_partial, db_partial,
-            ctx.num_groups, cg, s,
-            HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
-            BLOCK_C=block_c, BLOCK_S=block_s, num_warps=num_warps,
+        dx, dweight, dbias = _group_norm_backward(
+            dy.contiguous().view(x3.shape), x3, weight, mean, rstd, ctx.num_groups, ctx.bias_dtype,
+            ctx.needs_input_grad[2], ctx.needs_input_grad[3],
         )
-        dweight = dw_partial.sum(0).to(weight.dtype) if compute_dw else None
-        dbias = db_partial.sum(0).to(ctx.bias_dtype) if compute_db else None
         return dx.view(ctx.shape), None, dweight, dbias, None
 
 
@@ -239,6 +258,8 @@ def group_norm(
     for name, param in (("weight", weight), ("bias", bias)):
         if param is not None and tuple(param.shape) != (channels,):
             raise ValueError(f"{name} must have shape ({channels},) (x's channels), got {tuple(param.shape)}")
+    if _library.compiling() and x.numel():  # one graph node under torch.compile
+        return _group_norm_op(x, num_groups, weight, bias, float(eps))[0]
     if not use_triton(x, weight, bias) or x.numel() == 0:
         return group_norm_reference(x, num_groups, weight, bias, eps)
     return GroupNormFunction.apply(
@@ -247,3 +268,94 @@ def group_norm(
         bias.contiguous() if bias is not None else None,
         float(eps),
     )
+
+
+# ---- torch.library ops: what torch.compile records (see liger_kernels/_library.py) ---------------
+
+
+def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return t.contiguous() if t is not None else None
+
+
+def _group_norm_fake(x, num_groups, weight, bias, eps):
+    stats = [x.new_empty(x.shape[0] * num_groups, dtype=torch.float32) for _ in range(2)]  # mean, rstd
+    return x.new_empty(x.shape), *stats
+
+
+@_library.custom_op("group_norm", _group_norm_fake)
+def _group_norm_op(
+    x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, fp32 mean and rstd per (sample, group))."""
+    if not use_triton(x, weight, bias):
+        var, mean = torch.var_mean(x.float().reshape(x.shape[0] * num_groups, -1), -1, correction=0)
+        y = group_norm_reference(x, num_groups, weight, bias, eps).contiguous()
+        return y, mean, torch.rsqrt(var + eps)
+    weight, bias = _contiguous(weight), _contiguous(bias)
+    y, mean, rstd = _group_norm_forward(_as_groups(x), num_groups, weight, bias, eps)
+    return y.view(x.shape), mean, rstd
+
+
+def _group_norm_backward_fake(dy, x, weight, bias, mean, rstd, num_groups, eps, compute_dw, compute_db):
+    return (
+        x.new_empty(x.shape),
+        weight.new_empty(weight.shape) if compute_dw else _library.absent(x),
+        bias.new_empty(bias.shape) if compute_db else _library.absent(x),
+    )
+
+
+@_library.custom_op("group_norm_backward", _group_norm_backward_fake)
+def _group_norm_backward_op(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    num_groups: int,
+    eps: float,
+    compute_dw: bool,
+    compute_db: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias); placeholders for the parameter gradients not asked for."""
+    if not use_triton(x, weight, bias):
+        params = [p for p in (weight, bias) if p is not None]
+
+        def reference(x, *params):
+            given = iter(params)
+            w = next(given) if weight is not None else None
+            b = next(given) if bias is not None else None
+            return group_norm_reference(x, num_groups, w, b, eps)
+
+        dx, *grads = _library.reference_vjp(reference, (x, *params), dy)
+        dweight = grads[0] if compute_dw else None
+        dbias = grads[-1] if compute_db else None
+        dx = dx.contiguous()
+    else:
+        dx, dweight, dbias = _group_norm_backward(
+            _as_groups(dy), _as_groups(x), _contiguous(weight), mean, rstd, num_groups,
+            bias.dtype if bias is not None else None, compute_dw, compute_db,
+        )
+        dx = dx.view(x.shape)
+    return (
+        dx,
+        dweight if dweight is not None else _library.absent(x),
+        dbias if dbias is not None else _library.absent(x),
+    )
+
+
+def _group_norm_setup(ctx, inputs, output):
+    x, ctx.num_groups, weight, bias, ctx.eps = inputs
+    ctx.save_for_backward(x, weight, bias, output[1], output[2])
+
+
+def _group_norm_grad(ctx, dy, _dmean, _drstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    compute_dw, compute_db = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+    dx, dweight, dbias = _group_norm_backward_op(
+        dy, x, weight, bias, mean, rstd, ctx.num_groups, ctx.eps, compute_dw, compute_db
+    )
+    return dx, None, dweight if compute_dw else None, dbias if compute_db else None, None
+
+
+_group_norm_op.register_autograd(_group_norm_grad, setup_context=_group_norm_setup)

@@ -27,11 +27,13 @@ student's dtype; gradients in their inputs' dtypes; math in fp32.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from liger_kernels import _library
 from liger_kernels._utils import check_float, check_same_device, new_output, use_triton
 from liger_kernels.ops._tiles import as_rows, new_partials, store_partial, tile_config, tile_offsets
 
@@ -121,48 +123,67 @@ def _log_betas(beta: float) -> tuple[float, float]:
     return math.log(beta), math.log1p(-beta)
 
 
+def _row_labels(label, x2):
+    """The labels as one contiguous row index vector (x2 stands in for the unused pointer)."""
+    return label.reshape(-1).contiguous() if label is not None else x2
+
+
+def _row_count(label, ignore_index, n_rows, device):
+    """Rows counted in the mean, as a device tensor (no host sync); at least 1."""
+    if label is not None:
+        return (label.reshape(-1) != ignore_index).sum(dtype=torch.float32).clamp_min(1.0)
+    return torch.full((), float(max(n_rows, 1)), dtype=torch.float32, device=device)
+
+
+def _jsd_forward(x2, y2, label, beta, ignore_index):
+    """(loss in x's dtype, row count) of rows x2, y2 (unit column stride)."""
+    n_rows, n_cols = x2.shape
+    grid, block_m, block_n, num_warps = tile_config(n_rows, n_cols)
+    partial = new_partials(grid, x2.device)
+    log_beta, log_one_minus_beta = _log_betas(beta)
+    _jsd_fwd_kernel[grid](
+        x2, x2.stride(0), y2, y2.stride(0), _row_labels(label, x2), partial, ignore_index, n_rows, n_cols,
+        beta, log_beta, log_one_minus_beta,
+        MODE=_mode(beta), HAS_LABEL=label is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    count = _row_count(label, ignore_index, n_rows, x2.device)
+    return (partial.sum() / count).to(x2.dtype), count
+
+
+def _jsd_backward(grad, x2, y2, label, count, beta, ignore_index, compute_dx, compute_dy):
+    """(dx (M, N) or None, dy (M, N) or None) of rows x2, y2 for the incoming gradient of the loss."""
+    n_rows, n_cols = x2.shape
+    dx = new_output((n_rows, n_cols), x2.dtype, x2.device) if compute_dx else x2
+    dy = new_output((n_rows, n_cols), y2.dtype, y2.device) if compute_dy else y2
+    grid, block_m, block_n, num_warps = tile_config(n_rows, n_cols)
+    log_beta, log_one_minus_beta = _log_betas(beta)
+    _jsd_bwd_kernel[grid](
+        x2, x2.stride(0), y2, y2.stride(0), _row_labels(label, x2), grad, count, dx, dy, ignore_index,
+        n_rows, n_cols, beta, log_beta, log_one_minus_beta,
+        MODE=_mode(beta), HAS_LABEL=label is not None, COMPUTE_DX=compute_dx, COMPUTE_DY=compute_dy,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    return dx if compute_dx else None, dy if compute_dy else None
+
+
 class JSDFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, label, beta, ignore_index):
         x2, y2 = as_rows(x), as_rows(y)
-        n_rows, n_cols = x2.shape
-        has_label = label is not None
-        labels = label.reshape(-1) if has_label else x2  # x2 stands in for the unused pointer
-        # Rows counted in the mean, as a device tensor (no host sync); at least 1.
-        if has_label:
-            count = (labels != ignore_index).sum(dtype=torch.float32).clamp_min(1.0)
-        else:
-            count = torch.full((), float(max(n_rows, 1)), dtype=torch.float32, device=x.device)
-        grid, block_m, block_n, num_warps = tile_config(n_rows, n_cols)
-        partial = new_partials(grid, x.device)
-        log_beta, log_one_minus_beta = _log_betas(beta)
-        _jsd_fwd_kernel[grid](
-            x2, x2.stride(0), y2, y2.stride(0), labels, partial, ignore_index, n_rows, n_cols,
-            beta, log_beta, log_one_minus_beta,
-            MODE=_mode(beta), HAS_LABEL=has_label, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
-        )
-        ctx.save_for_backward(x2, y2, labels, count)
-        ctx.shapes, ctx.beta = (x.shape, y.shape), beta
-        ctx.ignore_index, ctx.has_label = ignore_index, has_label
-        return (partial.sum() / count).to(x.dtype)
+        loss, count = _jsd_forward(x2, y2, label, beta, ignore_index)
+        ctx.save_for_backward(x2, y2, label, count)
+        ctx.shapes, ctx.beta, ctx.ignore_index = (x.shape, y.shape), beta, ignore_index
+        return loss
 
     @staticmethod
     def backward(ctx, grad):
-        x2, y2, labels, count = ctx.saved_tensors
-        n_rows, n_cols = x2.shape
-        compute_dx, compute_dy = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dx = new_output((n_rows, n_cols), x2.dtype, x2.device) if compute_dx else x2
-        dy = new_output((n_rows, n_cols), y2.dtype, y2.device) if compute_dy else y2
-        grid, block_m, block_n, num_warps = tile_config(n_rows, n_cols)
-        log_beta, log_one_minus_beta = _log_betas(ctx.beta)
-        _jsd_bwd_kernel[grid](
-            x2, x2.stride(0), y2, y2.stride(0), labels, grad, count, dx, dy, ctx.ignore_index,
-            n_rows, n_cols, ctx.beta, log_beta, log_one_minus_beta,
-            MODE=_mode(ctx.beta), HAS_LABEL=ctx.has_label, COMPUTE_DX=compute_dx, COMPUTE_DY=compute_dy,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        x2, y2, label, count = ctx.saved_tensors
+        dx, dy = _jsd_backward(
+            grad, x2, y2, label, count, ctx.beta, ctx.ignore_index,
+            ctx.needs_input_grad[0], ctx.needs_input_grad[1],
         )
         x_shape, y_shape = ctx.shapes
-        return (dx.view(x_shape) if compute_dx else None, dy.view(y_shape) if compute_dy else None,
+        return (dx.view(x_shape) if dx is not None else None, dy.view(y_shape) if dy is not None else None,
                 None, None, None)
 
 
@@ -224,6 +245,69 @@ def jsd(
                 f"label has shape {tuple(label.shape)}; expected {tuple(student_logprobs.shape[:-1])} "
                 "(the student's shape without its last dimension)"
             )
+    if _library.compiling() and student_logprobs.numel():  # one graph node under torch.compile
+        return _jsd_op(student_logprobs, teacher_logprobs, label, float(beta), int(ignore_index))
     if not use_triton(student_logprobs, teacher_logprobs) or student_logprobs.numel() == 0:
         return jsd_reference(student_logprobs, teacher_logprobs, label, beta, ignore_index)
     return JSDFunction.apply(student_logprobs, teacher_logprobs, label, float(beta), int(ignore_index))
+
+
+# ---- torch.library ops: what torch.compile records (see liger_kernels/_library.py) ---------------
+
+
+@_library.custom_op("jsd", lambda x, y, label, beta, ignore_index: x.new_empty(()))
+def _jsd_op(
+    x: torch.Tensor, y: torch.Tensor, label: Optional[torch.Tensor], beta: float, ignore_index: int
+) -> torch.Tensor:
+    if not use_triton(x, y):
+        return jsd_reference(x, y, label, beta, ignore_index)
+    return _jsd_forward(as_rows(x), as_rows(y), label, beta, ignore_index)[0]
+
+
+def _jsd_backward_fake(grad, x, y, label, beta, ignore_index, compute_dx, compute_dy):
+    return (
+        x.new_empty(x.shape) if compute_dx else _library.absent(x),
+        y.new_empty(y.shape) if compute_dy else _library.absent(y),
+    )
+
+
+@_library.custom_op("jsd_backward", _jsd_backward_fake)
+def _jsd_backward_op(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    label: Optional[torch.Tensor],
+    beta: float,
+    ignore_index: int,
+    compute_dx: bool,
+    compute_dy: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dy), placeholders for those not asked for. The row count is recomputed from the labels
+    (a small reduction) rather than kept from the forward."""
+    if not use_triton(x, y):
+        dx, dy = _library.reference_vjp(
+            lambda x, y: jsd_reference(x, y, label, beta, ignore_index), (x, y), grad
+        )
+        dx, dy = dx.contiguous(), dy.contiguous()
+    else:
+        x2, y2 = as_rows(x), as_rows(y)
+        count = _row_count(label, ignore_index, x2.shape[0], x.device)
+        dx, dy = _jsd_backward(grad, x2, y2, label, count, beta, ignore_index, compute_dx, compute_dy)
+        dx = dx.view(x.shape) if compute_dx else None
+        dy = dy.view(y.shape) if compute_dy else None
+    return dx if compute_dx else _library.absent(x), dy if compute_dy else _library.absent(y)
+
+
+def _jsd_setup(ctx, inputs, output):
+    x, y, label, ctx.beta, ctx.ignore_index = inputs
+    ctx.save_for_backward(x, y, label)
+
+
+def _jsd_grad(ctx, grad):
+    x, y, label = ctx.saved_tensors
+    compute_dx, compute_dy = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dx, dy = _jsd_backward_op(grad, x, y, label, ctx.beta, ctx.ignore_index, compute_dx, compute_dy)
+    return dx if compute_dx else None, dy if compute_dy else None, None, None, None
+
+
+_jsd_op.register_autograd(_jsd_grad, setup_context=_jsd_setup)

@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from liger_kernels import _library
 from liger_kernels._utils import check_float, check_same_device, new_output, use_triton
 from liger_kernels.ops._tiles import as_rows, new_partials, store_partial, tile_config, tile_offsets
 
@@ -111,44 +112,55 @@ def _scale(reduction: str, shape: torch.Size, numel: int) -> float:
     return 1.0 / divisor if divisor else float("nan")
 
 
+def _kl_div_forward(x2, t2, shape, reduction, log_target, eps):
+    """The loss of rows x2, t2 (unit column stride) of inputs shaped `shape`."""
+    n_rows, n_cols = x2.shape
+    out_dtype = torch.promote_types(x2.dtype, t2.dtype)
+    grid, block_m, block_n, num_warps = tile_config(n_rows, n_cols)
+    reduce = reduction != "none"
+    out = new_partials(grid, x2.device) if reduce else new_output((n_rows, n_cols), out_dtype, x2.device)
+    _kl_div_fwd_kernel[grid](
+        x2, x2.stride(0), t2, t2.stride(0), out, n_rows, n_cols, eps,
+        LOG_TARGET=log_target, REDUCE=reduce, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    if reduce:
+        return (out.sum() * _scale(reduction, shape, x2.numel())).to(out_dtype)
+    return out.view(shape)
+
+
+def _kl_div_backward(grad, x2, t2, shape, reduction, log_target, eps, compute_dx, compute_dt):
+    """(dx or None, dt or None), shaped `shape`, for the incoming gradient of the loss."""
+    n_rows, n_cols = x2.shape
+    scalar = reduction != "none"
+    g = grad if scalar else as_rows(grad)
+    dx = new_output((n_rows, n_cols), x2.dtype, x2.device) if compute_dx else None
+    dt = new_output((n_rows, n_cols), t2.dtype, t2.device) if compute_dt else None
+    grid, block_m, block_n, num_warps = tile_config(n_rows, n_cols)
+    _kl_div_bwd_kernel[grid](
+        x2, x2.stride(0), t2, t2.stride(0), g, 0 if scalar else g.stride(0),
+        dx if compute_dx else x2, dt if compute_dt else t2,  # unused pointers stand in
+        n_rows, n_cols, eps, _scale(reduction, shape, x2.numel()),
+        LOG_TARGET=log_target, SCALAR_GRAD=scalar, COMPUTE_DX=compute_dx, COMPUTE_DT=compute_dt,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    return dx.view(shape) if compute_dx else None, dt.view(shape) if compute_dt else None
+
+
 class KLDivFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, t, reduction, log_target, eps):
         x2, t2 = as_rows(x), as_rows(t)
-        n_rows, n_cols = x2.shape
-        out_dtype = torch.promote_types(x.dtype, t.dtype)
-        grid, block_m, block_n, num_warps = tile_config(n_rows, n_cols)
-        reduce = reduction != "none"
-        out = new_partials(grid, x.device) if reduce else new_output((n_rows, n_cols), out_dtype, x.device)
-        _kl_div_fwd_kernel[grid](
-            x2, x2.stride(0), t2, t2.stride(0), out, n_rows, n_cols, eps,
-            LOG_TARGET=log_target, REDUCE=reduce, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
-        )
         ctx.save_for_backward(x2, t2)
         ctx.shape, ctx.reduction, ctx.log_target, ctx.eps = x.shape, reduction, log_target, eps
-        if reduce:
-            return (out.sum() * _scale(reduction, x.shape, x.numel())).to(out_dtype)
-        return out.view(x.shape)
+        return _kl_div_forward(x2, t2, x.shape, reduction, log_target, eps)
 
     @staticmethod
     def backward(ctx, grad):
         x2, t2 = ctx.saved_tensors
-        n_rows, n_cols = x2.shape
-        compute_dx, compute_dt = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        scalar = ctx.reduction != "none"
-        g = grad if scalar else as_rows(grad)
-        dx = new_output((n_rows, n_cols), x2.dtype, x2.device) if compute_dx else None
-        dt = new_output((n_rows, n_cols), t2.dtype, t2.device) if compute_dt else None
-        grid, block_m, block_n, num_warps = tile_config(n_rows, n_cols)
-        _kl_div_bwd_kernel[grid](
-            x2, x2.stride(0), t2, t2.stride(0), g, 0 if scalar else g.stride(0),
-            dx if compute_dx else x2, dt if compute_dt else t2,  # unused pointers stand in
-            n_rows, n_cols, ctx.eps, _scale(ctx.reduction, ctx.shape, x2.numel()),
-            LOG_TARGET=ctx.log_target, SCALAR_GRAD=scalar, COMPUTE_DX=compute_dx, COMPUTE_DT=compute_dt,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        dx, dt = _kl_div_backward(
+            grad, x2, t2, ctx.shape, ctx.reduction, ctx.log_target, ctx.eps,
+            ctx.needs_input_grad[0], ctx.needs_input_grad[1],
         )
-        dx = dx.view(ctx.shape) if compute_dx else None
-        dt = dt.view(ctx.shape) if compute_dt else None
         return dx, dt, None, None, None
 
 
@@ -195,6 +207,72 @@ def kl_div(
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
+    if _library.compiling() and input.numel():  # one graph node under torch.compile
+        return _kl_div_op(input, target, reduction, bool(log_target), float(eps))
     if not use_triton(input, target) or input.numel() == 0:
         return kl_div_reference(input, target, reduction, log_target, eps)
     return KLDivFunction.apply(input, target, reduction, bool(log_target), float(eps))
+
+
+# ---- torch.library ops: what torch.compile records (see liger_kernels/_library.py) ---------------
+
+
+def _kl_div_fake(input, target, reduction, log_target, eps):
+    shape = input.shape if reduction == "none" else ()
+    return input.new_empty(shape, dtype=torch.promote_types(input.dtype, target.dtype))
+
+
+@_library.custom_op("kl_div", _kl_div_fake)
+def _kl_div_op(
+    input: torch.Tensor, target: torch.Tensor, reduction: str, log_target: bool, eps: float
+) -> torch.Tensor:
+    if not use_triton(input, target):
+        return kl_div_reference(input, target, reduction, log_target, eps).contiguous()
+    return _kl_div_forward(as_rows(input), as_rows(target), input.shape, reduction, log_target, eps)
+
+
+def _kl_div_backward_fake(grad, input, target, reduction, log_target, eps, compute_dx, compute_dt):
+    return (
+        input.new_empty(input.shape) if compute_dx else _library.absent(input),
+        target.new_empty(target.shape) if compute_dt else _library.absent(target),
+    )
+
+
+@_library.custom_op("kl_div_backward", _kl_div_backward_fake)
+def _kl_div_backward_op(
+    grad: torch.Tensor,
+    input: torch.Tensor,
+    target: torch.Tensor,
+    reduction: str,
+    log_target: bool,
+    eps: float,
+    compute_dx: bool,
+    compute_dt: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dinput, dtarget), placeholders for those not asked for."""
+    if not use_triton(input, target):
+        dx, dt = _library.reference_vjp(
+            lambda x, t: kl_div_reference(x, t, reduction, log_target, eps), (input, target), grad
+        )
+        dx, dt = dx.contiguous(), dt.contiguous()
+    else:
+        dx, dt = _kl_div_backward(
+            grad, as_rows(input), as_rows(target), input.shape, reduction, log_target, eps,
+            compute_dx, compute_dt,
+        )
+    return dx if compute_dx else _library.absent(input), dt if compute_dt else _library.absent(target)
+
+
+def _kl_div_setup(ctx, inputs, output):
+    input, target, *ctx.params = inputs
+    ctx.save_for_backward(input, target)
+
+
+def _kl_div_grad(ctx, grad):
+    input, target = ctx.saved_tensors
+    compute_dx, compute_dt = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dx, dt = _kl_div_backward_op(grad, input, target, *ctx.params, compute_dx, compute_dt)
+    return dx if compute_dx else None, dt if compute_dt else None, None, None, None
+
+
+_kl_div_op.register_autograd(_kl_div_grad, setup_context=_kl_div_setup)

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from liger_kernels import _library
 from liger_kernels._utils import (
     MAX_FUSED_SIZE,
     check_float,
@@ -115,36 +116,47 @@ def _poly_norm_bwd_kernel(
     tl.store(partial_ptr + pid * 4 + 3, db)
 
 
+def _poly_norm_forward(x2, weight, bias, eps):
+    """(y (M, N), fp32 rstd (M, 3)) of rows x2 (unit column stride); weight contiguous."""
+    n_rows, n_cols = x2.shape
+    y = new_output((n_rows, n_cols), x2.dtype, x2.device)
+    rstd = new_output((n_rows, 3), torch.float32, x2.device)
+    block_m, block_n, num_warps = tile_config(n_cols)
+    _poly_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
+        x2, x2.stride(0), weight, bias, y, rstd, n_rows, n_cols, eps,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    return y, rstd
+
+
+def _poly_norm_backward(dy2, x2, weight, bias, rstd):
+    """(dx (M, N), dweight, dbias) of rows dy2, x2 (unit column stride)."""
+    n_rows, n_cols = x2.shape
+    dx = new_output((n_rows, n_cols), x2.dtype, x2.device)
+    block_m, block_n, num_warps = tile_config(n_cols)
+    n_programs = num_programs_for_rows(triton.cdiv(n_rows, block_m), x2.device)
+    partial = new_output((n_programs, 4), torch.float32, x2.device)
+    _poly_norm_bwd_kernel[(n_programs,)](
+        dy2, dy2.stride(0), x2, x2.stride(0), weight, rstd, dx, partial, n_rows, n_cols,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    sums = partial.sum(0)
+    return dx, sums[:3].to(weight.dtype), sums[3:].to(bias.dtype).view(bias.shape)
+
+
 class PolyNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
         x2 = as_rows(x)
-        n_rows, n_cols = x2.shape
-        y = new_output((n_rows, n_cols), x.dtype, x.device)
-        rstd = new_output((n_rows, 3), torch.float32, x.device)
-        block_m, block_n, num_warps = tile_config(n_cols)
-        _poly_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
-            x2, x2.stride(0), weight, bias, y, rstd, n_rows, n_cols, eps,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
-        )
+        y, rstd = _poly_norm_forward(x2, weight, bias, eps)
         ctx.save_for_backward(x2, weight, bias, rstd)
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
         x2, weight, bias, rstd = ctx.saved_tensors
-        dy2 = as_rows(dy)
-        n_rows, n_cols = x2.shape
-        dx = new_output((n_rows, n_cols), x2.dtype, x2.device)
-        block_m, block_n, num_warps = tile_config(n_cols)
-        n_programs = num_programs_for_rows(triton.cdiv(n_rows, block_m), x2.device)
-        partial = new_output((n_programs, 4), torch.float32, x2.device)
-        _poly_norm_bwd_kernel[(n_programs,)](
-            dy2, dy2.stride(0), x2, x2.stride(0), weight, rstd, dx, partial, n_rows, n_cols,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
-        )
-        sums = partial.sum(0)
-        return dx.view(dy.shape), sums[:3].to(weight.dtype), sums[3:].to(bias.dtype).view(bias.shape), None
+        dx, dweight, dbias = _poly_norm_backward(as_rows(dy), x2, weight, bias, rstd)
+        return dx.view(dy.shape), dweight, dbias, None
 
 
 def poly_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6):
@@ -174,6 +186,67 @@ def poly_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: fl
         raise ValueError(f"bias must hold one value (shape (1,)), got shape {tuple(bias.shape)}")
     triton_path = use_triton(x, weight, bias)
     check_row_size("x", x.shape[-1], MAX_FUSED_SIZE if triton_path else sys.maxsize)
+    if _library.compiling() and x.numel():  # one graph node under torch.compile
+        return _poly_norm_op(x, weight, bias, float(eps))[0]
     if not triton_path or x.numel() == 0:
         return poly_norm_reference(x, weight, bias, eps)
     return PolyNormFunction.apply(x, weight.contiguous(), bias, float(eps))
+
+
+# ---- torch.library ops: what torch.compile records (see liger_kernels/_library.py) ---------------
+
+
+def _poly_norm_fake(x, weight, bias, eps):
+    return x.new_empty(x.shape), x.new_empty((x.numel() // x.shape[-1], 3), dtype=torch.float32)
+
+
+@_library.custom_op("poly_norm", _poly_norm_fake)
+def _poly_norm_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, fp32 r_3, r_2, r_1 per row)."""
+    if not use_triton(x, weight, bias):
+        xf = x.float().reshape(-1, x.shape[-1])
+        rstd = torch.stack([torch.rsqrt(u.square().mean(-1) + eps) for u in (xf.pow(3), xf.square(), xf)], 1)
+        return poly_norm_reference(x, weight, bias, eps).contiguous(), rstd
+    y, rstd = _poly_norm_forward(as_rows(x), weight.contiguous(), bias, eps)
+    return y.view(x.shape), rstd
+
+
+def _poly_norm_backward_fake(dy, x, weight, bias, rstd, eps):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape)
+
+
+@_library.custom_op("poly_norm_backward", _poly_norm_backward_fake)
+def _poly_norm_backward_op(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    rstd: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias)."""
+    if not use_triton(x, weight, bias):
+        dx, dweight, dbias = _library.reference_vjp(
+            lambda x, w, b: poly_norm_reference(x, w, b, eps), (x, weight, bias), dy
+        )
+        return dx.contiguous(), dweight.contiguous(), dbias.contiguous()
+    dx, dweight, dbias = _poly_norm_backward(as_rows(dy), as_rows(x), weight.contiguous(), bias, rstd)
+    # In fp32 dweight and dbias are views of one buffer: custom op outputs must not alias each other.
+    return dx.view(x.shape), dweight, dbias.clone()
+
+
+def _poly_norm_setup(ctx, inputs, output):
+    x, weight, bias, ctx.eps = inputs
+    ctx.save_for_backward(x, weight, bias, output[1])
+
+
+def _poly_norm_grad(ctx, dy, _drstd):
+    x, weight, bias, rstd = ctx.saved_tensors
+    dx, dweight, dbias = _poly_norm_backward_op(dy, x, weight, bias, rstd, ctx.eps)
+    needs = ctx.needs_input_grad
+    return dx if needs[0] else None, dweight if needs[1] else None, dbias if needs[2] else None, None
+
+
+_poly_norm_op.register_autograd(_poly_norm_grad, setup_context=_poly_norm_setup)

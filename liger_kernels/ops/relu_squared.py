@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from liger_kernels import _library
 from liger_kernels._utils import check_float, new_output, use_triton
 from liger_kernels.ops._tiles import as_rows, tile_config, tile_offsets
 
@@ -31,29 +32,38 @@ def _relu_squared_bwd_kernel(dy_ptr, dy_stride, x_ptr, x_stride, dx_ptr, n_rows,
     tl.store(dx_ptr + rows * n_cols + cols, (2.0 * r * dy).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+def _relu_squared_forward(x2: torch.Tensor) -> torch.Tensor:
+    """y (M, N) of rows x2 (unit column stride)."""
+    n_rows, n_cols = x2.shape
+    y = new_output((n_rows, n_cols), x2.dtype, x2.device)
+    grid, block_m, block_n, num_warps = tile_config(n_rows, n_cols)
+    _relu_squared_fwd_kernel[grid](x2, x2.stride(0), y, n_rows, n_cols,
+                                   BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+    return y
+
+
+def _relu_squared_backward(dy2: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    """dx (M, N) of rows dy2, x2 (unit column stride)."""
+    n_rows, n_cols = x2.shape
+    dx = new_output((n_rows, n_cols), x2.dtype, x2.device)
+    grid, block_m, block_n, num_warps = tile_config(n_rows, n_cols)
+    _relu_squared_bwd_kernel[grid](dy2, dy2.stride(0), x2, x2.stride(0), dx, n_rows, n_cols,
+                                   BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+    return dx
+
+
 class ReLUSquaredFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         x2 = as_rows(x)
-        n_rows, n_cols = x2.shape
-        y = new_output((n_rows, n_cols), x.dtype, x.device)
-        grid, block_m, block_n, num_warps = tile_config(n_rows, n_cols)
-        _relu_squared_fwd_kernel[grid](x2, x2.stride(0), y, n_rows, n_cols,
-                                       BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
         ctx.save_for_backward(x2)
         ctx.x_shape = x.shape
-        return y.view(x.shape)
+        return _relu_squared_forward(x2).view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
         (x2,) = ctx.saved_tensors
-        dy2 = as_rows(dy)
-        n_rows, n_cols = x2.shape
-        dx = new_output((n_rows, n_cols), x2.dtype, x2.device)
-        grid, block_m, block_n, num_warps = tile_config(n_rows, n_cols)
-        _relu_squared_bwd_kernel[grid](dy2, dy2.stride(0), x2, x2.stride(0), dx, n_rows, n_cols,
-                                       BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
-        return dx.view(ctx.x_shape)
+        return _relu_squared_backward(as_rows(dy), x2).view(ctx.x_shape)
 
 
 def relu_squared_reference(x: torch.Tensor) -> torch.Tensor:
@@ -65,6 +75,44 @@ def relu_squared_reference(x: torch.Tensor) -> torch.Tensor:
 def relu_squared(x: torch.Tensor) -> torch.Tensor:
     """relu(x)^2 elementwise."""
     check_float("x", x)
+    if _library.compiling() and x.numel():  # one graph node under torch.compile
+        return _relu_squared_op(x)
     if not use_triton(x) or x.numel() == 0:
         return relu_squared_reference(x)
     return ReLUSquaredFunction.apply(x.unsqueeze(0) if x.dim() == 0 else x).view(x.shape)
+
+
+# ---- torch.library ops: what torch.compile records (see liger_kernels/_library.py) ---------------
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """as_rows, with a 0-d tensor as one 1-wide row."""
+    return as_rows(t.reshape(1) if t.dim() == 0 else t)
+
+
+@_library.custom_op("relu_squared", lambda x: x.new_empty(x.shape))
+def _relu_squared_op(x: torch.Tensor) -> torch.Tensor:
+    if not use_triton(x):
+        return relu_squared_reference(x).contiguous()
+    return _relu_squared_forward(_rows(x)).view(x.shape)
+
+
+@_library.custom_op("relu_squared_backward", lambda dy, x: x.new_empty(x.shape))
+def _relu_squared_backward_op(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """dx."""
+    if not use_triton(x):
+        (dx,) = _library.reference_vjp(relu_squared_reference, (x,), dy)
+        return dx.contiguous()
+    return _relu_squared_backward(_rows(dy), _rows(x)).view(x.shape)
+
+
+def _relu_squared_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _relu_squared_grad(ctx, dy):
+    (x,) = ctx.saved_tensors
+    return _relu_squared_backward_op(dy, x)
+
+
+_relu_squared_op.register_autograd(_relu_squared_grad, setup_context=_relu_squared_setup)

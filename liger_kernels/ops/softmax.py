@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from liger_kernels import _library
 from liger_kernels._utils import check_float, new_output, row_launch_config, use_triton
 from liger_kernels.ops._tiles import as_rows
 
@@ -104,30 +105,39 @@ def _launch(n_rows: int, n_cols: int):
     return (triton.cdiv(n_rows, block_m),), loop, block_m, block_n, num_warps
 
 
+def _softmax_forward(x2: torch.Tensor) -> torch.Tensor:
+    """y (M, N), contiguous, of rows x2 (unit column stride)."""
+    n_rows, n_cols = x2.shape
+    y = new_output((n_rows, n_cols), x2.dtype, x2.device)
+    grid, loop, block_m, block_n, num_warps = _launch(n_rows, n_cols)
+    _softmax_fwd_kernel[grid](x2, x2.stride(0), y, n_rows, n_cols,
+                              LOOP=loop, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+    return y
+
+
+def _softmax_backward(dy2: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """dx (M, N) of rows dy2 (unit column stride) and the contiguous saved output y."""
+    n_rows, n_cols = y.shape
+    dx = new_output((n_rows, n_cols), y.dtype, y.device)
+    grid, loop, block_m, block_n, num_warps = _launch(n_rows, n_cols)
+    _softmax_bwd_kernel[grid](dy2, dy2.stride(0), y, dx, n_rows, n_cols,
+                              LOOP=loop, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+    return dx
+
+
 class SoftmaxFunction(torch.autograd.Function):
     """Softmax over the last dimension."""
 
     @staticmethod
     def forward(ctx, x):
-        x2 = as_rows(x)
-        n_rows, n_cols = x2.shape
-        y = new_output((n_rows, n_cols), x.dtype, x.device)
-        grid, loop, block_m, block_n, num_warps = _launch(n_rows, n_cols)
-        _softmax_fwd_kernel[grid](x2, x2.stride(0), y, n_rows, n_cols,
-                                  LOOP=loop, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+        y = _softmax_forward(as_rows(x))
         ctx.save_for_backward(y)
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
         (y,) = ctx.saved_tensors
-        dy2 = as_rows(dy)
-        n_rows, n_cols = y.shape
-        dx = new_output((n_rows, n_cols), y.dtype, y.device)
-        grid, loop, block_m, block_n, num_warps = _launch(n_rows, n_cols)
-        _softmax_bwd_kernel[grid](dy2, dy2.stride(0), y, dx, n_rows, n_cols,
-                                  LOOP=loop, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
-        return dx.view(dy.shape)
+        return _softmax_backward(as_rows(dy), y).view(dy.shape)
 
 
 def softmax_reference(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -149,6 +159,52 @@ def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Softmax of x over `dim`, in x's dtype (fp32 math)."""
     check_float("x", x)
     dim = check_dim(x, dim)
+    if _library.compiling() and x.numel():  # one graph node under torch.compile
+        return _softmax_op(x, dim)
     if not use_triton(x) or x.numel() == 0:
         return softmax_reference(x, dim)
     return SoftmaxFunction.apply(x.movedim(dim, -1)).movedim(-1, dim)
+
+
+# ---- torch.library ops: what torch.compile records (see liger_kernels/_library.py) ---------------
+
+
+def last_dim_rows(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """t with `dim` moved last, as contiguous rows (M, t.shape[dim])."""
+    return as_rows(t.movedim(dim, -1)).contiguous()
+
+
+def from_last_dim_rows(rows: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
+    """Inverse of last_dim_rows: a contiguous tensor shaped like `like`."""
+    return rows.view(like.movedim(dim, -1).shape).movedim(-1, dim).contiguous()
+
+
+@_library.custom_op("softmax", lambda x, dim: x.new_empty(x.shape))
+def _softmax_op(x: torch.Tensor, dim: int) -> torch.Tensor:
+    if not use_triton(x):
+        return softmax_reference(x, dim).contiguous()
+    return from_last_dim_rows(_softmax_forward(last_dim_rows(x, dim)), x, dim)
+
+
+@_library.custom_op("softmax_backward", lambda dy, y, dim: y.new_empty(y.shape))
+def _softmax_backward_op(dy: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:
+    """dx from the saved output y (the input is not kept)."""
+    if not use_triton(y):
+        # The formula autograd applies to torch.softmax, in fp32.
+        compute = torch.promote_types(y.dtype, torch.float32)
+        yf, dyf = y.to(compute), dy.to(compute)
+        return (yf * (dyf - (dyf * yf).sum(dim, keepdim=True))).to(y.dtype).contiguous()
+    return from_last_dim_rows(_softmax_backward(last_dim_rows(dy, dim), last_dim_rows(y, dim)), y, dim)
+
+
+def _softmax_setup(ctx, inputs, output):
+    ctx.dim = inputs[1]
+    ctx.save_for_backward(output)
+
+
+def _softmax_grad(ctx, dy):
+    (y,) = ctx.saved_tensors
+    return _softmax_backward_op(dy, y, ctx.dim), None
+
+
+_softmax_op.register_autograd(_softmax_grad, setup_context=_softmax_setup)

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from liger_kernels import _library
 from liger_kernels._utils import (
     MAX_FUSED_SIZE,
     check_float,
@@ -30,7 +31,7 @@ from liger_kernels._utils import (
     use_triton,
 )
 from liger_kernels.ops._tiles import as_rows
-from liger_kernels.ops.softmax import check_dim
+from liger_kernels.ops.softmax import check_dim, from_last_dim_rows, last_dim_rows
 
 # Bisection halvings: the bracket [-1, 0] shrinks to 2^-30, below fp32 resolution of tau.
 _BISECTIONS = 30
@@ -91,32 +92,41 @@ def _launch(n_rows: int, n_cols: int):
     return (triton.cdiv(n_rows, block_m),), block_m, block_n, num_warps
 
 
+def _sparsemax_forward(x2: torch.Tensor) -> torch.Tensor:
+    """y (M, N), contiguous, of rows x2 (unit column stride)."""
+    n_rows, n_cols = x2.shape
+    y = new_output((n_rows, n_cols), x2.dtype, x2.device)
+    grid, block_m, block_n, num_warps = _launch(n_rows, n_cols)
+    _sparsemax_fwd_kernel[grid](
+        x2, x2.stride(0), y, n_rows, n_cols, BISECTIONS=_BISECTIONS, MICHELOT_STEPS=_MICHELOT_STEPS,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    return y
+
+
+def _sparsemax_backward(dy2: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """dx (M, N) of rows dy2 (unit column stride) and the contiguous saved output y."""
+    n_rows, n_cols = y.shape
+    dx = new_output((n_rows, n_cols), y.dtype, y.device)
+    grid, block_m, block_n, num_warps = _launch(n_rows, n_cols)
+    _sparsemax_bwd_kernel[grid](dy2, dy2.stride(0), y, dx, n_rows, n_cols,
+                                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+    return dx
+
+
 class SparsemaxFunction(torch.autograd.Function):
     """Sparsemax over the last dimension."""
 
     @staticmethod
     def forward(ctx, x):
-        x2 = as_rows(x)
-        n_rows, n_cols = x2.shape
-        y = new_output((n_rows, n_cols), x.dtype, x.device)
-        grid, block_m, block_n, num_warps = _launch(n_rows, n_cols)
-        _sparsemax_fwd_kernel[grid](
-            x2, x2.stride(0), y, n_rows, n_cols, BISECTIONS=_BISECTIONS, MICHELOT_STEPS=_MICHELOT_STEPS,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
-        )
+        y = _sparsemax_forward(as_rows(x))
         ctx.save_for_backward(y)
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
         (y,) = ctx.saved_tensors
-        dy2 = as_rows(dy)
-        n_rows, n_cols = y.shape
-        dx = new_output((n_rows, n_cols), y.dtype, y.device)
-        grid, block_m, block_n, num_warps = _launch(n_rows, n_cols)
-        _sparsemax_bwd_kernel[grid](dy2, dy2.stride(0), y, dx, n_rows, n_cols,
-                                    BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
-        return dx.view(dy.shape)
+        return _sparsemax_backward(as_rows(dy), y).view(dy.shape)
 
 
 def sparsemax_reference(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -139,6 +149,44 @@ def sparsemax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     dim = check_dim(x, dim)
     triton_path = use_triton(x)
     check_row_size("x", x.shape[dim], MAX_FUSED_SIZE if triton_path else sys.maxsize)
+    if _library.compiling() and x.numel():  # one graph node under torch.compile
+        return _sparsemax_op(x, dim)
     if not triton_path or x.numel() == 0:
         return sparsemax_reference(x, dim)
     return SparsemaxFunction.apply(x.movedim(dim, -1)).movedim(-1, dim)
+
+
+# ---- torch.library ops: what torch.compile records (see liger_kernels/_library.py) ---------------
+
+
+@_library.custom_op("sparsemax", lambda x, dim: x.new_empty(x.shape))
+def _sparsemax_op(x: torch.Tensor, dim: int) -> torch.Tensor:
+    if not use_triton(x):
+        return sparsemax_reference(x, dim).contiguous()
+    return from_last_dim_rows(_sparsemax_forward(last_dim_rows(x, dim)), x, dim)
+
+
+@_library.custom_op("sparsemax_backward", lambda dy, y, dim: y.new_empty(y.shape))
+def _sparsemax_backward_op(dy: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:
+    """dx from the saved output's support (the input is not kept)."""
+    if not use_triton(y):
+        # The Jacobian autograd finds through the reference, in fp32.
+        compute = torch.promote_types(y.dtype, torch.float32)
+        support = y > 0
+        dyf = torch.where(support, dy.to(compute), 0.0)
+        mean = dyf.sum(dim, keepdim=True) / support.sum(dim, keepdim=True)
+        return torch.where(support, dyf - mean, 0.0).to(y.dtype).contiguous()
+    return from_last_dim_rows(_sparsemax_backward(last_dim_rows(dy, dim), last_dim_rows(y, dim)), y, dim)
+
+
+def _sparsemax_setup(ctx, inputs, output):
+    ctx.dim = inputs[1]
+    ctx.save_for_backward(output)
+
+
+def _sparsemax_grad(ctx, dy):
+    (y,) = ctx.saved_tensors
+    return _sparsemax_backward_op(dy, y, ctx.dim), None
+
+
+_sparsemax_op.register_autograd(_sparsemax_grad, setup_context=_sparsemax_setup)

@@ -15,10 +15,13 @@ of p and q, gradients in their inputs' dtypes, math in fp32.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
+from liger_kernels import _library
 from liger_kernels._utils import check_float, check_same_device, new_output, use_triton
 from liger_kernels.ops._tiles import as_rows, new_partials, store_partial, tile_config, tile_offsets
 
@@ -87,45 +90,63 @@ def _normalizer(reduction: str, label, ignore_index: int, n_rows: int, n_cols: i
     return (rows * (n_cols if reduction == "mean" else 1)).clamp_min(1.0)
 
 
+def _row_labels(label, p2):
+    """The labels as one contiguous row index vector (p2 stands in for the unused pointer)."""
+    return label.reshape(-1).contiguous() if label is not None else p2
+
+
+def _tvd_forward(p2, q2, label, reduction, ignore_index, shape):
+    """(loss, normalizer or None) of rows p2, q2 (unit column stride) of inputs shaped `shape`."""
+    n_rows, n_cols = p2.shape
+    out_dtype = torch.promote_types(p2.dtype, q2.dtype)
+    reduce = reduction != "none"
+    grid, block_m, block_n, num_warps = tile_config(n_rows, n_cols)
+    out = new_partials(grid, p2.device) if reduce else new_output((n_rows, n_cols), out_dtype, p2.device)
+    _tvd_fwd_kernel[grid](
+        p2, p2.stride(0), q2, q2.stride(0), _row_labels(label, p2), out, ignore_index, n_rows, n_cols,
+        HAS_LABEL=label is not None, REDUCE=reduce, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    if not reduce:
+        return out.view(shape), None
+    norm = _normalizer(reduction, label, ignore_index, n_rows, n_cols, p2.device)
+    return (out.sum() / norm).to(out_dtype), norm
+
+
+def _tvd_backward(grad, p2, q2, label, norm, ignore_index, compute_dp, compute_dq):
+    """(dp (M, N) or None, dq (M, N) or None); norm is None for the unreduced loss."""
+    n_rows, n_cols = p2.shape
+    reduce = norm is not None
+    g = grad if reduce else as_rows(grad)
+    dp = new_output((n_rows, n_cols), p2.dtype, p2.device) if compute_dp else p2
+    dq = new_output((n_rows, n_cols), q2.dtype, q2.device) if compute_dq else q2
+    grid, block_m, block_n, num_warps = tile_config(n_rows, n_cols)
+    _tvd_bwd_kernel[grid](
+        p2, p2.stride(0), q2, q2.stride(0), _row_labels(label, p2), g, 0 if reduce else g.stride(0),
+        norm if reduce else p2, dp, dq, ignore_index, n_rows, n_cols,
+        HAS_LABEL=label is not None, SCALAR_GRAD=reduce, COMPUTE_DP=compute_dp, COMPUTE_DQ=compute_dq,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    return dp if compute_dp else None, dq if compute_dq else None
+
+
 class TVDFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, p, q, label, reduction, ignore_index):
         p2, q2 = as_rows(p), as_rows(q)
-        n_rows, n_cols = p2.shape
-        has_label = label is not None
-        labels = label.reshape(-1) if has_label else p2  # p2 stands in for the unused pointer
-        out_dtype = torch.promote_types(p.dtype, q.dtype)
-        reduce = reduction != "none"
-        grid, block_m, block_n, num_warps = tile_config(n_rows, n_cols)
-        out = new_partials(grid, p.device) if reduce else new_output((n_rows, n_cols), out_dtype, p.device)
-        _tvd_fwd_kernel[grid](
-            p2, p2.stride(0), q2, q2.stride(0), labels, out, ignore_index, n_rows, n_cols,
-            HAS_LABEL=has_label, REDUCE=reduce, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
-        )
-        norm = _normalizer(reduction, label, ignore_index, n_rows, n_cols, p.device) if reduce else None
-        ctx.save_for_backward(p2, q2, labels, norm)
-        ctx.shape, ctx.ignore_index, ctx.has_label, ctx.reduce = p.shape, ignore_index, has_label, reduce
-        if reduce:
-            return (out.sum() / norm).to(out_dtype)
-        return out.view(p.shape)
+        loss, norm = _tvd_forward(p2, q2, label, reduction, ignore_index, p.shape)
+        ctx.save_for_backward(p2, q2, label, norm)
+        ctx.shape, ctx.ignore_index = p.shape, ignore_index
+        return loss
 
     @staticmethod
     def backward(ctx, grad):
-        p2, q2, labels, norm = ctx.saved_tensors
-        n_rows, n_cols = p2.shape
-        compute_dp, compute_dq = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        g = grad if ctx.reduce else as_rows(grad)
-        dp = new_output((n_rows, n_cols), p2.dtype, p2.device) if compute_dp else p2
-        dq = new_output((n_rows, n_cols), q2.dtype, q2.device) if compute_dq else q2
-        grid, block_m, block_n, num_warps = tile_config(n_rows, n_cols)
-        _tvd_bwd_kernel[grid](
-            p2, p2.stride(0), q2, q2.stride(0), labels, g, 0 if ctx.reduce else g.stride(0),
-            norm if ctx.reduce else p2, dp, dq, ctx.ignore_index, n_rows, n_cols,
-            HAS_LABEL=ctx.has_label, SCALAR_GRAD=ctx.reduce, COMPUTE_DP=compute_dp, COMPUTE_DQ=compute_dq,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        p2, q2, label, norm = ctx.saved_tensors
+        dp, dq = _tvd_backward(
+            grad, p2, q2, label, norm, ctx.ignore_index, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         )
-        return (dp.view(ctx.shape) if compute_dp else None, dq.view(ctx.shape) if compute_dq else None,
-                None, None, None)
+        dp = dp.view(ctx.shape) if dp is not None else None
+        dq = dq.view(ctx.shape) if dq is not None else None
+        return dp, dq, None, None, None
 
 
 def tvd_reference(
@@ -175,6 +196,75 @@ def tvd(
                 f"label has shape {tuple(label.shape)}; expected {tuple(p.shape[:-1])} "
                 "(p's shape without its last dimension)"
             )
+    if _library.compiling() and p.numel():  # one graph node under torch.compile
+        return _tvd_op(p, q, reduction, label, int(ignore_index))
     if not use_triton(p, q) or p.numel() == 0:
         return tvd_reference(p, q, reduction, label, ignore_index)
     return TVDFunction.apply(p, q, label, reduction, int(ignore_index))
+
+
+# ---- torch.library ops: what torch.compile records (see liger_kernels/_library.py) ---------------
+
+
+def _tvd_fake(p, q, reduction, label, ignore_index):
+    return p.new_empty(p.shape if reduction == "none" else (), dtype=torch.promote_types(p.dtype, q.dtype))
+
+
+@_library.custom_op("tvd", _tvd_fake)
+def _tvd_op(
+    p: torch.Tensor, q: torch.Tensor, reduction: str, label: Optional[torch.Tensor], ignore_index: int
+) -> torch.Tensor:
+    if not use_triton(p, q):
+        return tvd_reference(p, q, reduction, label, ignore_index).contiguous()
+    return _tvd_forward(as_rows(p), as_rows(q), label, reduction, ignore_index, p.shape)[0]
+
+
+def _tvd_backward_fake(grad, p, q, reduction, label, ignore_index, compute_dp, compute_dq):
+    return (
+        p.new_empty(p.shape) if compute_dp else _library.absent(p),
+        q.new_empty(q.shape) if compute_dq else _library.absent(q),
+    )
+
+
+@_library.custom_op("tvd_backward", _tvd_backward_fake)
+def _tvd_backward_op(
+    grad: torch.Tensor,
+    p: torch.Tensor,
+    q: torch.Tensor,
+    reduction: str,
+    label: Optional[torch.Tensor],
+    ignore_index: int,
+    compute_dp: bool,
+    compute_dq: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dp, dq), placeholders for those not asked for. The normalizer is recomputed from the labels
+    (a small reduction) rather than kept from the forward."""
+    if not use_triton(p, q):
+        dp, dq = _library.reference_vjp(
+            lambda p, q: tvd_reference(p, q, reduction, label, ignore_index), (p, q), grad
+        )
+        dp, dq = dp.contiguous(), dq.contiguous()
+    else:
+        p2, q2 = as_rows(p), as_rows(q)
+        n_rows, n_cols = p2.shape
+        reduce = reduction != "none"
+        norm = _normalizer(reduction, label, ignore_index, n_rows, n_cols, p.device) if reduce else None
+        dp, dq = _tvd_backward(grad, p2, q2, label, norm, ignore_index, compute_dp, compute_dq)
+        dp = dp.view(p.shape) if compute_dp else None
+        dq = dq.view(q.shape) if compute_dq else None
+    return dp if compute_dp else _library.absent(p), dq if compute_dq else _library.absent(q)
+
+
+def _tvd_setup(ctx, inputs, output):
+    p, q, ctx.reduction, label, ctx.ignore_index = inputs
+    ctx.save_for_backward(p, q, label)
+
+
+def _tvd_grad(ctx, grad):
+    p, q, label = ctx.saved_tensors
+    compute_dp, compute_dq = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dp, dq = _tvd_backward_op(grad, p, q, ctx.reduction, label, ctx.ignore_index, compute_dp, compute_dq)
+    return dp if compute_dp else None, dq if compute_dq else None, None, None, None
+
+
+_tvd_op.register_autograd(_tvd_grad, setup_context=_tvd_setup)

@@ -91,7 +91,7 @@ def unpatch(model_or_model_type: str | nn.Module | None = None) -> None:
         patch.unpatch_classes(get_traits(model_or_model_type).model_type)
     else:
         model = _unwrap(model_or_model_type)
-        patch.unpatch_instance(model, TRAITS.get(_model_type(model)))
+        patch.unpatch_instance(model)
 
 
 revert_liger = unpatch

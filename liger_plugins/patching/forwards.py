@@ -46,50 +46,84 @@ def make_rms_norm_forward(spec: NormSpec, original):
     return mark(forward, original, "rms_norm_forward")
 
 
-def make_layer_norm_forward(original):
+def make_layer_norm_forward(original, offset: float = 0.0):
+    """LayerNorm with weight `self.weight + offset` (Nemotron's LayerNorm1P: offset 1, added as it does)."""
+
     def forward(self, hidden_states):
         if self.weight.dim() != 1:  # Cohere's per-head q/k norms have a (heads, head_dim) weight
             return original(self, hidden_states)
-        return LF.layer_norm(hidden_states, self.weight, getattr(self, "bias", None), norm_eps(self))
+        weight = self.weight + offset if offset else self.weight
+        return LF.layer_norm(hidden_states, weight, getattr(self, "bias", None), norm_eps(self))
 
     return mark(forward, original, "layer_norm_forward")
 
 
-def gated_kernel(act):
-    """The fused `act(gate) * up` kernel for an activation module, or None if there is none."""
+def gated_activation(act) -> str | None:
+    """The kernels' name for an activation module ("silu", "gelu_tanh", "gelu"), or None if none fits."""
     name = type(act).__name__
     if name in ("SiLU", "SiLUActivation"):
-        return LF.swiglu
+        return "silu"
     if name in ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation"):
-        return LF.geglu  # approximate="tanh"
+        return "gelu_tanh"
     if name == "GELUActivation":  # exact (erf) gelu
-        return _geglu_erf
+        return "gelu"
     if isinstance(act, nn.GELU):
-        return LF.geglu if act.approximate == "tanh" else _geglu_erf
+        return "gelu_tanh" if act.approximate == "tanh" else "gelu"
     return None
+
+
+def gated_kernel_for(activation: str):
+    """The fused `act(gate) * up` kernel for a kernel activation name."""
+    return {"silu": LF.swiglu, "gelu_tanh": LF.geglu, "gelu": _geglu_erf}[activation]
+
+
+def gated_kernel(act):
+    """The fused `act(gate) * up` kernel for an activation module, or None if there is none."""
+    activation = gated_activation(act)
+    return None if activation is None else gated_kernel_for(activation)
 
 
 def _geglu_erf(a, b):
     return LF.geglu(a, b, approximate="none")
 
 
+def plain_linear(module: nn.Module) -> bool:
+    """True if calling `module(x)` is exactly `F.linear(x, module.weight, module.bias)` and nothing else:
+    a plain nn.Linear (not a PEFT/quantized layer), no hooks (accelerate offload, ZeRO-3 gathering,
+    user hooks) and a full local weight (not a ZeRO-3 partition or a sharded DTensor). Only then may a
+    forward read the weight directly instead of calling the module."""
+    if type(module) is not nn.Linear or module._forward_hooks or module._forward_pre_hooks:
+        return False
+    if hasattr(module, "_hf_hook") or hasattr(module.weight, "ds_id"):
+        return False
+    return type(module.weight) in (nn.Parameter, torch.Tensor)
+
+
+def _down_projection(self, gate, up, activation):
+    """down_proj(act(gate) * up): without saving act(gate) * up when down_proj is a plain Linear."""
+    down = self.down_proj
+    if plain_linear(down):
+        return LF.gated_down_proj(gate, up, down.weight, down.bias, activation)
+    return down(gated_kernel_for(activation)(gate, up))
+
+
 def make_mlp_forward(spec: MLPSpec, original):
     if spec.layout == "split":
 
         def forward(self, x):
-            kernel = gated_kernel(getattr(self, spec.act_attr))
-            if kernel is None:
+            activation = gated_activation(getattr(self, spec.act_attr))
+            if activation is None:
                 return original(self, x)
-            return self.down_proj(kernel(self.gate_proj(x), self.up_proj(x)))
+            return _down_projection(self, self.gate_proj(x), self.up_proj(x), activation)
 
     else:  # fused gate_up_proj, gate first (Phi3, GLM4)
 
         def forward(self, x):
-            kernel = gated_kernel(getattr(self, spec.act_attr))
-            if kernel is None:
+            activation = gated_activation(getattr(self, spec.act_attr))
+            if activation is None:
                 return original(self, x)
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-            return self.down_proj(kernel(gate, up))
+            return _down_projection(self, gate, up, activation)
 
     return mark(forward, original, "gated_mlp_forward")
 

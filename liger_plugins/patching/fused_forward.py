@@ -11,6 +11,11 @@ Everything else -- no labels, evaluation under `torch.no_grad()` (HF Trainer's p
 metrics and `prediction_loss_only` see real logits), a custom `loss_function` -- runs the model's
 original forward unchanged, so generation and evaluation are exactly as before.
 
+Vision-language `*ForConditionalGeneration` heads are served the same way: their text settings come
+from `config.get_text_config()`, the output keeps their own class (image outputs, rope deltas), and the
+loss is fused only where this transformers version's forward computes it with `self.loss_function` (its
+softcap and router-loss default read from the same source).
+
 The lm_head weight is read at call time. An lm_head that is not a plain `nn.Linear` (a PEFT LoRA layer
 or `modules_to_save` wrapper, an accelerate-hooked forward) is called as a module and its logits go
 through the cross-entropy kernel instead (materialized, but correct). An `nn.Linear` lm_head that
@@ -23,11 +28,13 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import types
+import typing
 
 import torch
 from torch import nn
 from transformers.loss.loss_utils import LOSS_MAPPING
 from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
+from transformers.utils import ModelOutput
 
 from liger_kernels import functional as LF
 from liger_plugins.patching.forwards import divide_by_items, mark, shift_targets
@@ -43,11 +50,46 @@ except ImportError:  # older 5.x: int (keep the last n; 0 keeps all) or a 1-D te
 
 
 _DEFAULT_LOSS = LOSS_MAPPING["ForCausalLM"]
-# Field names of the output classes, read once here: torch.compile cannot trace dataclasses.fields.
-_OUTPUT_FIELDS = {
-    cls: frozenset(f.name for f in dataclasses.fields(cls))
-    for cls in (CausalLMOutputWithPast, MoeCausalLMOutputWithPast)
-}
+
+
+def _output_fields(cls) -> frozenset:
+    # Read when the forward is built: torch.compile cannot trace dataclasses.fields.
+    return frozenset(f.name for f in dataclasses.fields(cls))
+
+
+def _annotated_output_class(original):
+    """The output class `original` says it returns (`-> tuple | Gemma3CausalLMOutputWithPast`), if it
+    names exactly one with loss and logits; vision-language heads return their own (image outputs...)."""
+    try:
+        hint = inspect.signature(original, eval_str=True).return_annotation
+    except (NameError, TypeError, ValueError):  # an annotation that does not resolve
+        return None
+    classes = [a for a in typing.get_args(hint) or (hint,) if isinstance(a, type) and issubclass(a, ModelOutput)]
+    if len(classes) == 1 and {"loss", "logits"} <= _output_fields(classes[0]):
+        return classes[0]
+    return None
+
+
+def computes_default_loss(forward) -> bool:
+    """Whether a head's forward computes its loss with `self.loss_function` (what the fused loss
+    replaces), read from its source. Gemma3ForConditionalGeneration of transformers < 5.2x computes its
+    own loss, over the positions the attention mask keeps: the fused forward must not replace it."""
+    return _source_mentions(forward, "self.loss_function")
+
+
+def _source_mentions(forward, text: str) -> bool:
+    forward = getattr(forward, "__liger_original__", forward)
+    try:
+        source = inspect.getsource(inspect.unwrap(forward))
+    except (OSError, TypeError):  # no source to read: assume it does
+        return True
+    return text in source
+
+
+def _text_setting(model, name: str):
+    """An MoE setting: on the model (Mixtral keeps num_experts... there), else in its text config
+    (Qwen3-VL-MoE keeps them in config.text_config)."""
+    return getattr(model, name) if hasattr(model, name) else getattr(model.config.get_text_config(), name)
 
 
 def make_causal_lm_forward(traits: ArchitectureTraits, original):
@@ -58,6 +100,14 @@ def make_causal_lm_forward(traits: ArchitectureTraits, original):
     params = list(signature.parameters.values())[1:]
     positional = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
     aux_loss_fn = traits.modeling_module().load_balancing_loss_func if traits.moe else None
+    if traits.softcap_config and not _source_mentions(original, traits.softcap_config):
+        # This transformers version's forward applies no softcap (PaliGemma before 5.2x).
+        traits = dataclasses.replace(traits, softcap_config=None)
+    # Whether an unset `output_router_logits` means the config's value (else False: the Qwen3-VL-MoE and
+    # GLM-4.5V heads of transformers < 5.2x add the router loss only when it is passed).
+    router_default_from_config = _source_mentions(original, "config.output_router_logits")
+    output_class = _annotated_output_class(original)
+    output_fields = _output_fields(output_class) if output_class else None
 
     def forward(self, *args, **kwargs):
         if len(args) > len(positional):
@@ -73,7 +123,11 @@ def make_causal_lm_forward(traits: ArchitectureTraits, original):
         )
         if not fused:
             return original(self, **kwargs)
-        return _fused_loss_forward(self, traits, aux_loss_fn, kwargs)
+        if aux_loss_fn is not None and kwargs.get("output_router_logits") is None:
+            kwargs["output_router_logits"] = (
+                router_default_from_config and self.config.get_text_config().output_router_logits
+            )
+        return _fused_loss_forward(self, traits, aux_loss_fn, kwargs, output_class, output_fields)
 
     # Same signature as the original: HF Trainer keeps only the dataset columns that forward names.
     forward.__signature__ = signature
@@ -81,17 +135,15 @@ def make_causal_lm_forward(traits: ArchitectureTraits, original):
     return mark(forward, original, "causal_lm_forward")
 
 
-def _fused_loss_forward(self, traits: ArchitectureTraits, aux_loss_fn, kwargs: dict):
+def _fused_loss_forward(self, traits: ArchitectureTraits, aux_loss_fn, kwargs: dict, output_class, output_fields):
     labels = kwargs.pop("labels")
     logits_to_keep = kwargs.pop("logits_to_keep", 0)
     return_dict = kwargs.pop("return_dict", None)
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
-    if aux_loss_fn is not None and kwargs.get("output_router_logits") is None:
-        kwargs["output_router_logits"] = self.config.output_router_logits
 
     # Like the original: every remaining argument goes to the base model (it ignores the loss kwargs).
-    outputs = getattr(self, self.base_model_prefix)(**kwargs)
+    outputs = base_model(self)(**kwargs)
     hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
     loss = causal_lm_loss_from_hidden(
         self,
@@ -104,26 +156,39 @@ def _fused_loss_forward(self, traits: ArchitectureTraits, aux_loss_fn, kwargs: d
     )
 
     fields = {"loss": loss, "logits": None}
-    output_class = CausalLMOutputWithPast
+    if output_class is None:
+        # MoE models return MoeCausalLMOutputWithPast (router_logits), with or without an aux loss.
+        moe_output = aux_loss_fn is not None or hasattr(outputs, "router_logits")
+        output_class = MoeCausalLMOutputWithPast if moe_output else CausalLMOutputWithPast
+        output_fields = _DEFAULT_OUTPUT_FIELDS[output_class]
     if aux_loss_fn is not None:
-        output_class = MoeCausalLMOutputWithPast
         fields["aux_loss"] = None
         if kwargs["output_router_logits"]:
             aux_loss = aux_loss_fn(
                 outputs.router_logits,
-                self.num_experts,
-                self.num_experts_per_tok,
+                _text_setting(self, "num_experts"),
+                _text_setting(self, "num_experts_per_tok"),
                 kwargs.get("attention_mask"),
             )
             fields["aux_loss"] = aux_loss
-            fields["loss"] = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
+            fields["loss"] = loss + _text_setting(self, "router_aux_loss_coef") * aux_loss.to(loss.device)
     # The base model's other outputs (cache, hidden_states, attentions, router_logits) by name, so the
     # cache field is right whichever name this transformers version gives it.
     for name, value in outputs.items():
-        if name in _OUTPUT_FIELDS[output_class] and name not in fields and name != "last_hidden_state":
+        if name in output_fields and name not in fields and name != "last_hidden_state":
             fields[name] = value
     output = output_class(**fields)
     return output if return_dict else output.to_tuple()
+
+
+_DEFAULT_OUTPUT_FIELDS = {cls: _output_fields(cls) for cls in (CausalLMOutputWithPast, MoeCausalLMOutputWithPast)}
+
+
+def base_model(model: nn.Module) -> nn.Module | None:
+    """The decoder a causal LM's forward calls: `model.<base_model_prefix>`, else `model.model`
+    (Llama4ForCausalLM declares the prefix "language_model" but keeps its decoder in `self.model`)."""
+    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    return base if isinstance(base, nn.Module) else getattr(model, "model", None)
 
 
 def causal_lm_loss_from_hidden(
@@ -142,7 +207,7 @@ def causal_lm_loss_from_hidden(
         )
     options = dict(
         ignore_index=ignore_index,
-        softcap=getattr(model.config, traits.softcap_config, None) if traits.softcap_config else None,
+        softcap=getattr(model.config.get_text_config(), traits.softcap_config, None) if traits.softcap_config else None,
         logit_scale=traits.logit_scale(model) if traits.logit_scale else 1.0,
         reduction="mean" if num_items_in_batch is None else "sum",
     )

@@ -16,6 +16,7 @@ Patching what is already patched is a no-op (reported as such in the summary).
 
 from __future__ import annotations
 
+import sys
 import types
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,8 +24,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from liger_plugins.patching import forwards
-from liger_plugins.patching.fused_forward import make_causal_lm_forward
-from liger_plugins.patching.registry import ArchitectureTraits, get_traits
+from liger_plugins.patching.fused_forward import base_model, computes_default_loss, make_causal_lm_forward
+from liger_plugins.patching.registry import TRAITS, ArchitectureTraits
 
 _MISSING = object()
 
@@ -91,10 +92,23 @@ def patch_classes(traits: ArchitectureTraits, options: KernelOptions) -> PatchSu
             summary.skipped.append(f"{kind}: {name} (this transformers version has no {attr} hook)")
             continue
         rebind(cls, attr, make, f"{kind}: {name}.{attr}")
+    if traits.torch_layer_norm and options.layer_norm:
+        summary.skipped.append(
+            "layer_norm: torch.nn.LayerNorm (vision tower): patched on a built model only (class level "
+            "would patch every LayerNorm in the process)"
+        )
+    for sub in traits.sub_configs:
+        summary.skipped.append(
+            f"{sub}: that sub-model's architecture is known only from a built model's config: patch the "
+            "built model, or its model type too"
+        )
     causal_lm = traits.cls(traits.causal_lm)
     if options.fused_linear_cross_entropy:
-        rebind(causal_lm, "forward", lambda orig: make_causal_lm_forward(traits, orig),
-               f"fused_linear_cross_entropy: {traits.causal_lm}.forward")
+        if computes_default_loss(causal_lm.forward):
+            rebind(causal_lm, "forward", lambda orig: make_causal_lm_forward(traits, orig),
+                   f"fused_linear_cross_entropy: {traits.causal_lm}.forward")
+        else:
+            summary.skipped.append(_OWN_LOSS.format(traits.causal_lm))
     if options.cross_entropy:
         rebind(causal_lm, "_loss_function", lambda orig: forwards.causal_lm_cross_entropy,
                f"cross_entropy: {traits.causal_lm}.loss_function", wrap=staticmethod)
@@ -109,7 +123,7 @@ def unpatch_classes(model_type: str) -> None:
             delattr(owner, attr)
         else:
             setattr(owner, attr, original)
-    _release_rope(get_traits(model_type), ("class", model_type))
+    _release_functions(("class", model_type))
 
 
 def unpatch_all_classes() -> None:
@@ -123,8 +137,13 @@ def unpatch_all_classes() -> None:
 
 def patch_instance(model: nn.Module, traits: ArchitectureTraits, options: KernelOptions) -> PatchSummary:
     summary = PatchSummary(f"{type(model).__name__} instance", "instance", traits.model_type)
-    plan = [(kind, role, traits.cls(name), attr, make)
-            for kind, role, name, attr, make in _module_patch_plan(traits, options)]
+    parts = [traits] + _sub_model_traits(model, traits, summary)
+    # (kind, role, class, attribute, factory, the traits it comes from)
+    plan = [(kind, role, part.cls(name), attr, make, part)
+            for part in parts for kind, role, name, attr, make in _module_patch_plan(part, options)]
+    if traits.torch_layer_norm and options.layer_norm:
+        plan.append(("layer_norm", "torch_layer_norm", nn.LayerNorm, "forward",
+                     forwards.make_layer_norm_forward, traits))
     causal_lm = traits.cls(traits.causal_lm)
     is_causal_lm = isinstance(model, causal_lm)
 
@@ -132,9 +151,11 @@ def patch_instance(model: nn.Module, traits: ArchitectureTraits, options: Kernel
     todo = []  # (module, attr, replacement, label)
     already = Counter()
     for path, module in model.named_modules():
-        for kind, role, cls, attr, make in plan:
+        for kind, role, cls, attr, make, part in plan:
             if not isinstance(module, cls):
                 continue
+            if role == "torch_layer_norm" and not _plain_layer_norm(module):
+                continue  # a subclass, no affine weight, or a multi-dimensional normalized shape
             label = f"{kind}: {cls.__name__}.{attr}"
             if not hasattr(cls, attr):
                 _skip(summary, f"{kind}: {cls.__name__} (this transformers version has no {attr} hook)")
@@ -148,7 +169,7 @@ def patch_instance(model: nn.Module, traits: ArchitectureTraits, options: Kernel
                     "(e.g. accelerate hooks); patch before dispatching the model"
                 )
                 continue
-            reason = _check_module(role, module, traits)
+            reason = _check_module(role, module, part)
             if reason is not None:
                 raise ValueError(
                     f"refusing to patch module {path!r} ({type(module).__name__}) of a "
@@ -156,7 +177,7 @@ def patch_instance(model: nn.Module, traits: ArchitectureTraits, options: Kernel
                 )
             if role == "norm" and len(_shape(module.weight)) != 1:
                 continue  # per-head norm weight: keeps its own forward
-            unsupported = _unsupported_activation(role, module, traits)
+            unsupported = _unsupported_activation(role, module, part)
             if unsupported:
                 _skip(summary, f"{label}: activation {unsupported} has no fused kernel (kept the original)")
                 continue
@@ -181,16 +202,28 @@ def patch_instance(model: nn.Module, traits: ArchitectureTraits, options: Kernel
     summary.skipped += [f"{label}: already patched ({n} module{'s' * (n > 1)})"
                         for label, n in already.items()]
     if options.rope:
-        _patch_rope(traits, ("instance", id(model)), summary)
+        for part in parts:
+            _patch_rope(part, ("instance", id(model)), summary)
     return summary
 
 
-def unpatch_instance(model: nn.Module, traits: ArchitectureTraits | None) -> None:
+def unpatch_instance(model: nn.Module) -> None:
     for module, attr in reversed(model.__dict__.pop("_liger_patches", [])):
         if forwards.is_liger(module.__dict__.get(attr)):
             delattr(module, attr)
-    if traits is not None:
-        _release_rope(traits, ("instance", id(model)))
+    _release_functions(("instance", id(model)))
+
+
+def _sub_model_traits(model: nn.Module, traits: ArchitectureTraits, summary: PatchSummary):
+    """Traits of the registered architectures of the model's sub-configs (Llava's language model)."""
+    parts = []
+    for sub in traits.sub_configs:
+        model_type = getattr(getattr(model.config, sub, None), "model_type", None)
+        if model_type in TRAITS:
+            parts.append(TRAITS[model_type])
+        else:
+            summary.skipped.append(f"{sub}: model type {model_type!r} is not supported (keeps its forwards)")
+    return parts
 
 
 def _causal_lm_plan(model, traits, options, summary, already):
@@ -198,6 +231,8 @@ def _causal_lm_plan(model, traits, options, summary, already):
         label = f"fused_linear_cross_entropy: {traits.causal_lm}.forward"
         if forwards.is_liger(model.forward):
             already[label] += 1
+        elif not computes_default_loss(type(model).forward):
+            summary.skipped.append(_OWN_LOSS.format(traits.causal_lm))
         elif "forward" in model.__dict__:
             summary.skipped.append(f"{label}: forward already overridden on the instance")
         else:
@@ -226,14 +261,25 @@ def _module_patch_plan(traits: ArchitectureTraits, options: KernelOptions):
             make = lambda orig, spec=spec: forwards.make_rms_norm_forward(spec, orig)  # noqa: E731
             plan.append(("rms_norm", "norm", name, "forward", make))
     if options.layer_norm:
-        for name in traits.layer_norms:
-            plan.append(("layer_norm", "norm", name, "forward", forwards.make_layer_norm_forward))
+        for name, offset in traits.layer_norms.items():
+            make = lambda orig, offset=offset: forwards.make_layer_norm_forward(orig, offset)  # noqa: E731
+            plan.append(("layer_norm", "norm", name, "forward", make))
     if options.swiglu:
         for name, spec in traits.mlps.items():
             make = lambda orig, spec=spec: forwards.make_mlp_forward(spec, orig)  # noqa: E731
             plan.append(("swiglu", "mlp", name, "forward", make))
         plan += [("swiglu", "experts", n, "_apply_gate", forwards.make_apply_gate) for n in traits.experts]
     return plan
+
+
+_OWN_LOSS = (
+    "fused_linear_cross_entropy: {}.forward computes its own loss, not with transformers' loss_function "
+    "(kept the original)"
+)
+
+
+def _plain_layer_norm(module: nn.Module) -> bool:
+    return type(module) is nn.LayerNorm and module.weight is not None and len(module.normalized_shape) == 1
 
 
 def _skip(summary: PatchSummary, message: str) -> None:
@@ -249,6 +295,8 @@ def _shape(param: nn.Parameter):
 
 def _check_module(role: str, module: nn.Module, traits: ArchitectureTraits) -> str | None:
     """Why `module` does not have the layout its replacement forward reads, or None if it does."""
+    if role == "torch_layer_norm":
+        return None  # checked by _plain_layer_norm
     if role == "norm":
         weight = getattr(module, "weight", None)
         # 2-D: per-head weights (Cohere's q/k norms), which keep their own forward
@@ -296,14 +344,13 @@ def _unsupported_activation(role: str, module: nn.Module, traits: ArchitectureTr
 
 
 def _check_causal_lm(model: nn.Module, traits: ArchitectureTraits) -> None:
-    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
     lm_head = getattr(model, "lm_head", None)
-    if not isinstance(base, nn.Module) or not isinstance(lm_head, nn.Module):
+    if not isinstance(base_model(model), nn.Module) or not isinstance(lm_head, nn.Module):
         raise ValueError(
             f"refusing to patch {type(model).__name__}: expected a base model attribute "
-            f"{getattr(model, 'base_model_prefix', 'model')!r} and an `lm_head` module"
+            f"{getattr(model, 'base_model_prefix', 'model')!r} (or `model`) and an `lm_head` module"
         )
-    hidden = getattr(model.config, "hidden_size", None)
+    hidden = getattr(model.config.get_text_config(), "hidden_size", None)
     weight = getattr(lm_head, "weight", None)
     if isinstance(lm_head, nn.Linear) and hidden is not None and _shape(weight)[1] != hidden:
         raise ValueError(
@@ -314,7 +361,8 @@ def _check_causal_lm(model: nn.Module, traits: ArchitectureTraits) -> None:
 
 def _patch_rope(traits: ArchitectureTraits, holder, summary: PatchSummary) -> None:
     if traits.rope is None:
-        summary.skipped.append("rope: this architecture's rotary layout is not rotate-half")
+        if not traits.sub_configs:  # a wrapper's language model brings its own rotary
+            summary.skipped.append("rope: this architecture's rotary layout is not rotate-half")
         return
     module = traits.modeling_module()
     key = (module.__name__, traits.rope)
@@ -332,16 +380,10 @@ def _patch_rope(traits: ArchitectureTraits, holder, summary: PatchSummary) -> No
     summary.patched.append(label)
 
 
-def _release_rope(traits: ArchitectureTraits, holder) -> None:
-    if traits.rope is None:
-        return
-    module = traits.modeling_module()
-    key = (module.__name__, traits.rope)
-    entry = _FUNCTION_PATCHES.get(key)
-    if entry is None:
-        return
-    entry[1].discard(holder)
-    if not entry[1]:
-        setattr(module, traits.rope, entry[0])
-        del _FUNCTION_PATCHES[key]
-
+def _release_functions(holder) -> None:
+    """Drop `holder` from every module-level function patch; restore the functions no one holds."""
+    for (module_name, name), (original, holders) in list(_FUNCTION_PATCHES.items()):
+        holders.discard(holder)
+        if not holders:
+            setattr(sys.modules[module_name], name, original)
+            del _FUNCTION_PATCHES[(module_name, name)]

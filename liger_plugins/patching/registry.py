@@ -10,7 +10,8 @@ and how they compute, read from the module's source for transformers 5.x:
   gradient; it is off where some instance of the class feeds its output straight into a residual
   add (Gemma2/3 and Olmo2/3 post-norms, GLM4's post-sublayer norms), because autograd hands that same
   gradient tensor to the residual branch too.
-- layer_norms: LayerNorm classes (weight, optional bias), e.g. Cohere's.
+- layer_norms: LayerNorm classes (weight, optional bias) and the offset added to their weight: 0 for
+  Cohere's, 1 for Nemotron's LayerNorm1P (`layer_norm(x, weight + 1, bias)`).
 - mlps: gated MLP classes and their layout: "split" (gate_proj, up_proj, down_proj) or "fused"
   (Phi3/GLM4 gate_up_proj whose first half is the gate), and the attribute holding the activation.
   The activation decides the kernel at call time (silu -> swiglu, gelu tanh -> geglu tanh,
@@ -23,6 +24,19 @@ and how they compute, read from the module's source for transformers 5.x:
   of the final tanh softcap) and `logit_scale` (a function of the model giving the multiplier applied
   to the logits: Granite divides by `config.logits_scaling`, Cohere multiplies by `model.logit_scale`).
 - moe: the causal LM adds the router load-balancing loss (`load_balancing_loss_func` of the module).
+- causal_lm may also be a `*ForConditionalGeneration` class (vision-language models): the same
+  `base model -> lm_head` shape, its text settings (vocab, softcap, MoE) read from `config.get_text_config()`.
+- sub_configs: config attributes (e.g. "text_config") naming sub-models of another registered
+  architecture (Llava's language model may be Llama, Mistral, Qwen2...): patching a built model also
+  applies that architecture's module patches (norms, MLPs, experts, rope); class level cannot know it.
+- torch_layer_norm: the model's plain `torch.nn.LayerNorm` modules (SigLIP/CLIP/ViT vision towers) get the
+  layer-norm kernel on a built model; class level would change every LayerNorm in the process, so it
+  leaves them.
+- Class names are those of `module`; "pixtral.PixtralRMSNorm" names a class of another modeling module
+  (a vision tower such as Pixtral's, used inside Llava).
+- unpatched: components of the model that keep their own forward because no kernel computes them
+  exactly (a different norm or activation formula, hybrid linear-attention / state-space layers); listed
+  in the README support table.
 """
 
 from __future__ import annotations
@@ -52,22 +66,29 @@ class ArchitectureTraits:
     module: str
     causal_lm: str
     norms: dict[str, NormSpec] = field(default_factory=dict)
-    layer_norms: tuple[str, ...] = ()
+    layer_norms: dict[str, float] = field(default_factory=dict)
     mlps: dict[str, MLPSpec] = field(default_factory=dict)
     experts: tuple[str, ...] = ()
     rope: str | None = "apply_rotary_pos_emb"
     softcap_config: str | None = None
     logit_scale: Callable | None = None
     moe: bool = False
+    unpatched: tuple[str, ...] = ()
+    sub_configs: tuple[str, ...] = ()
+    torch_layer_norm: bool = False
 
     def modeling_module(self) -> ModuleType:
         return importlib.import_module(self.module)
 
     def cls(self, name: str) -> type:
-        module = self.modeling_module()
+        if "." in name:  # a class of another modeling module: "pixtral.PixtralRMSNorm"
+            other, name = name.split(".")
+            module = importlib.import_module(_modeling(other))
+        else:
+            module = self.modeling_module()
         if not hasattr(module, name):
             raise ValueError(
-                f"{self.module} has no class {name}: this transformers version does not match the "
+                f"{module.__name__} has no class {name}: this transformers version does not match the "
                 f"{self.model_type!r} traits of liger_plugins.patching"
             )
         return getattr(module, name)
@@ -81,6 +102,12 @@ def _cohere_scale(model) -> float:
     return float(model.logit_scale)
 
 
+def _falcon_h1_scale(model) -> float:
+    return float(model.model.lm_head_multiplier)
+
+
+_MROPE = "multimodal rotary (M-RoPE, 3-D positions): its own op, not patched yet"
+_VISION_ROPE = "vision rotary (apply_rotary_pos_emb_vision)"
 _LLAMA = NormSpec()
 _LLAMA_NOT_IN_PLACE = NormSpec(in_place=False)
 _GEMMA = NormSpec(offset=1.0, casting_mode="gemma")
@@ -145,10 +172,210 @@ TRAITS: dict[str, ArchitectureTraits] = {
             model_type="cohere",
             module=_modeling("cohere"),
             causal_lm="CohereForCausalLM",
-            layer_norms=("CohereLayerNorm",),  # per-head q/k norms (2-D weight) keep their forward
+            layer_norms={"CohereLayerNorm": 0.0},  # per-head q/k norms (2-D weight) keep their forward
             mlps={"CohereMLP": _SPLIT},
             rope=None,  # interleaved rotary
             logit_scale=_cohere_scale,
+        ),
+        # --- text models added for issue #11 (C1) ---
+        ArchitectureTraits(
+            model_type="llama4_text",  # Llama4ForCausalLM (the text part of Llama 4)
+            module=_modeling("llama4"),
+            causal_lm="Llama4ForCausalLM",
+            norms={"Llama4TextRMSNorm": _LLAMA},
+            mlps={"Llama4TextMLP": MLPSpec(act_attr="activation_fn")},  # dense layers and the shared expert
+            rope=None,  # complex rotary (apply_rotary_emb on freqs_cis)
+            unpatched=(
+                "Llama4TextExperts (bmm on a (experts, hidden, 2 * intermediate) gate_up_proj, no _apply_gate hook)",
+                "Llama4TextL2Norm (weightless q/k norm)",
+            ),
+        ),
+        ArchitectureTraits(
+            model_type="qwen3_next",
+            module=_modeling("qwen3_next"),
+            causal_lm="Qwen3NextForCausalLM",
+            norms={"Qwen3NextRMSNorm": _GEMMA},  # also the per-head q_norm/k_norm
+            mlps={"Qwen3NextMLP": _SPLIT},  # dense layers and the shared expert
+            experts=("Qwen3NextExperts",),
+            moe=True,  # partial rotary handled by the rope wrapper
+            unpatched=("Qwen3NextGatedDeltaNet linear-attention layers with their Qwen3NextRMSNormGated",),
+        ),
+        _dense("qwen3_5_text", "Qwen3_5", _GEMMA, module="qwen3_5",
+               unpatched=("Qwen3_5GatedDeltaNet linear-attention layers with their Qwen3_5RMSNormGated",)),
+        ArchitectureTraits(
+            model_type="qwen3_5_moe_text",
+            module=_modeling("qwen3_5_moe"),
+            causal_lm="Qwen3_5MoeForCausalLM",
+            norms={"Qwen3_5MoeRMSNorm": _GEMMA},
+            mlps={"Qwen3_5MoeMLP": _SPLIT},  # the shared expert
+            experts=("Qwen3_5MoeExperts",),
+            moe=True,
+            unpatched=("Qwen3_5MoeGatedDeltaNet linear-attention layers with their Qwen3_5MoeRMSNormGated",),
+        ),
+        ArchitectureTraits(
+            model_type="gpt_oss",
+            module=_modeling("gpt_oss"),
+            causal_lm="GptOssForCausalLM",
+            norms={"GptOssRMSNorm": NormSpec(casting_mode="gemma")},  # (w * x).to(dtype), no offset
+            rope=None,
+            moe=True,
+            unpatched=(
+                "GptOssExperts (clamped swiglu with alpha on interleaved gate/up, (up + 1) * glu)",
+                "rotary (rotate-half, but cos/sin of half the head width)",
+            ),
+        ),
+        ArchitectureTraits(
+            model_type="nemotron",
+            module=_modeling("nemotron"),
+            causal_lm="NemotronForCausalLM",
+            layer_norms={"NemotronLayerNorm1P": 1.0},
+            unpatched=("NemotronMLP (relu² on up_proj, not gated)",),  # partial rotary: rope wrapper
+        ),
+        ArchitectureTraits(
+            model_type="falcon_h1",
+            module=_modeling("falcon_h1"),
+            causal_lm="FalconH1ForCausalLM",
+            norms={"FalconH1RMSNorm": _LLAMA},
+            logit_scale=_falcon_h1_scale,
+            unpatched=(
+                "FalconH1MLP (multipliers on the gate input and the output)",
+                "FalconH1Mixer Mamba-2 layers with their FalconH1RMSNormGated",
+            ),
+        ),
+        _dense("hunyuan_v1_dense", "HunYuanDenseV1"),  # also the per-head query/key_layernorm
+        ArchitectureTraits(
+            model_type="hunyuan_v1_moe",
+            module=_modeling("hunyuan_v1_moe"),
+            causal_lm="HunYuanMoEV1ForCausalLM",
+            norms={"HunYuanMoEV1RMSNorm": _LLAMA},
+            mlps={"HunYuanMoEV1MLP": _SPLIT},  # the shared MLP
+            experts=("HunYuanMoEV1Experts",),  # no router aux loss in its causal LM
+        ),
+        _dense("exaone4", "Exaone4", _LLAMA_NOT_IN_PLACE),  # post-sublayer norms feed the residual add
+        # --- vision-language models added for issue #11 (C2): *ForConditionalGeneration heads ---
+        ArchitectureTraits(
+            model_type="gemma3",
+            module=_modeling("gemma3"),
+            causal_lm="Gemma3ForConditionalGeneration",  # applies no final softcap (unlike Gemma3ForCausalLM)
+            norms={"Gemma3RMSNorm": _GEMMA_NOT_IN_PLACE},  # also the projector's mm_soft_emb_norm
+            mlps={"Gemma3MLP": _SPLIT},
+            torch_layer_norm=True,  # SigLIP vision tower
+            unpatched=("SiglipMLP (fc1/fc2, not gated)",),
+        ),
+        ArchitectureTraits(
+            model_type="mllama",
+            module=_modeling("mllama"),
+            causal_lm="MllamaForConditionalGeneration",  # (MllamaForCausalLM, text only, gets the module patches)
+            norms={"MllamaTextRMSNorm": _LLAMA},  # also the cross-attention q/k norms
+            mlps={"MllamaTextMLP": _SPLIT},
+            torch_layer_norm=True,  # vision encoder
+            unpatched=("MllamaVisionMLP (fc1/fc2, not gated)",),
+        ),
+        ArchitectureTraits(
+            model_type="qwen2_vl",
+            module=_modeling("qwen2_vl"),
+            causal_lm="Qwen2VLForConditionalGeneration",
+            norms={"Qwen2VLRMSNorm": _LLAMA},
+            mlps={"Qwen2MLP": _SPLIT},  # the text MLP (this module's own class)
+            rope=None,
+            torch_layer_norm=True,  # vision blocks and patch merger
+            unpatched=(_MROPE, "VisionMlp (fc1/fc2, not gated)", _VISION_ROPE),
+        ),
+        ArchitectureTraits(
+            model_type="qwen2_5_vl",
+            module=_modeling("qwen2_5_vl"),
+            causal_lm="Qwen2_5_VLForConditionalGeneration",
+            norms={"Qwen2_5_VLRMSNorm": _LLAMA},  # text and vision blocks (pre-norms), patch merger
+            mlps={"Qwen2MLP": _SPLIT, "Qwen2_5_VLMLP": _SPLIT},  # text MLP, gated vision MLP (with bias)
+            rope=None,
+            unpatched=(_MROPE, _VISION_ROPE),
+        ),
+        ArchitectureTraits(
+            model_type="qwen3_vl",
+            module=_modeling("qwen3_vl"),
+            causal_lm="Qwen3VLForConditionalGeneration",
+            norms={"Qwen3VLTextRMSNorm": _LLAMA},  # also the per-head q_norm/k_norm
+            mlps={"Qwen3VLTextMLP": _SPLIT},
+            rope=None,
+            torch_layer_norm=True,  # vision blocks and patch mergers
+            unpatched=(_MROPE, "Qwen3VLVisionMLP (not gated)", _VISION_ROPE),
+        ),
+        ArchitectureTraits(
+            model_type="qwen3_vl_moe",
+            module=_modeling("qwen3_vl_moe"),
+            causal_lm="Qwen3VLMoeForConditionalGeneration",
+            norms={"Qwen3VLMoeTextRMSNorm": _LLAMA},
+            mlps={"Qwen3VLMoeTextMLP": _SPLIT},
+            experts=("Qwen3VLMoeTextExperts",),
+            moe=True,
+            rope=None,
+            torch_layer_norm=True,
+            unpatched=(_MROPE, "Qwen3VLMoeVisionMLP (not gated)", _VISION_ROPE),
+        ),
+        ArchitectureTraits(
+            model_type="glm4v",
+            module=_modeling("glm4v"),
+            causal_lm="Glm4vForConditionalGeneration",
+            # text post-sublayer norms feed the residual add; the vision post-conv norm feeds an add
+            norms={"Glm4vRMSNorm": _LLAMA_NOT_IN_PLACE},
+            mlps={"Glm4vTextMLP": _FUSED, "Glm4VisionMlp": _SPLIT},
+            rope=None,
+            torch_layer_norm=True,  # patch merger
+            unpatched=("text rotary (interleaved pairs, M-RoPE sections)", _VISION_ROPE),
+        ),
+        ArchitectureTraits(
+            model_type="glm4v_moe",
+            module=_modeling("glm4v_moe"),
+            causal_lm="Glm4vMoeForConditionalGeneration",
+            norms={"Glm4vMoeTextRMSNorm": _LLAMA, "Glm4vMoeRMSNorm": _LLAMA_NOT_IN_PLACE},  # text, vision
+            mlps={"Glm4vMoeTextMLP": _SPLIT, "Glm4vMoeisionMlp": _SPLIT},  # (sic: transformers' name)
+            experts=("Glm4vMoeTextExperts",),
+            moe=True,
+            rope=None,
+            torch_layer_norm=True,
+            unpatched=("text rotary (M-RoPE sections, partial)", _VISION_ROPE),
+        ),
+        # Wrappers: the language model is another registered architecture (text_config.model_type).
+        ArchitectureTraits(
+            model_type="paligemma",
+            module=_modeling("paligemma"),
+            causal_lm="PaliGemmaForConditionalGeneration",
+            rope=None,
+            softcap_config="final_logit_softcapping",  # of the text config (Gemma2)
+            sub_configs=("text_config",),
+            torch_layer_norm=True,  # SigLIP
+            unpatched=("SiglipMLP (fc1/fc2, not gated)",),
+        ),
+        ArchitectureTraits(
+            model_type="llava",
+            module=_modeling("llava"),
+            causal_lm="LlavaForConditionalGeneration",
+            # Pixtral vision tower (Pixtral-12B is a Llava): ln_pre's output is the first residual
+            norms={"pixtral.PixtralRMSNorm": _LLAMA_NOT_IN_PLACE},
+            mlps={"pixtral.PixtralMLP": _SPLIT},
+            rope=None,
+            sub_configs=("text_config",),
+            torch_layer_norm=True,  # CLIP / SigLIP vision towers
+            unpatched=("CLIPMLP / SiglipMLP (not gated)", "Pixtral's 2-D rotary"),
+        ),
+        ArchitectureTraits(
+            model_type="internvl",
+            module=_modeling("internvl"),
+            causal_lm="InternVLForConditionalGeneration",
+            norms={"InternVLVisionRMSNorm": _LLAMA_NOT_IN_PLACE},  # vision norm_type="rms_norm"
+            rope=None,
+            sub_configs=("text_config",),
+            torch_layer_norm=True,  # vision norm_type="layer_norm", projector
+            unpatched=("InternVLVisionMLP (fc1/fc2, not gated)",),
+        ),
+        ArchitectureTraits(
+            model_type="smolvlm",
+            module=_modeling("smolvlm"),
+            causal_lm="SmolVLMForConditionalGeneration",
+            rope=None,
+            sub_configs=("text_config",),
+            torch_layer_norm=True,  # vision encoder
+            unpatched=("SmolVLMVisionMLP (fc1/fc2, not gated)",),
         ),
     ]
 }

@@ -7,6 +7,8 @@ import torch
 from transformers import AutoConfig
 from transformers.utils import logging as hf_logging
 
+from liger_plugins.patching import get_traits
+
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny"
 ARCHITECTURES = sorted(p.stem for p in TINY.glob("*.json"))
 
@@ -27,3 +29,14 @@ def batch(vocab_size: int, batch_size: int = 2, seq: int = 8, seed: int = 1):
     labels = ids.clone()
     labels[0, :3] = -100
     return ids, labels
+
+
+def expected_kinds(model_type: str) -> set[str]:
+    """The kernel flags whose patches apply_liger must report for `model_type`, from its traits."""
+    traits = get_traits(model_type)
+    kinds = {"fused_linear_cross_entropy"}
+    kinds |= {"rms_norm"} if traits.norms else set()
+    kinds |= {"layer_norm"} if traits.layer_norms else set()
+    kinds |= {"swiglu"} if traits.mlps or traits.experts else set()
+    kinds |= {"rope"} if traits.rope else set()
+    return kinds

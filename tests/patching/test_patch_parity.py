@@ -3,20 +3,10 @@ interpreter: training loss and every parameter's gradient, eval logits, generate
 
 import pytest
 import torch
-from patching_helpers import ARCHITECTURES, batch
+from patching_helpers import ARCHITECTURES, batch, expected_kinds
 from tolerances import assert_model_close
 
-from liger_plugins.patching import apply_liger, get_traits
-
-
-def _expected_kinds(model_type):
-    traits = get_traits(model_type)
-    kinds = {"fused_linear_cross_entropy"}
-    kinds |= {"rms_norm"} if traits.norms else set()
-    kinds |= {"layer_norm"} if traits.layer_norms else set()
-    kinds |= {"swiglu"} if traits.mlps or traits.experts else set()
-    kinds |= {"rope"} if traits.rope else set()
-    return kinds
+from liger_plugins.patching import apply_liger
 
 
 def _train_step(model, ids, labels):
@@ -38,12 +28,13 @@ def assert_grads_close(model, reference, dtype):
 def test_loss_gradients_and_logits_match(build, model_type):
     reference, model = build(model_type), build(model_type)
     summary = apply_liger(model)
-    assert {item.split(":")[0] for item in summary.patched} == _expected_kinds(model_type), str(summary)
+    assert {item.split(":")[0] for item in summary.patched} == expected_kinds(model_type), str(summary)
 
     ids, labels = batch(model.config.vocab_size)
     out_ref = _train_step(reference, ids, labels)
     out = _train_step(model, ids, labels)
     assert out.logits is None  # the fused loss never materialized them
+    assert type(out) is type(out_ref)  # MoE models keep MoeCausalLMOutputWithPast
     assert_model_close(out.loss, out_ref.loss, torch.float32, "loss")
     assert_grads_close(model, reference, torch.float32)
 
@@ -56,7 +47,7 @@ def test_loss_gradients_and_logits_match(build, model_type):
     assert_model_close(eval_out.loss, eval_ref.loss, torch.float32, "eval loss")
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "qwen3_next", "nemotron"])
 def test_bf16_is_bounded(build, model_type):
     reference = build(model_type, dtype=torch.bfloat16)
     model = build(model_type, dtype=torch.bfloat16)
@@ -68,7 +59,12 @@ def test_bf16_is_bounded(build, model_type):
     assert_grads_close(model, reference, torch.bfloat16)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "phi3", "mixtral"])
+# Hybrid caches (linear attention, Mamba), MoE, post-norms, complex rotary, logit multiplier.
+GENERATE_TYPES = ["llama", "gemma3_text", "phi3", "mixtral", "qwen3_next", "qwen3_5_moe_text", "falcon_h1",
+                  "llama4_text", "gpt_oss", "nemotron", "exaone4", "hunyuan_v1_moe"]
+
+
+@pytest.mark.parametrize("model_type", GENERATE_TYPES)
 def test_generate_is_unchanged(build, model_type):
     reference, model = build(model_type), build(model_type)
     apply_liger(model)

@@ -1,0 +1,242 @@
+"""Vision-language models (`*ForConditionalGeneration`): patched vs unpatched tiny random models, Triton
+kernels under the interpreter, images fed through the vision tower where the model takes them simply.
+
+Configs: configs/tiny/multimodal/<name>.json (text: 2 layers, hidden 64, vocab 320; vision: 1-2 layers,
+hidden 32, 16x16 images of 4x4 patches). `llava_pixtral` is a Llava with a Pixtral vision tower and a
+Mistral language model (Pixtral-12B's layout)."""
+
+import json
+
+import pytest
+import torch
+from patching_helpers import TINY
+from tolerances import assert_model_close
+from torch import nn
+from transformers import AutoConfig, AutoModelForImageTextToText
+from transformers.models.llama import modeling_llama
+from transformers.models.mistral import modeling_mistral
+from transformers.models.pixtral import modeling_pixtral
+
+from liger_plugins.patching import TRAITS, apply_liger, get_traits, unpatch
+from liger_plugins.patching.forwards import is_liger
+from liger_plugins.patching.fused_forward import computes_default_loss
+
+MULTIMODAL = TINY / "multimodal"
+MODELS = sorted(p.stem for p in MULTIMODAL.glob("*.json"))
+IMAGE = 319  # image token id of every tiny config (the last of the vocabulary)
+FP32 = torch.float32
+
+
+def mm_config(name: str):
+    spec = json.loads((MULTIMODAL / f"{name}.json").read_text())
+    return AutoConfig.for_model(spec.pop("model_type"), **spec)
+
+
+@pytest.fixture
+def build_mm():
+    """build_mm(name, seed=0) -> a fresh model (the same seed gives the same weights); unpatched at the end."""
+    built = []
+
+    def _build(name, seed=0):
+        torch.manual_seed(seed)
+        model = AutoModelForImageTextToText.from_config(mm_config(name), dtype=FP32)
+        built.append(model)
+        return model
+
+    yield _build
+    for model in built:
+        unpatch(model)
+    unpatch()
+
+
+def _image_inputs(name: str, config, g: torch.Generator):
+    """(number of image tokens per image, extra forward inputs) for one 16x16 image per sequence, or
+    (0, {}) for the models fed text only here (mllama's tiled cross-attention inputs)."""
+    vision = config.vision_config
+    if name in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe"):
+        # Flattened patches (temporal 2 x 4 x 4 x 3 channels) of a 4x4 grid, merged 2x2 into 4 tokens.
+        width = 3 * vision.temporal_patch_size * vision.patch_size**2
+        return 4, {"pixel_values": torch.randn(2 * 16, width, generator=g),
+                   "image_grid_thw": torch.tensor([[1, 4, 4], [1, 4, 4]])}
+    pixels = torch.randn(2, 3, 16, 16, generator=g)
+    if name == "gemma3":
+        return config.mm_tokens_per_image, {"pixel_values": pixels}
+    if name in ("paligemma", "llava"):
+        return 16, {"pixel_values": pixels}  # one token per patch
+    if name == "llava_pixtral":
+        return 16, {"pixel_values": pixels, "image_sizes": torch.tensor([[16, 16], [16, 16]])}
+    if name in ("internvl", "smolvlm"):  # 16 patches, pixel-shuffled 2x2 into 4 tokens
+        return 4, {"pixel_values": pixels if name == "internvl" else pixels[:, None]}
+    return 0, {}
+
+
+def inputs(name: str, model, seed: int = 1):
+    """Two sequences of 24 tokens, each with its image's tokens after 2 text tokens, labels with the
+    image tokens and a few more positions ignored."""
+    g = torch.Generator().manual_seed(seed)
+    n_image, extra = _image_inputs(name, model.config, g)
+    ids = torch.randint(3, 300, (2, 24), generator=g)  # clear of the special tokens 300-319
+    ids[:, 2:2 + n_image] = IMAGE
+    labels = ids.clone()
+    labels[ids == IMAGE] = -100
+    labels[0, :2] = -100
+    if name in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe"):
+        extra["mm_token_type_ids"] = (ids == IMAGE).int()
+    if name == "gemma3":
+        extra["token_type_ids"] = (ids == IMAGE).long()
+    return dict(input_ids=ids, labels=labels, **extra)
+
+
+def _train_step(model, batch):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    out = model(**batch)
+    out.loss.backward()
+    return out
+
+
+def _assert_grads_close(model, reference):
+    pairs = list(zip(model.named_parameters(), reference.named_parameters(), strict=True))
+    largest = max(p_ref.grad.abs().max().item() for _, (_, p_ref) in pairs if p_ref.grad is not None)
+    for (name, p), (_, p_ref) in pairs:
+        assert (p.grad is None) == (p_ref.grad is None), name
+        if p_ref.grad is None:
+            continue
+        if p_ref.grad.abs().max() <= 1e-7 * largest:
+            # zero up to rounding (attention key biases: softmax ignores a shift of every score)
+            assert p.grad.abs().max() <= 1e-7 * largest, name
+        else:
+            assert_model_close(p.grad, p_ref.grad, FP32, name)
+
+
+def _all_traits(model):
+    traits = get_traits(model.config.model_type)
+    subs = [getattr(model.config, s).model_type for s in traits.sub_configs]
+    return [traits] + [TRAITS[t] for t in subs if t in TRAITS]
+
+
+def _expected_kinds(model):
+    parts = _all_traits(model)
+    kinds = {"fused_linear_cross_entropy"} if computes_default_loss(type(model).forward) else set()
+    present = {type(m) for m in model.modules()}
+    for part in parts:
+        kinds |= {"rms_norm"} if any(part.cls(n) in present for n in part.norms) else set()
+        kinds |= {"swiglu"} if any(part.cls(n) in present for n in (*part.mlps, *part.experts)) else set()
+        kinds |= {"rope"} if part.rope else set()
+    kinds |= {"layer_norm"} if parts[0].torch_layer_norm and nn.LayerNorm in present else set()
+    return kinds
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_loss_gradients_and_logits_match(build_mm, name):
+    reference, model = build_mm(name), build_mm(name)
+    summary = apply_liger(model)
+    assert {item.split(":")[0] for item in summary.patched} == _expected_kinds(model), str(summary)
+    for path, module in model.named_modules():  # the whole vision tower too
+        if type(module) is nn.LayerNorm:
+            assert is_liger(module.forward), path
+
+    batch = inputs(name, model)
+    out_ref = _train_step(reference, batch)
+    out = _train_step(model, batch)
+    assert type(out) is type(out_ref)
+    if "fused_linear_cross_entropy" in _expected_kinds(model):
+        assert out.logits is None  # the fused loss never materialized them
+    assert_model_close(out.loss, out_ref.loss, FP32, "loss")
+    _assert_grads_close(model, reference)
+    if "pixel_values" in batch:  # the image went through the vision tower / projector into the loss
+        text = ("language_model", "text_model", "lm_head")
+        image_grads = [p.grad for n, p in model.named_parameters() if not any(t in n for t in text)]
+        assert any(g is not None and g.abs().sum() > 0 for g in image_grads)
+
+    reference.eval()
+    model.eval()
+    with torch.no_grad():  # evaluation: the original forward, with the kernels inside the layers
+        eval_ref = reference(**batch)
+        eval_out = model(**batch)
+    assert_model_close(eval_out.logits, eval_ref.logits, FP32, "logits")
+    assert_model_close(eval_out.loss, eval_ref.loss, FP32, "eval loss")
+
+
+@pytest.mark.parametrize("name", ["gemma3", "llava", "qwen2_vl"])
+def test_generate_is_unchanged(build_mm, name):
+    reference, model = build_mm(name), build_mm(name)
+    apply_liger(model)
+    batch = inputs(name, model)
+    batch.pop("labels")
+    batch = {k: v[:1] if k in ("input_ids", "token_type_ids", "mm_token_type_ids") else v for k, v in batch.items()}
+    if "image_grid_thw" in batch:  # one image
+        batch["pixel_values"], batch["image_grid_thw"] = batch["pixel_values"][:16], batch["image_grid_thw"][:1]
+    else:
+        batch["pixel_values"] = batch["pixel_values"][:1]
+    kwargs = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    expected = reference.eval().generate(**batch, **kwargs)
+    assert torch.equal(model.eval().generate(**batch, **kwargs), expected)
+
+
+def test_wrapper_patches_its_language_model_and_reverts(build_mm):
+    """Llava: the language model's architecture (Mistral here) comes from text_config; its rope is
+    patched while the model is, and every function and forward is restored by unpatch."""
+    model = build_mm("llava_pixtral")
+    original_rope = modeling_mistral.apply_rotary_pos_emb
+    summary = apply_liger(model)
+    text = str(summary)
+    assert "rms_norm: MistralRMSNorm.forward (5 modules)" in summary.patched, text
+    assert "rms_norm: PixtralRMSNorm.forward (5 modules)" in summary.patched, text
+    assert "swiglu: PixtralMLP.forward (2 modules)" in summary.patched, text
+    assert is_liger(modeling_mistral.apply_rotary_pos_emb)
+    assert not is_liger(modeling_pixtral.apply_rotary_pos_emb)  # Pixtral's 2-D rotary keeps its own
+    unpatch(model)
+    assert modeling_mistral.apply_rotary_pos_emb is original_rope
+    assert not any(is_liger(m.__dict__.get("forward")) for m in model.modules())
+
+
+def test_unsupported_language_model_is_reported(build_mm):
+    config = mm_config("llava")
+    config.text_config = AutoConfig.for_model("gpt2", n_embd=64, n_layer=1, n_head=2, vocab_size=320)
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config)
+    try:
+        summary = apply_liger(model)
+        assert "text_config: model type 'gpt2' is not supported (keeps its forwards)" in summary.skipped
+        assert any(item.startswith("layer_norm: LayerNorm.forward") for item in summary.patched)
+    finally:
+        unpatch(model)
+
+
+def test_class_level_patches_own_classes_and_says_what_it_cannot(build_mm):
+    summary = apply_liger("llava")
+    text = str(summary)
+    assert is_liger(modeling_pixtral.PixtralRMSNorm.forward)
+    assert any("text_config: that sub-model's architecture is known only" in s for s in summary.skipped), text
+    assert any("torch.nn.LayerNorm (vision tower): patched on a built model only" in s
+               for s in summary.skipped), text
+    assert not is_liger(nn.LayerNorm.forward) and not is_liger(modeling_llama.LlamaRMSNorm.forward)
+    unpatch("llava")
+    assert not is_liger(modeling_pixtral.PixtralRMSNorm.forward)
+
+
+def test_class_level_patch_of_a_vision_language_model_matches(build_mm):
+    """Class level (before building), then the model trains as the unpatched one does."""
+    reference = build_mm("qwen2_5_vl")
+    apply_liger("qwen2_5_vl")
+    model = build_mm("qwen2_5_vl")
+    assert is_liger(model.forward) and is_liger(model.model.visual.blocks[0].mlp.forward)
+    batch = inputs("qwen2_5_vl", model)
+    out_ref, out = _train_step(reference, batch), _train_step(model, batch)
+    assert out.logits is None
+    assert_model_close(out.loss, out_ref.loss, FP32, "loss")
+
+
+def test_own_loss_forward_is_not_replaced():
+    """A head that computes its own loss (Gemma3ForConditionalGeneration before transformers 5.2x, on the
+    attention mask's positions) keeps its forward."""
+
+    def forward(self, input_ids=None, labels=None):
+        logits = self.lm_head(self.model(input_ids)[0])
+        return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+
+    def default(self, input_ids=None, labels=None):
+        return self.loss_function(self.lm_head(self.model(input_ids)[0]), labels, 320)
+
+    assert not computes_default_loss(forward) and computes_default_loss(default)
