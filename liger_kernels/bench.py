@@ -9,6 +9,9 @@ For every op and shape: forward, backward and forward+backward time (median of
 (forward; forward+backward with the gradients), and the fraction of a ceiling measured in the same run:
 device copy bandwidth (bytes read + written) for memory-bound ops, the bf16 8192^3 matrix-product rate
 for the fused linear cross-entropy. The minimal work each op must do is in `OPS[name].formula`.
+The core ops (DEFAULT_OPS) run by default; the fused-linear losses (LOSS_OPS) and the other ops
+(EXTRA_OPS: distribution losses, more norms and activations, RoPE variants, MoE experts, ...) run
+when named with --ops.
 
 Implementations: "ours" (liger_kernels), "eager" (plain PyTorch, as Hugging Face models compute it),
 "compile" (torch.compile of the eager function, static shapes) and "liger" (Liger-Kernel's public
@@ -339,6 +342,364 @@ for _op in LOSS_FUNCTIONS:
         _loss_work(_op), (LOSS_ANCHOR,), {}, {"B": 4, "T": 5, "H": 16, "V": 37, "ignore_every": 3})
 LOSS_OPS = tuple(LOSS_FUNCTIONS)
 
+
+# --- more ops, run on request (--ops): losses on distributions, other norms and activations, RoPE
+# variants, fused MLP pieces, MoE experts, multi-token attention and the fused linear JSD. Eager is the
+# plain PyTorch (or transformers) formula; norms upcast to fp32 as transformers' norms do.
+
+def eager_kl_div(input, target):
+    return F.kl_div(input, target, reduction="batchmean")
+
+
+def eager_jsd(x, y, label, beta=0.5):
+    """Generalized JSD of log-probabilities as TRL's GKD computes it: beta KL(P || M) + (1 - beta)
+    KL(Q || M), M = beta P + (1 - beta) Q; mean over the rows whose label is not -100."""
+    log_m = torch.logsumexp(torch.stack((x + math.log(1 - beta), y + math.log(beta))), dim=0)
+    rows = (beta * F.kl_div(log_m, y, reduction="none", log_target=True)
+            + (1 - beta) * F.kl_div(log_m, x, reduction="none", log_target=True)).sum(-1)
+    valid = label != -100
+    return (rows * valid).sum() / valid.sum().clamp_min(1)
+
+
+def eager_tvd(p, q):
+    return 0.5 * (p - q).abs().sum() / p.shape[0]
+
+
+def eager_dyt(x, alpha, weight, bias):
+    """DyT (Zhu et al., 2025): weight * tanh(alpha * x) + bias."""
+    return weight * torch.tanh(alpha * x) + bias
+
+
+def eager_relu_squared(x):
+    return torch.square(F.relu(x))
+
+
+def eager_softmax(x):
+    return torch.softmax(x, dim=-1)
+
+
+def eager_sparsemax(x):
+    """Sparsemax (Martins & Astudillo, 2016) over the last dimension by sorting, in fp32 (the support
+    count k must stay exact, which bf16 cannot hold past 256)."""
+    z = x.float()
+    z = z - z.max(-1, keepdim=True).values.detach()
+    z_sorted = z.sort(dim=-1, descending=True).values
+    cumsum = z_sorted.cumsum(-1)
+    k = torch.arange(1, z.shape[-1] + 1, device=z.device, dtype=z.dtype)
+    support = (1 + k * z_sorted > cumsum).sum(-1, keepdim=True)
+    tau = (cumsum.gather(-1, support - 1) - 1) / support
+    return torch.clamp(z - tau, min=0).to(x.dtype)
+
+
+def eager_group_norm(x, num_groups, weight, bias):
+    return F.group_norm(x, num_groups, weight, bias, LN_EPS)
+
+
+def eager_poly_norm(x, weight, bias):
+    """PolyNorm (Motif): weights times RMS-normalized x^3, x^2, x, plus a bias; fp32 inside."""
+    h = x.float()
+
+    def norm(u):
+        return u * torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + RMS_EPS)
+
+    return (weight[0] * norm(h ** 3) + weight[1] * norm(h ** 2) + weight[2] * norm(h) + bias).to(x.dtype)
+
+
+def eager_mrope(q, k, cos, sin, mrope_section):
+    """transformers' apply_multimodal_rotary_pos_emb (Qwen2-VL): each run of the head dimension takes
+    its cos/sin from the temporal, height or width table, then rotate-half RoPE."""
+    sections = list(mrope_section) * 2
+    cos = torch.cat([c[i % 3] for i, c in enumerate(cos.split(sections, dim=-1))], dim=-1)
+    sin = torch.cat([s[i % 3] for i, s in enumerate(sin.split(sections, dim=-1))], dim=-1)
+    return eager_rope(q, k, cos, sin)
+
+
+def eager_llama4_rope(q, k, freqs_cis):
+    """transformers' llama4 apply_rotary_emb: head-dimension pairs as complex numbers times freqs_cis."""
+    def apply(x):
+        x_ = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        return torch.view_as_real(x_ * freqs_cis[:, :, None, :]).flatten(3).type_as(x)
+
+    return apply(q), apply(k)
+
+
+def eager_swiglu_gate_up(gate_up):
+    """Phi-3's MLP: one gate_up projection, chunked."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def eager_gated_down_proj(a, b, weight):
+    """A Llama MLP's down_proj(act(gate) * up): autograd keeps a, b and their product."""
+    return F.linear(F.silu(a) * b, weight)
+
+
+def eager_fused_moe(hidden, router_logits, gate_up_weight, down_weight, top_k):
+    """transformers' Mixtral / Qwen3-MoE block: fp32 softmax routing, top-k renormalized, then a loop
+    over the experts that got tokens (host syncs to find and index them)."""
+    weights, index = torch.topk(torch.softmax(router_logits, dim=-1, dtype=torch.float32), top_k, dim=-1)
+    weights = (weights / weights.sum(-1, keepdim=True)).to(hidden.dtype)
+    out = torch.zeros_like(hidden)
+    for e in index.unique():  # 0-d tensors, as transformers iterates over the experts hit
+        token, slot = torch.where(index == e)
+        gate, up = F.linear(hidden[token], gate_up_weight[e]).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, down_weight[e]) * weights[token, slot, None]
+        out.index_add_(0, token, y)
+    return out
+
+
+MTA_PADDING = 1  # 3 x 3 key-query convolution that keeps the L x L map
+
+
+def eager_multi_token_attention(scores, weight, bias):
+    """Causal softmax of the scores, 2-D convolution over the map, causal mask on the result."""
+    seq_len = scores.shape[-1]
+    future = torch.ones(seq_len, seq_len, dtype=torch.bool, device=scores.device).triu(1)
+    p = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+    return F.conv2d(p, weight, bias, padding=MTA_PADDING).masked_fill(future, 0.0)
+
+
+def eager_fused_linear_jsd(student_x, student_w, teacher_x, teacher_w, label):
+    """Both heads' logits materialized and upcast to fp32 (as eager_fused_linear_cross_entropy), then
+    log-softmax and eager_jsd."""
+    x = torch.log_softmax(F.linear(student_x, student_w).float(), dim=-1)
+    y = torch.log_softmax(F.linear(teacher_x, teacher_w).float(), dim=-1)
+    return eager_jsd(x, y, label)
+
+
+def _probs(m, v, device, dtype, *, log, grad):
+    """(Log-)probabilities of random logits, (m, v); a leaf that wants a gradient when grad."""
+    logits = torch.randn(m, v, device=device, dtype=torch.float32)
+    p = torch.log_softmax(logits, -1) if log else torch.softmax(logits, -1)
+    return p.to(dtype).requires_grad_(grad)
+
+
+def make_kl_div(d, device, dtype):  # log-probabilities against a constant target distribution
+    m, v = d["M"], d["V"]
+    return Inputs([_probs(m, v, device, dtype, log=True, grad=True)],
+                  [_probs(m, v, device, dtype, log=False, grad=False)], [None], _positional)
+
+
+def make_jsd(d, device, dtype):  # student log-probabilities, constant teacher, labels
+    m, v = d["M"], d["V"]
+    return Inputs([_probs(m, v, device, dtype, log=True, grad=True)],
+                  [_probs(m, v, device, dtype, log=True, grad=False), _targets(m, v, d.get("ignore_every", 0), device)],
+                  [None], _positional)
+
+
+def make_tvd(d, device, dtype):
+    m, v = d["M"], d["V"]
+    return Inputs([_probs(m, v, device, dtype, log=False, grad=True)],
+                  [_probs(m, v, device, dtype, log=False, grad=False)], [None], _positional)
+
+
+def make_rows(d, device, dtype):
+    m, n = d["M"], d["N"]
+    return Inputs([_randn(m, n, device=device, dtype=dtype)], [],
+                  [_randn(m, n, device=device, dtype=dtype, grad=False)], _positional)
+
+
+def make_dyt(d, device, dtype):
+    m, n = d["M"], d["N"]
+    leaves = [_randn(m, n, device=device, dtype=dtype),
+              _randn(1, device=device, dtype=dtype, scale=0.1, shift=0.5),  # alpha
+              _randn(n, device=device, dtype=dtype, scale=0.1, shift=1.0),  # weight
+              _randn(n, device=device, dtype=dtype, scale=0.1)]  # bias
+    return Inputs(leaves, [], [_randn(m, n, device=device, dtype=dtype, grad=False)], _positional)
+
+
+def make_poly_norm(d, device, dtype):
+    m, n = d["M"], d["N"]
+    leaves = [_randn(m, n, device=device, dtype=dtype), _randn(3, device=device, dtype=dtype, scale=0.1, shift=1 / 3),
+              _randn(1, device=device, dtype=dtype, scale=0.1, shift=1.0)]
+    return Inputs(leaves, [], [_randn(m, n, device=device, dtype=dtype, grad=False)], _positional)
+
+
+def make_group_norm(d, device, dtype):
+    n, c, s = d["N"], d["C"], d["S"]
+    leaves = [_randn(n, c, s, device=device, dtype=dtype), _randn(c, device=device, dtype=dtype, scale=0.1, shift=1.0),
+              _randn(c, device=device, dtype=dtype, scale=0.1)]
+    return Inputs(leaves, [], [_randn(n, c, s, device=device, dtype=dtype, grad=False)],
+                  lambda leaves, consts: (leaves[0], d["G"], leaves[1], leaves[2]))
+
+
+def mrope_section(head_dim):
+    """Qwen2-VL's split of head_dim / 2 into temporal, height, width runs ([16, 24, 24] for 128)."""
+    hw = 3 * head_dim // 16
+    return (head_dim // 2 - 2 * hw, hw, hw)
+
+
+def make_mrope(d, device, dtype):
+    b, t, dim = d["B"], d["T"], d["D"]
+    inp = make_rope(d, device, dtype)  # q, k and their gradients as for rope; cos/sin replaced below
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
+    # (3, B, T) position ids: temporal, height and width differ (as for image tokens), and per sequence
+    pos = (torch.arange(t, device=device)[None, None, :] + torch.arange(b, device=device)[None, :, None]
+           + torch.tensor([0, 5, 11], device=device)[:, None, None]).float()
+    angles = pos[..., None] * inv_freq
+    emb = torch.cat((angles, angles), dim=-1)  # (3, B, T, D)
+    section = mrope_section(dim)
+    return Inputs(inp.leaves, [emb.cos().to(dtype), emb.sin().to(dtype)], inp.grads,
+                  lambda leaves, consts: (*_rope_views(leaves, consts), section))
+
+
+def make_llama4_rope(d, device, dtype):
+    b, t, hq, hkv, dim = d["B"], d["T"], d["Hq"], d["Hkv"], d["D"]
+    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
+    angles = torch.arange(t, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    freqs_cis = torch.polar(torch.ones_like(angles), angles)[None]  # complex64 (1, T, D/2), as transformers'
+    leaves = [_randn(b, t, hq, dim, device=device, dtype=dtype), _randn(b, t, hkv, dim, device=device, dtype=dtype)]
+    grads = [_randn(b, t, hq, dim, device=device, dtype=dtype, grad=False),
+             _randn(b, t, hkv, dim, device=device, dtype=dtype, grad=False)]
+    return Inputs(leaves, [freqs_cis], grads, _positional)
+
+
+def make_swiglu_gate_up(d, device, dtype):
+    m, i = d["M"], d["I"]
+    return Inputs([_randn(m, 2 * i, device=device, dtype=dtype)], [],
+                  [_randn(m, i, device=device, dtype=dtype, grad=False)], _positional)
+
+
+def make_gated_down_proj(d, device, dtype):
+    m, i, h = d["M"], d["I"], d["H"]
+    leaves = [_randn(m, i, device=device, dtype=dtype), _randn(m, i, device=device, dtype=dtype),
+              _randn(h, i, device=device, dtype=dtype, scale=i ** -0.5)]
+    return Inputs(leaves, [], [_randn(m, h, device=device, dtype=dtype, grad=False)], _positional)
+
+
+def make_fused_moe(d, device, dtype):
+    m, h, i, e = d["M"], d["H"], d["I"], d["E"]
+    leaves = [_randn(m, h, device=device, dtype=dtype), _randn(m, e, device=device, dtype=dtype),  # hidden, router
+              _randn(e, 2 * i, h, device=device, dtype=dtype, scale=h ** -0.5),
+              _randn(e, h, i, device=device, dtype=dtype, scale=i ** -0.5)]
+    return Inputs(leaves, [], [_randn(m, h, device=device, dtype=dtype, grad=False)],
+                  lambda leaves, consts: (*leaves, d["K"]))
+
+
+def make_multi_token_attention(d, device, dtype):
+    b, c, n = d["B"], d["C"], d["L"]
+    leaves = [_randn(b, c, n, n, device=device, dtype=dtype),
+              _randn(c, c, 3, 3, device=device, dtype=dtype, scale=(9 * c) ** -0.5),
+              _randn(c, device=device, dtype=dtype, scale=0.1)]
+    return Inputs(leaves, [], [_randn(b, c, n, n, device=device, dtype=dtype, grad=False)], _positional)
+
+
+def make_fused_linear_jsd(d, device, dtype):
+    m, hs, ht, v = d["M"], d["Hs"], d["Ht"], d["V"]
+    leaves = [_randn(m, hs, device=device, dtype=dtype), _randn(v, hs, device=device, dtype=dtype, scale=hs ** -0.5)]
+    teacher = [_randn(m, ht, device=device, dtype=dtype, grad=False),
+               _randn(v, ht, device=device, dtype=dtype, scale=ht ** -0.5, grad=False)]
+    return Inputs(leaves, [*teacher, _targets(m, v, d.get("ignore_every", 0), device)], [None], _positional)
+
+
+def _mv(d):
+    return f"{d['M']}x{d['V']}"
+
+
+def _dist_work(d, e):
+    return {"fwd": 2 * d["M"] * d["V"] * e, "fwd_bwd": 3 * d["M"] * d["V"] * e}
+
+
+_DIST = ({"M": 8192, "V": 128256},)
+_DIST_TINY = {"M": 4, "V": 37, "ignore_every": 3}
+_DIST_FORMULA = "fwd 2*M*V*e (read both distributions); fwd+bwd 3*M*V*e (one pass: + write the gradient)"
+_ROWS_FORMULA = "fwd 2*M*N*e (read x, write y); fwd+bwd 5*M*N*e (+ read dy and x or y, write dx); parameters ignored"
+_ROWS_TINY = {"M": 3, "N": 40}
+
+
+def _rope_label(d):
+    return f"B{d['B']} T{d['T']} Hq{d['Hq']} Hkv{d['Hkv']} D{d['D']}"
+
+
+def _mrope_work(d, e):
+    qk = d["B"] * d["T"] * d["D"] * (d["Hq"] + d["Hkv"])
+    cs = 2 * d["B"] * d["T"] * d["D"]  # the selected entries of cos and sin, per sequence
+    return {"fwd": (2 * qk + cs) * e, "fwd_bwd": (4 * qk + 2 * cs) * e}
+
+
+def _llama4_rope_work(d, e):
+    qk = d["B"] * d["T"] * d["D"] * (d["Hq"] + d["Hkv"])
+    freqs = d["T"] * d["D"] * 4  # complex64 (1, T, D/2)
+    return {"fwd": 2 * qk * e + freqs, "fwd_bwd": 4 * qk * e + 2 * freqs}
+
+
+def _moe_work(d, e):
+    pair = 6 * d["H"] * d["I"]  # gate_up and down products of one (token, expert) pair
+    return {"fwd": pair * d["M"] * d["K"], "fwd_bwd": 3 * pair * d["M"] * d["K"]}
+
+
+def _mta_work(d, e):
+    maps = d["B"] * d["C"] * d["L"] ** 2
+    return {"fwd": 2 * maps * e, "fwd_bwd": 5 * maps * e}
+
+
+def _fljsd_work(d, e):
+    mv = 2 * d["M"] * d["V"]
+    return {"fwd": mv * (d["Hs"] + d["Ht"]), "fwd_bwd": mv * (3 * d["Hs"] + d["Ht"])}
+
+
+_EXTRA_SPECS = (
+    OpSpec("kl_div", "kl_div", {}, make_kl_div, eager_kl_div, _mv, "bytes", _DIST_FORMULA, _dist_work, _DIST, {},
+           _DIST_TINY),
+    OpSpec("jsd", "jsd", {}, make_jsd, eager_jsd, _mv, "bytes", _DIST_FORMULA + "; the teacher gets no gradient",
+           _dist_work, _DIST, {}, _DIST_TINY),
+    OpSpec("tvd", "tvd", {}, make_tvd, eager_tvd, _mv, "bytes", _DIST_FORMULA, _dist_work, _DIST, {}, _DIST_TINY),
+    OpSpec("dyt", "dyt", {}, make_dyt, eager_dyt, _mn, "bytes", _ROWS_FORMULA, _norm_work(2, 5),
+           (NORM_ANCHORS[0],), {}, _ROWS_TINY),
+    OpSpec("relu_squared", "relu_squared", {}, make_rows, eager_relu_squared, _mn, "bytes", _ROWS_FORMULA,
+           _norm_work(2, 5), ({"M": 16384, "N": 14336},), {}, _ROWS_TINY),
+    OpSpec("softmax", "softmax", {}, make_rows, eager_softmax, _mn, "bytes", _ROWS_FORMULA, _norm_work(2, 5),
+           (NORM_ANCHORS[0],), {"width": tuple({"M": 8192, "N": n} for n in (1024, 4096, 16384, 65536))},
+           _ROWS_TINY),
+    OpSpec("sparsemax", "sparsemax", {}, make_rows, eager_sparsemax, _mn, "bytes", _ROWS_FORMULA,
+           _norm_work(2, 5), ({"M": 16384, "N": 4096},), {}, _ROWS_TINY),
+    OpSpec("group_norm", "group_norm", {"eps": LN_EPS}, make_group_norm, eager_group_norm,
+           lambda d: f"{d['N']}x{d['C']}x{d['S']} G{d['G']}", "bytes",
+           "fwd 2*N*C*S*e (read x, write y); fwd+bwd 5*N*C*S*e (+ read dy, x, write dx); weight, bias ignored",
+           lambda d, e: {"fwd": 2 * d["N"] * d["C"] * d["S"] * e, "fwd_bwd": 5 * d["N"] * d["C"] * d["S"] * e},
+           ({"N": 16, "C": 512, "S": 4096, "G": 32}, {"N": 8, "C": 512, "S": 16384, "G": 32}), {},
+           {"N": 2, "C": 6, "S": 5, "G": 3}),
+    OpSpec("poly_norm", "poly_norm", {"eps": RMS_EPS}, make_poly_norm, eager_poly_norm, _mn, "bytes",
+           _ROWS_FORMULA, _norm_work(2, 5), (NORM_ANCHORS[0],), {}, _ROWS_TINY),
+    OpSpec("mrope", "mrope", {}, make_mrope, eager_mrope, _rope_label, "bytes",
+           "fwd 2*(q+k)*e + cos,sin; fwd+bwd 4*(q+k)*e + 2*(cos,sin) (q, k in elements; of cos and sin "
+           "(3, B, T, D) only the B*T*D selected entries each)",
+           _mrope_work, ({"B": 4, "T": 4096, "Hq": 28, "Hkv": 4, "D": 128},), {},
+           {"B": 2, "T": 3, "Hq": 2, "Hkv": 1, "D": 16}),
+    OpSpec("llama4_rope", "llama4_rope", {}, make_llama4_rope, eager_llama4_rope, _rope_label, "bytes",
+           "fwd 2*(q+k)*e + freqs_cis; fwd+bwd 4*(q+k)*e + 2*freqs_cis (complex64 (1, T, D/2): 4*T*D bytes)",
+           _llama4_rope_work, ({"B": 4, "T": 4096, "Hq": 40, "Hkv": 8, "D": 128},), {},
+           {"B": 2, "T": 3, "Hq": 2, "Hkv": 1, "D": 8}),
+    OpSpec("swiglu_gate_up", "glu", {}, make_swiglu_gate_up, eager_swiglu_gate_up,
+           lambda d: f"{d['M']}x{2 * d['I']}", "bytes",
+           "as SwiGLU, with gate and up one (M, 2I) tensor: fwd 3*M*I*e; fwd+bwd 8*M*I*e",
+           _glu_work, ({"M": 16384, "I": 8192},), {}, {"M": 3, "I": 40}),
+    OpSpec("gated_down_proj", "gated_down_proj", {}, make_gated_down_proj, eager_gated_down_proj,
+           lambda d: f"{d['M']}x{d['I']}x{d['H']}", "flops",
+           "fwd 2*M*I*H FLOPs (the down projection); fwd+bwd 6*M*I*H (+ dX, dW); the point is peak memory",
+           lambda d, e: {"fwd": 2 * d["M"] * d["I"] * d["H"], "fwd_bwd": 6 * d["M"] * d["I"] * d["H"]},
+           ({"M": 16384, "I": 8192, "H": 2048}, {"M": 16384, "I": 14336, "H": 4096}), {},
+           {"M": 3, "I": 40, "H": 24}),
+    OpSpec("fused_moe", "fused_moe", {}, make_fused_moe, eager_fused_moe,
+           lambda d: f"{d['M']} H{d['H']} I{d['I']} E{d['E']} top{d['K']}", "flops",
+           "fwd 6*M*K*H*I FLOPs (gate_up and down products of each token's K experts); fwd+bwd 18*M*K*H*I",
+           _moe_work, ({"M": 8192, "H": 2048, "I": 768, "E": 128, "K": 8},  # Qwen3-MoE 30B-A3B
+                       {"M": 8192, "H": 4096, "I": 14336, "E": 8, "K": 2}), {},  # Mixtral 8x7B
+           {"M": 6, "H": 16, "I": 8, "E": 4, "K": 2}),
+    OpSpec("multi_token_attention", "multi_token_attention", {"padding": MTA_PADDING}, make_multi_token_attention,
+           eager_multi_token_attention, lambda d: f"B{d['B']} C{d['C']} L{d['L']}", "bytes",
+           "fwd 2*B*C*L*L*e (read scores, write out); fwd+bwd 5*B*C*L*L*e (+ read dout, scores, write dscores); "
+           "whole maps, masked halves included; 3x3 convolution, C to C channels",
+           _mta_work, ({"B": 2, "C": 16, "L": 2048},), {}, {"B": 1, "C": 2, "L": 5}),
+    OpSpec("fused_linear_jsd", "fused_linear_jsd", {}, make_fused_linear_jsd, eager_fused_linear_jsd,
+           lambda d: f"{d['M']}x{d['Hs']}/{d['Ht']}x{d['V']}", "flops",
+           "fwd 2*M*V*(Hs+Ht) FLOPs (student and teacher logits); fwd+bwd 2*M*V*(3*Hs+Ht) (+ student dX, dW)",
+           _fljsd_work, ({"M": 8192, "Hs": 2048, "Ht": 4096, "V": 128256},), {},
+           {"M": 4, "Hs": 16, "Ht": 12, "V": 37, "ignore_every": 3}),
+)
+OPS.update((spec.name, spec) for spec in _EXTRA_SPECS)
+EXTRA_OPS = tuple(spec.name for spec in _EXTRA_SPECS)
+
 # Run order: the issue's headline ops first, so a time limit cuts the least important.
 DEFAULT_OPS = ("rms_norm", "rope", "swiglu", "cross_entropy", "fused_linear_cross_entropy",
                "fused_add_rms_norm", "layer_norm", "geglu")
@@ -391,11 +752,13 @@ def liger_kernel_version() -> str | None:
         return None
 
 
-def _liger(op: str) -> Callable:
-    """Liger-Kernel's public functional API (liger_kernel.transformers.functional, 0.8.x signatures)."""
+def _liger(op: str) -> Callable | None:
+    """Liger-Kernel's public functional API (liger_kernel.transformers.functional, 0.8.x signatures);
+    None where it has no equivalent."""
     from liger_kernel.transformers import functional as lf
+    from liger_kernel.transformers import llama4_rope as l4
 
-    return {
+    table = {
         # liger_rms_norm(X, W, eps, offset=0.0, casting_mode="llama", in_place=True)
         "rms_norm": lambda x, w: lf.liger_rms_norm(x, w, RMS_EPS),
         # liger_fused_add_rms_norm(X, R, W, eps, offset=0.0, casting_mode="llama", in_place=True)
@@ -410,7 +773,34 @@ def _liger(op: str) -> Callable:
         "cross_entropy": lambda logits, t: lf.liger_cross_entropy(logits, t),
         # liger_fused_linear_cross_entropy(input, weight, target, bias=None, ...)
         "fused_linear_cross_entropy": lambda x, w, t: lf.liger_fused_linear_cross_entropy(x, w, t),
-    }.get(op) or _liger_loss(op)
+        # liger_kl_div(input, target, size_average=True, reduce=True, reduction="mean", log_target=False, eps)
+        "kl_div": lambda x, t: lf.liger_kl_div(x, t, reduction="batchmean"),
+        # liger_jsd(input, target, shift_labels=None, beta=0.5, ignore_index=-100): the input's gradient only
+        "jsd": lambda x, y, label: lf.liger_jsd(x, y, label),
+        # liger_tvd(input, target, shift_labels=None, reduction="mean", ignore_index=-100)
+        "tvd": lambda p, q: lf.liger_tvd(p, q, reduction="batchmean"),
+        "dyt": lambda x, alpha, w, b: lf.liger_dyt(x, alpha, w, b),  # liger_dyt(x, alpha, gamma, beta)
+        "relu_squared": lambda x: lf.liger_relu_squared(x),
+        "softmax": lambda x: lf.liger_softmax(x),  # the last dimension
+        "sparsemax": lambda x: lf.liger_sparsemax(x),  # liger_sparsemax(input, dim=-1)
+        # liger_group_norm(X, affine_scaling_weight, affine_shifting_bias, num_channels, num_groups, eps)
+        "group_norm": lambda x, g, w, b: lf.liger_group_norm(x, w, b, x.shape[1], g, LN_EPS),
+        "poly_norm": lambda x, w, b: lf.liger_poly_norm(x, w, b, RMS_EPS),  # (X, W, B, eps, in_place=True)
+        # liger_qwen2vl_mrope(q, k, cos, sin, mrope_section, unsqueeze_dim=1)
+        "mrope": lambda q, k, cos, sin, section: lf.liger_qwen2vl_mrope(q, k, cos, sin, section),
+        # not in `functional`: liger_kernel.transformers.liger_llama4_text_rotary_pos_emb(xq, xk, freqs_cis)
+        "llama4_rope": lambda q, k, freqs: l4.liger_llama4_text_rotary_pos_emb(q, k, freqs),
+        # as Liger's Phi-3 MLP calls it: the chunks of gate_up (it makes them contiguous)
+        "swiglu_gate_up": lambda gate_up: lf.liger_swiglu(*gate_up.chunk(2, dim=-1)),
+        # liger_multi_token_attention(scores, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, sparse)
+        "multi_token_attention": lambda s, w, b: lf.liger_multi_token_attention(s, w, b, padding=MTA_PADDING),
+        # liger_fused_linear_jsd(student_input, student_weight, teacher_input, teacher_weight, shift_labels=None,
+        #                        jsd_beta=0.5, ignore_index=-100, temperature=1.0, accum_dtype=None)
+        "fused_linear_jsd": lambda xs, ws, xt, wt, label: lf.liger_fused_linear_jsd(xs, ws, xt, wt, label),
+    }
+    if op in table:
+        return table[op]
+    return _liger_loss(op) if op in LOSS_FUNCTIONS else None
 
 
 def _liger_loss(op: str) -> Callable:
@@ -441,7 +831,8 @@ def _liger_loss(op: str) -> Callable:
 
 
 def implementations(op: str, impls=IMPLS) -> dict:
-    """name -> callable for the requested implementations that exist here (liger only when installed)."""
+    """name -> callable for the requested implementations that exist here (liger only when installed and
+    where it has the op)."""
     spec = OPS[op]
     out = {}
     for impl in impls:
@@ -452,7 +843,9 @@ def implementations(op: str, impls=IMPLS) -> dict:
         elif impl == "compile":
             out[impl] = torch.compile(spec.eager, dynamic=False)
         elif impl == "liger" and liger_kernel_version() is not None:
-            out[impl] = _liger(op)
+            fn = _liger(op)
+            if fn is not None:  # Liger-Kernel has no such op: its column says n/a
+                out[impl] = fn
     return out
 
 

@@ -20,6 +20,10 @@ OPS = ("rms_norm", "rope", "swiglu", "cross_entropy", "fused_linear_cross_entrop
        "fused_add_rms_norm", "layer_norm", "geglu")  # = liger_kernels.bench.DEFAULT_OPS, without importing torch
 # = liger_kernels.bench.LOSS_OPS: the fused-linear losses, on request (--ops dpo_loss,...)
 LOSS_OPS = ("dpo_loss", "orpo_loss", "cpo_loss", "simpo_loss", "kto_loss", "grpo_loss", "jsd_loss")
+# = liger_kernels.bench.EXTRA_OPS: more ops, on request (--ops kl_div,...)
+EXTRA_OPS = ("kl_div", "jsd", "tvd", "dyt", "relu_squared", "softmax", "sparsemax", "group_norm", "poly_norm",
+             "mrope", "llama4_rope", "swiglu_gate_up", "gated_down_proj", "fused_moe", "multi_token_attention",
+             "fused_linear_jsd")
 IMPLS = ("ours", "eager", "compile", "liger")
 DTYPES = ("bf16", "fp16", "fp32")
 
@@ -44,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="time the ops against torch eager, torch.compile and Liger-Kernel (GPU)")
     bench.add_argument("--out", default="docs/bench", help="folder for results.json, results.md and plots")
     bench.add_argument("--quick", action="store_true", help="the anchor shapes only (no sweeps)")
-    bench.add_argument("--ops", type=_choices(OPS + LOSS_OPS), default=OPS,
-                       help=f"comma-separated, from {','.join(OPS + LOSS_OPS)} (default: all but the losses)")
+    bench.add_argument("--ops", type=_choices(OPS + LOSS_OPS + EXTRA_OPS), default=OPS,
+                       help=f"comma-separated, from {','.join(OPS + LOSS_OPS + EXTRA_OPS)} "
+                            f"(default: {','.join(OPS)})")
     bench.add_argument("--impls", type=_choices(IMPLS), default=IMPLS,
                        help="comma-separated implementations (liger runs only where liger_kernel imports)")
     bench.add_argument("--dtype", choices=DTYPES, default="bf16")
@@ -62,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--interpret", action="store_true", help="run the Triton kernels in the interpreter (CPU)")
     check.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     check.add_argument("--dtypes", type=_choices(DTYPES), default=("fp32", "bf16"))
-    check.add_argument("--ops", type=_choices(OPS), default=OPS)
+    check.add_argument("--ops", type=_choices(OPS + EXTRA_OPS), default=OPS,
+                       help=f"comma-separated, from {','.join(OPS + EXTRA_OPS)} (default: {','.join(OPS)})")
 
     sub.add_parser("demo", add_help=False,
                    help="train a tiny model with and without the kernels (its options: demo --help)")

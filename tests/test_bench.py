@@ -60,8 +60,10 @@ def test_plan_runs_anchors_first_once_each():
     assert tags["32768x16384"] == ["hidden"]
     assert all(tags for _, _, tags in full)
     assert set(op for op, _, _ in full) == set(bench.DEFAULT_OPS)
-    assert set(bench.OPS) == set(bench.DEFAULT_OPS) | set(bench.LOSS_OPS)
-    assert cli.LOSS_OPS == bench.LOSS_OPS
+    assert set(bench.OPS) == set(bench.DEFAULT_OPS) | set(bench.LOSS_OPS) | set(bench.EXTRA_OPS)
+    assert cli.LOSS_OPS == bench.LOSS_OPS and cli.EXTRA_OPS == bench.EXTRA_OPS
+    extra = bench.plan(bench.EXTRA_OPS, quick=True)  # on request: every op has an anchor shape
+    assert [op for op, _, _ in extra] == [op for op in bench.EXTRA_OPS for _ in bench.OPS[op].anchors]
     assert cli.OPS == bench.DEFAULT_OPS and cli.IMPLS == bench.IMPLS and set(cli.DTYPES) == set(bench.DTYPES)
 
 
@@ -207,7 +209,9 @@ def test_cli_parses_and_dispatches(monkeypatch):
     assert args.ops == ("rope", "swiglu") and args.impls == ("ours", "liger") and args.quick
     assert args.out == "docs/bench" and args.plots == "both" and args.time_limit is None
     with pytest.raises(SystemExit):
-        cli.build_parser().parse_args(["bench", "--ops", "rms_norm,softmax"])
+        cli.build_parser().parse_args(["bench", "--ops", "rms_norm,no_such_op"])
+    assert cli.build_parser().parse_args(["bench", "--ops", "softmax,fused_moe"]).ops == ("softmax", "fused_moe")
+    assert cli.build_parser().parse_args(["selfcheck", "--ops", "mrope"]).ops == ("mrope",)
 
     from liger_plugins import bench_e2e, demo
 
@@ -238,3 +242,88 @@ def test_liger_kernel_calls_bind_to_its_signatures(monkeypatch):
     assert calls["liger_layer_norm"].arguments["eps"] == bench.LN_EPS
     assert calls["liger_fused_linear_cross_entropy"].arguments["target"] is x
     assert len(calls) == 8
+
+
+def test_extra_work_formulas():
+    """Minimal bytes (bf16) or FLOPs of the extra ops at their anchor shapes."""
+    m, v = 8192, 128256
+    for op in ("kl_div", "jsd", "tvd"):  # read input and target, write the input's gradient
+        assert bench.OPS[op].work({"M": m, "V": v}, BF16) == {"fwd": 4 * m * v, "fwd_bwd": 6 * m * v}
+    for op in ("dyt", "relu_squared", "softmax", "sparsemax", "poly_norm"):
+        assert bench.OPS[op].work({"M": 3, "N": 5}, BF16)["fwd_bwd"] == 5 * 15 * BF16
+    assert bench.OPS["group_norm"].work({"N": 2, "C": 4, "S": 3, "G": 2}, BF16)["fwd_bwd"] == 5 * 24 * BF16
+    assert bench.OPS["swiglu_gate_up"].work({"M": 16384, "I": 8192}, BF16)["fwd_bwd"] == 16 * 16384 * 8192
+    qk = 4 * 4096 * 128 * (28 + 4)
+    assert bench.OPS["mrope"].work({"B": 4, "T": 4096, "Hq": 28, "Hkv": 4, "D": 128}, BF16)["fwd_bwd"] == (
+        (4 * qk + 4 * 4 * 4096 * 128) * BF16)
+    assert bench.OPS["llama4_rope"].work({"B": 1, "T": 2, "Hq": 3, "Hkv": 1, "D": 8}, BF16) == {
+        "fwd": 2 * 64 * BF16 + 64, "fwd_bwd": 4 * 64 * BF16 + 128}  # freqs_cis: complex64, 4*T*D bytes
+    assert bench.OPS["gated_down_proj"].work({"M": 2, "I": 3, "H": 5}, BF16) == {"fwd": 60, "fwd_bwd": 180}
+    moe = {"M": 8192, "H": 2048, "I": 768, "E": 128, "K": 8}
+    assert bench.OPS["fused_moe"].work(moe, BF16)["fwd_bwd"] == 18 * 8192 * 8 * 2048 * 768
+    assert bench.OPS["multi_token_attention"].work({"B": 2, "C": 3, "L": 4}, BF16)["fwd_bwd"] == 5 * 96 * BF16
+    fljsd = bench.OPS["fused_linear_jsd"].work({"M": 8192, "Hs": 2048, "Ht": 4096, "V": v}, BF16)
+    assert fljsd == {"fwd": 2 * 8192 * v * (2048 + 4096), "fwd_bwd": 2 * 8192 * v * (3 * 2048 + 4096)}
+    assert _ideal_ms("kl_div", {"M": m, "V": v}) == pytest.approx(1.48, abs=0.01)
+
+
+@pytest.mark.parametrize("op", bench.EXTRA_OPS)
+def test_extra_cases_run_and_match_eager(op):
+    """Each extra op's case through the runner on its tiny shape (ours: kernels in the interpreter)
+    against eager; and eager itself, forward and every gradient in float64, against our reference,
+    so that the baseline computes the same function."""
+    import importlib
+
+    spec = bench.OPS[op]
+    records = bench.run_case(op, spec.tiny, ["anchor"], bench.implementations(op, ("ours", "eager")), "cpu",
+                             torch.float32, bench.CpuTimer(1), _fake_ceilings())
+    assert [r["impl"] for r in records] == ["ours", "eager"]
+    for r in records:
+        assert "error" not in r, r
+        assert r["rel_err_vs_eager"] < 1e-5
+        assert r["frac_of_ceiling"]["fwd_bwd"] > 0
+
+    torch.manual_seed(0)
+    eager_inp = spec.make(spec.tiny, "cpu", torch.float32).float64_cpu()
+    torch.manual_seed(0)
+    ref_inp = spec.make(spec.tiny, "cpu", torch.float32).float64_cpu()
+    reference = getattr(importlib.import_module(f"liger_kernels.ops.{spec.module}"), f"{op}_reference")
+    out, expected = spec.eager(*eager_inp.args()), reference(*ref_inp.args(), **spec.kwargs)
+    assert bench.rel_err(out, expected) < 1e-6  # rel_err works in float32; eager may too
+    torch.autograd.backward(bench._as_tuple(out), eager_inp.grads)
+    torch.autograd.backward(bench._as_tuple(expected), ref_inp.grads)
+    for a, b in zip(eager_inp.leaves, ref_inp.leaves):
+        assert bench.rel_err(a.grad, b.grad) < 1e-6
+
+
+def test_selfcheck_covers_the_extra_ops():
+    rows = bench.selfcheck(bench.EXTRA_OPS, (torch.float32, torch.bfloat16), "cpu")
+    assert [r["op"] for r in rows] == [op for op in bench.EXTRA_OPS for _ in range(2)]
+    assert all(r["ok"] and r["path"] == "triton interpreter" for r in rows), bench.format_selfcheck(rows)
+
+
+def test_liger_kernel_calls_bind_for_the_extra_ops(monkeypatch):
+    """As above, for the extra ops (called with their tiny inputs); Liger-Kernel has no fused MoE and
+    no gated down projection."""
+    lf = pytest.importorskip("liger_kernel.transformers.functional")
+    from liger_kernel.transformers import llama4_rope as l4
+
+    calls = {}
+    for mod in (lf, l4):
+        for name, fn in inspect.getmembers(mod, inspect.isfunction):
+            if name.startswith("liger_"):
+                sig = inspect.signature(fn)
+                monkeypatch.setattr(mod, name, lambda *a, _n=name, _s=sig, **k: calls.setdefault(_n, _s.bind(*a, **k)))
+    with_liger = [op for op in bench.EXTRA_OPS if bench._liger(op) is not None]
+    assert set(bench.EXTRA_OPS) - set(with_liger) == {"gated_down_proj", "fused_moe"}
+    for op in with_liger:
+        spec = bench.OPS[op]
+        torch.manual_seed(0)
+        bench._liger(op)(*spec.make(spec.tiny, "cpu", torch.float32).args())
+    assert calls["liger_kl_div"].arguments["reduction"] == "batchmean"
+    assert calls["liger_tvd"].arguments["reduction"] == "batchmean"
+    assert calls["liger_group_norm"].arguments["num_groups"] == bench.OPS["group_norm"].tiny["G"]
+    assert calls["liger_qwen2vl_mrope"].arguments["mrope_section"] == bench.mrope_section(16)
+    assert calls["liger_multi_token_attention"].arguments["padding"] == bench.MTA_PADDING
+    assert calls["liger_fused_linear_jsd"].arguments["shift_labels"].dtype == torch.int64
+    assert len(calls) == 14  # one function per op (swiglu_gate_up: liger_swiglu on its chunks)
