@@ -75,7 +75,8 @@ def _architectures_table() -> list[str]:
         notes = (("final logit softcap", t.softcap_config), ("logit scale", t.logit_scale), ("router aux loss", t.moe))
         loss_notes = [note for note, on in notes if on]
         causal_lm = f"`{t.causal_lm}`" + (f" ({', '.join(loss_notes)})" if loss_notes else "")
-        rope = f"`{t.rope}`" if t.rope else "— (not rotate-half)"
+        rope = " or ".join(f"`{r.function}`" + (f" ({r.kernel})" if r.kernel != "rope" else "")
+                           for r in t.rope) or "— (no kernel fits)"
         if t.sub_configs:  # a wrapper: its language model is patched as its own architecture
             rope = f"the {', '.join(t.sub_configs)} architecture's (built model)"
         norms = ", ".join(f"`{name}`{_norm_flavour(spec)}" for name, spec in t.norms.items()) or "—"
@@ -108,7 +109,10 @@ def render_support_table() -> str:
         "What `apply_liger(model_type_or_model)` swaps in, per Hugging Face `model_type`. Vision-language",
         "models: \"built model\" marks what only an instance patch (`apply_liger(model)`) can reach; a",
         "wrapper (Llava, PaliGemma, InternVL, SmolVLM) patches its language model as that model's own",
-        "architecture (`text_config.model_type`).",
+        "architecture (`text_config.model_type`). RoPE: the module-level function replaced (and its kernel",
+        "where not `rope`); \"or\": the first one the installed transformers defines. MoE experts: their",
+        "gate activation (`swiglu` flag); with `fused_moe=True` (opt-in) their whole forward runs the fused",
+        "MoE kernel.",
         "",
         *_architectures_table(),
     ]

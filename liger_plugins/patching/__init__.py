@@ -12,8 +12,10 @@
     model = AutoLigerKernelForCausalLM.from_pretrained(path, rope=True, swiglu=False)
 
 Kernels (keyword flags of `apply_liger` and `AutoLigerKernelForCausalLM`):
-- rope: the rotate-half rotary embedding (module-level `apply_rotary_pos_emb`; see patch.py on why an
-  instance-level patch of it applies to the whole modeling module).
+- rope: the rotary embedding, module-level function of the modeling module (`apply_rotary_pos_emb`
+  rotate-half; Qwen2-VL's `apply_multimodal_rotary_pos_emb` M-RoPE where transformers has it; Llama 4's
+  complex `apply_rotary_emb`); see patch.py on why an instance-level patch of it applies to the whole
+  modeling module.
 - rms_norm: every RMSNorm class with its offset / casting mode / in-place policy.
 - swiglu: gated MLPs and MoE expert gates: silu -> swiglu, gelu (tanh or erf) -> geglu.
 - fused_linear_cross_entropy: the causal LM's forward computes the training loss from the hidden states
@@ -21,6 +23,9 @@ Kernels (keyword flags of `apply_liger` and `AutoLigerKernelForCausalLM`):
 - cross_entropy: instead of the fused loss, the loss on materialized logits runs the CE kernel
   (exclusive with fused_linear_cross_entropy).
 - layer_norm: LayerNorm classes (Cohere).
+- fused_moe (off by default): MoE experts' whole forward on the fused MoE kernel (grouped GEMMs, no
+  per-expert Python loop) where they are SiLU-gated in transformers' default 3-D layout; the others
+  keep their forward. Off by default until it is benchmarked against transformers' grouped_mm experts.
 
 Supported model types: `SUPPORTED_MODEL_TYPES`; anything else raises ValueError listing them.
 Patch before wrapping the model (FSDP, DeepSpeed, accelerate device maps): class level before
@@ -62,12 +67,13 @@ def apply_liger(
     cross_entropy: bool = False,
     fused_linear_cross_entropy: bool = True,
     layer_norm: bool = True,
+    fused_moe: bool = False,
     verbose: bool = False,
 ) -> PatchSummary:
     """Patch a model type (str: class level) or a built model (instance level; a PEFT model is
     unwrapped to its base model). Returns what was patched; logged on "liger_plugins.patching"
     (INFO with verbose=True, else DEBUG). Idempotent: what is already patched stays as it is."""
-    options = KernelOptions(rope, rms_norm, swiglu, cross_entropy, fused_linear_cross_entropy, layer_norm)
+    options = KernelOptions(rope, rms_norm, swiglu, cross_entropy, fused_linear_cross_entropy, layer_norm, fused_moe)
     if isinstance(model_or_model_type, str):
         summary = patch.patch_classes(get_traits(model_or_model_type), options)
     elif isinstance(model_or_model_type, nn.Module):

@@ -5,7 +5,7 @@ class level before building the model.
     model = AutoLigerKernelForCausalLM.from_config(config)
 
 The kernel flags of `apply_liger` (rope, rms_norm, swiglu, cross_entropy, fused_linear_cross_entropy,
-layer_norm) are taken out of the keyword arguments; everything else goes to transformers. The patch is
+layer_norm, fused_moe) are taken out of the keyword arguments; everything else goes to transformers. The patch is
 class level, so it stays on for that model type afterwards (`unpatch(model_type)` reverts it).
 """
 
@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-_KERNEL_FLAGS = ("rope", "rms_norm", "swiglu", "cross_entropy", "fused_linear_cross_entropy", "layer_norm")
+_KERNEL_FLAGS = (
+    "rope", "rms_norm", "swiglu", "cross_entropy", "fused_linear_cross_entropy", "layer_norm", "fused_moe",
+)
 # from_pretrained arguments that also locate the config.
 _CONFIG_LOCATION_KWARGS = (
     "cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "trust_remote_code",

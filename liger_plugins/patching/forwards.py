@@ -1,7 +1,7 @@
-"""Replacement forwards for the modules named by the traits: norms, gated MLPs, MoE expert gates, the
-rotary function, and the causal-LM loss function. Each is built by a `make_*` factory from the traits
-entry and the original it replaces, and is marked with `__liger_original__` so that patching can tell
-its own functions apart (idempotence) and restore the original.
+"""Replacement forwards for the modules named by the traits: norms, gated MLPs, MoE expert gates
+(or whole experts), the rotary functions, and the causal-LM loss function. Each is built by a `make_*`
+factory from the traits entry and the original it replaces, and is marked with `__liger_original__` so
+that patching can tell its own functions apart (idempotence) and restore the original.
 
 They only rebind computation: weights are read from the module at call time (`self.weight`,
 `self.gate_proj`...), nothing is created or replaced, so sharding wrappers and PEFT adapters that
@@ -141,6 +141,47 @@ def make_apply_gate(original):
     return mark(_apply_gate, original, "experts_apply_gate")
 
 
+def fused_experts_mismatch(module: nn.Module) -> str | None:
+    """Why the fused MoE kernel does not compute `module`'s experts forward, or None if it does: SiLU
+    gate, [gate; up] concatenated (E, 2I, H) `gate_up_proj` and (E, H, I) `down_proj` parameters,
+    no bias, no post-expert norm (the flags transformers' `use_experts_implementation` sets), full
+    local weights (not a sharded DTensor)."""
+    if gated_activation(getattr(module, "act_fn", None)) != "silu":
+        return f"activation {type(getattr(module, 'act_fn', None)).__name__} (the kernel is SiLU-gated)"
+    layout = {"has_gate": True, "has_bias": False, "is_transposed": False, "is_concatenated": True,
+              "has_post_expert_norm": False}
+    odd = [f"{name}={getattr(module, name)}" for name, default in layout.items()
+           if getattr(module, name, default) != default]
+    if odd:
+        return f"expert layout {', '.join(odd)}"
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    if type(gate_up) is not nn.Parameter or type(down) is not nn.Parameter:
+        return "gate_up_proj / down_proj are not plain parameters"
+    if gate_up.dim() != 3 or gate_up.shape[1] % 2:
+        return f"gate_up_proj {tuple(gate_up.shape)} is not (E, 2I, H)"
+    n_experts, two_i, hidden = gate_up.shape
+    if tuple(down.shape) != (n_experts, hidden, two_i // 2):
+        return f"down_proj {tuple(down.shape)} is not (E, H, I) = {(n_experts, hidden, two_i // 2)}"
+    return None
+
+
+def make_experts_forward(original):
+    """MoE `*Experts.forward(hidden_states, top_k_index, top_k_weights)` on the fused MoE kernel
+    (`fused_moe_experts`: grouped GEMMs over the tokens sorted by expert, instead of a Python loop
+    over experts). Anything the kernel does not compute -- another layout or activation, weights of
+    another dtype than the hidden states (autocast) -- runs the original (transformers' dispatcher
+    to its `experts_implementation`)."""
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        dtype = hidden_states.dtype
+        if (fused_experts_mismatch(self) is not None or hidden_states.dim() != 2
+                or self.gate_up_proj.dtype != dtype or self.down_proj.dtype != dtype):
+            return original(self, hidden_states, top_k_index, top_k_weights)
+        return LF.fused_moe_experts(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj)
+
+    return mark(forward, original, "fused_experts_forward")
+
+
 def make_rotary(original):
     """Module-level `apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)` on the rope kernel.
 
@@ -158,6 +199,34 @@ def make_rotary(original):
         return torch.cat((q_rot, q[..., rot:]), dim=-1), torch.cat((k_rot, k[..., rot:]), dim=-1)
 
     return mark(apply_rotary_pos_emb, original, "apply_rotary_pos_emb")
+
+
+def make_mrope(original):
+    """Module-level `apply_multimodal_rotary_pos_emb(q, k, cos, sin, mrope_section, unsqueeze_dim=1)`
+    (Qwen2-VL / Qwen2.5-VL in transformers 5.1x) on the M-RoPE kernel; cos/sin (3, B, T, head_dim)."""
+
+    def apply_multimodal_rotary_pos_emb(q, k, cos, sin, mrope_section, unsqueeze_dim=1):
+        dim = q.shape[-1]
+        if cos.dim() != 4 or cos.shape[0] != 3 or cos.shape[-1] != dim or 2 * sum(mrope_section) != dim:
+            return original(q, k, cos, sin, mrope_section, unsqueeze_dim)
+        return LF.mrope(q, k, cos, sin, mrope_section, unsqueeze_dim)
+
+    return mark(apply_multimodal_rotary_pos_emb, original, "apply_multimodal_rotary_pos_emb")
+
+
+def make_llama4_rope(original):
+    """Llama 4's module-level `apply_rotary_emb(xq, xk, freqs_cis)` (complex product, q/k as
+    (B, T, H, D), freqs_cis complex64 (B, T, D/2)) on the llama4_rope kernel."""
+
+    def apply_rotary_emb(xq, xk, freqs_cis):
+        if freqs_cis.dtype != torch.complex64 or xq.dim() != 4 or freqs_cis.dim() != 3:
+            return original(xq, xk, freqs_cis)
+        return LF.llama4_rope(xq, xk, freqs_cis)
+
+    return mark(apply_rotary_emb, original, "apply_rotary_emb")
+
+
+ROTARY_FACTORIES = {"rope": make_rotary, "mrope": make_mrope, "llama4_rope": make_llama4_rope}
 
 
 def shift_targets(labels, shift_labels, ignore_index: int):

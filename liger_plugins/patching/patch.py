@@ -5,10 +5,10 @@ model of that type built or used afterwards runs the kernels. Instance level reb
 the modules of one model (`module.forward = MethodType(...)`), after checking each module has the
 layout the traits expect, and refuses (ValueError naming the module) before touching anything if not.
 
-The rotary function is a module-level function of the modeling module (`apply_rotary_pos_emb`), called
-by the attention by name: it can only be replaced for the whole module. An instance-level patch
-therefore switches rope on for every model of that architecture in the process until the last patch
-holding it (class level or instance) is reverted.
+The rotary function is a module-level function of the modeling module (`apply_rotary_pos_emb`, or the
+one the traits name), called by the attention by name: it can only be replaced for the whole module.
+An instance-level patch therefore switches rope on for every model of that architecture in the process
+until the last patch holding it (class level or instance) is reverted.
 
 Every replaced attribute is recorded with its original, so `unpatch` restores exactly what was there.
 Patching what is already patched is a no-op (reported as such in the summary).
@@ -43,6 +43,7 @@ class KernelOptions:
     cross_entropy: bool = False
     fused_linear_cross_entropy: bool = True
     layer_norm: bool = True
+    fused_moe: bool = False  # whole MoE experts forwards on the fused MoE kernel (opt-in: see forwards.py)
 
     def __post_init__(self):
         if self.cross_entropy and self.fused_linear_cross_entropy:
@@ -177,9 +178,9 @@ def patch_instance(model: nn.Module, traits: ArchitectureTraits, options: Kernel
                 )
             if role == "norm" and len(_shape(module.weight)) != 1:
                 continue  # per-head norm weight: keeps its own forward
-            unsupported = _unsupported_activation(role, module, part)
+            unsupported = _unsupported(role, module, part)
             if unsupported:
-                _skip(summary, f"{label}: activation {unsupported} has no fused kernel (kept the original)")
+                _skip(summary, f"{label}: {unsupported} (kept the original)")
                 continue
             todo.append((module, attr, make(getattr(type(module), attr)), label))
 
@@ -269,6 +270,8 @@ def _module_patch_plan(traits: ArchitectureTraits, options: KernelOptions):
             make = lambda orig, spec=spec: forwards.make_mlp_forward(spec, orig)  # noqa: E731
             plan.append(("swiglu", "mlp", name, "forward", make))
         plan += [("swiglu", "experts", n, "_apply_gate", forwards.make_apply_gate) for n in traits.experts]
+    if options.fused_moe:
+        plan += [("fused_moe", "fused_experts", n, "forward", forwards.make_experts_forward) for n in traits.experts]
     return plan
 
 
@@ -319,7 +322,7 @@ def _check_module(role: str, module: nn.Module, traits: ArchitectureTraits) -> s
         if out % 2:
             return f"gate_up_proj has an odd out_features {out}; expected [gate; up] halves"
         return None
-    if role == "experts":
+    if role in ("experts", "fused_experts"):
         weight = getattr(module, "gate_up_proj", None)
         if not isinstance(weight, nn.Parameter) or len(_shape(weight)) != 3 or _shape(weight)[1] % 2:
             return "expected a 3-D `gate_up_proj` parameter (experts, 2 * intermediate, hidden)"
@@ -333,14 +336,17 @@ def _mlp_spec(module: nn.Module, traits: ArchitectureTraits):
     return next(spec for name, spec in traits.mlps.items() if isinstance(module, traits.cls(name)))
 
 
-def _unsupported_activation(role: str, module: nn.Module, traits: ArchitectureTraits) -> str | None:
+def _unsupported(role: str, module: nn.Module, traits: ArchitectureTraits) -> str | None:
+    """Why the kernel does not compute this (well-formed) module, or None if it does."""
+    if role == "fused_experts":
+        return forwards.fused_experts_mismatch(module)
     if role == "mlp":
         act = getattr(module, _mlp_spec(module, traits).act_attr)
     elif role == "experts":
         act = module.act_fn
     else:
         return None
-    return None if forwards.gated_kernel(act) is not None else type(act).__name__
+    return None if forwards.gated_kernel(act) is not None else f"activation {type(act).__name__} has no fused kernel"
 
 
 def _check_causal_lm(model: nn.Module, traits: ArchitectureTraits) -> None:
@@ -360,13 +366,19 @@ def _check_causal_lm(model: nn.Module, traits: ArchitectureTraits) -> None:
 
 
 def _patch_rope(traits: ArchitectureTraits, holder, summary: PatchSummary) -> None:
-    if traits.rope is None:
+    if not traits.rope:
         if not traits.sub_configs:  # a wrapper's language model brings its own rotary
-            summary.skipped.append("rope: this architecture's rotary layout is not rotate-half")
+            summary.skipped.append("rope: no rotary kernel fits this architecture's rotary layout")
         return
     module = traits.modeling_module()
-    key = (module.__name__, traits.rope)
-    label = f"rope: {module.__name__}.{traits.rope} (module level)"
+    # The first alternative this transformers version defines is the one its attention calls.
+    spec = next((spec for spec in traits.rope if hasattr(module, spec.function)), None)
+    if spec is None:
+        names = " / ".join(spec.function for spec in traits.rope)
+        summary.skipped.append(f"rope: {module.__name__} has no {names} (this transformers version has no hook)")
+        return
+    key = (module.__name__, spec.function)
+    label = f"rope: {module.__name__}.{spec.function} (module level, {spec.kernel} kernel)"
     if key in _FUNCTION_PATCHES:
         holders = _FUNCTION_PATCHES[key][1]
         # An instance holds the function too only if no class-level patch does (as for its modules).
@@ -374,9 +386,9 @@ def _patch_rope(traits: ArchitectureTraits, holder, summary: PatchSummary) -> No
             holders.add(holder)
         summary.skipped.append(f"{label}: already patched")
         return
-    original = getattr(module, traits.rope)
+    original = getattr(module, spec.function)
     _FUNCTION_PATCHES[key] = [original, {holder}]
-    setattr(module, traits.rope, forwards.make_rotary(original))
+    setattr(module, spec.function, forwards.ROTARY_FACTORIES[spec.kernel](original))
     summary.patched.append(label)
 
 

@@ -17,9 +17,16 @@ and how they compute, read from the module's source for transformers 5.x:
   The activation decides the kernel at call time (silu -> swiglu, gelu tanh -> geglu tanh,
   gelu erf -> geglu none); any other activation runs the original forward.
 - experts: MoE expert classes with 3-D `gate_up_proj` weights; their `_apply_gate(gate_up_out)` hook
-  (used by transformers' grouped_mm/batched_mm expert implementations) gets the fused activation.
-- rope: name of the module-level rotate-half function the attention calls, or None where the model's
-  rotary layout is not rotate-half (GLM4 and Cohere interleave pairs).
+  (used by transformers' grouped_mm/batched_mm expert implementations) gets the fused activation, and
+  with the opt-in `fused_moe` flag their whole `forward(hidden_states, top_k_index, top_k_weights)`
+  runs the fused MoE kernel where the experts are SiLU-gated in the default layout ([gate; up]
+  (E, 2I, H) gate_up_proj, (E, H, I) down_proj, no bias; checked per module).
+- rope: the module-level rotary function the attention calls by name, and the kernel that replaces it:
+  "rope" (rotate-half `apply_rotary_pos_emb`), "mrope" (Qwen2-VL's `apply_multimodal_rotary_pos_emb`),
+  "llama4_rope" (Llama 4's complex `apply_rotary_emb`). Alternatives, in order: the first function
+  the installed modeling module defines is patched (transformers moved Qwen2-VL's M-RoPE section
+  selection into its rotary embedding, whose attention then calls plain `apply_rotary_pos_emb`).
+  Empty where no kernel fits the rotary layout (GLM4 and Cohere interleave pairs).
 - causal_lm: the `*ForCausalLM` class; its logit post-processing: `softcap_config` (config attribute
   of the final tanh softcap) and `logit_scale` (a function of the model giving the multiplier applied
   to the logits: Granite divides by `config.logits_scaling`, Cohere multiplies by `model.logit_scale`).
@@ -61,6 +68,18 @@ class MLPSpec:
 
 
 @dataclass(frozen=True)
+class RopeSpec:
+    function: str  # module-level function of the modeling module, called by name by the attention
+    kernel: str = "rope"  # "rope" (rotate-half), "mrope" (multimodal sections), "llama4_rope" (complex)
+
+
+_ROTATE_HALF = (RopeSpec("apply_rotary_pos_emb"),)
+# Transformers 5.1x: `apply_multimodal_rotary_pos_emb(q, k, cos, sin, mrope_section)` on (3, B, T, D) tables;
+# later versions select the sections in the rotary embedding and call plain `apply_rotary_pos_emb`.
+_MROPE = (RopeSpec("apply_multimodal_rotary_pos_emb", "mrope"), RopeSpec("apply_rotary_pos_emb"))
+
+
+@dataclass(frozen=True)
 class ArchitectureTraits:
     model_type: str
     module: str
@@ -69,7 +88,7 @@ class ArchitectureTraits:
     layer_norms: dict[str, float] = field(default_factory=dict)
     mlps: dict[str, MLPSpec] = field(default_factory=dict)
     experts: tuple[str, ...] = ()
-    rope: str | None = "apply_rotary_pos_emb"
+    rope: tuple[RopeSpec, ...] = _ROTATE_HALF
     softcap_config: str | None = None
     logit_scale: Callable | None = None
     moe: bool = False
@@ -106,7 +125,6 @@ def _falcon_h1_scale(model) -> float:
     return float(model.model.lm_head_multiplier)
 
 
-_MROPE = "multimodal rotary (M-RoPE, 3-D positions): its own op, not patched yet"
 _VISION_ROPE = "vision rotary (apply_rotary_pos_emb_vision)"
 _LLAMA = NormSpec()
 _LLAMA_NOT_IN_PLACE = NormSpec(in_place=False)
@@ -150,7 +168,7 @@ TRAITS: dict[str, ArchitectureTraits] = {
         _dense("granite", "Granite", logit_scale=_granite_scale),
         _dense("olmo2", "Olmo2", _OLMO2),
         _dense("olmo3", "Olmo3", _OLMO2),
-        _dense("glm4", "Glm4", _LLAMA_NOT_IN_PLACE, mlp=_FUSED, rope=None),  # interleaved rotary
+        _dense("glm4", "Glm4", _LLAMA_NOT_IN_PLACE, mlp=_FUSED, rope=()),  # interleaved rotary
         ArchitectureTraits(
             model_type="mixtral",
             module=_modeling("mixtral"),
@@ -174,7 +192,7 @@ TRAITS: dict[str, ArchitectureTraits] = {
             causal_lm="CohereForCausalLM",
             layer_norms={"CohereLayerNorm": 0.0},  # per-head q/k norms (2-D weight) keep their forward
             mlps={"CohereMLP": _SPLIT},
-            rope=None,  # interleaved rotary
+            rope=(),  # interleaved rotary
             logit_scale=_cohere_scale,
         ),
         # --- text models added for issue #11 (C1) ---
@@ -184,7 +202,7 @@ TRAITS: dict[str, ArchitectureTraits] = {
             causal_lm="Llama4ForCausalLM",
             norms={"Llama4TextRMSNorm": _LLAMA},
             mlps={"Llama4TextMLP": MLPSpec(act_attr="activation_fn")},  # dense layers and the shared expert
-            rope=None,  # complex rotary (apply_rotary_emb on freqs_cis)
+            rope=(RopeSpec("apply_rotary_emb", "llama4_rope"),),  # complex rotary on freqs_cis
             unpatched=(
                 "Llama4TextExperts (bmm on a (experts, hidden, 2 * intermediate) gate_up_proj, no _apply_gate hook)",
                 "Llama4TextL2Norm (weightless q/k norm)",
@@ -217,7 +235,7 @@ TRAITS: dict[str, ArchitectureTraits] = {
             module=_modeling("gpt_oss"),
             causal_lm="GptOssForCausalLM",
             norms={"GptOssRMSNorm": NormSpec(casting_mode="gemma")},  # (w * x).to(dtype), no offset
-            rope=None,
+            rope=(),
             moe=True,
             unpatched=(
                 "GptOssExperts (clamped swiglu with alpha on interleaved gate/up, (up + 1) * glu)",
@@ -277,9 +295,9 @@ TRAITS: dict[str, ArchitectureTraits] = {
             causal_lm="Qwen2VLForConditionalGeneration",
             norms={"Qwen2VLRMSNorm": _LLAMA},
             mlps={"Qwen2MLP": _SPLIT},  # the text MLP (this module's own class)
-            rope=None,
+            rope=_MROPE,
             torch_layer_norm=True,  # vision blocks and patch merger
-            unpatched=(_MROPE, "VisionMlp (fc1/fc2, not gated)", _VISION_ROPE),
+            unpatched=("VisionMlp (fc1/fc2, not gated)", _VISION_ROPE),
         ),
         ArchitectureTraits(
             model_type="qwen2_5_vl",
@@ -287,8 +305,8 @@ TRAITS: dict[str, ArchitectureTraits] = {
             causal_lm="Qwen2_5_VLForConditionalGeneration",
             norms={"Qwen2_5_VLRMSNorm": _LLAMA},  # text and vision blocks (pre-norms), patch merger
             mlps={"Qwen2MLP": _SPLIT, "Qwen2_5_VLMLP": _SPLIT},  # text MLP, gated vision MLP (with bias)
-            rope=None,
-            unpatched=(_MROPE, _VISION_ROPE),
+            rope=_MROPE,
+            unpatched=(_VISION_ROPE,),
         ),
         ArchitectureTraits(
             model_type="qwen3_vl",
@@ -296,9 +314,9 @@ TRAITS: dict[str, ArchitectureTraits] = {
             causal_lm="Qwen3VLForConditionalGeneration",
             norms={"Qwen3VLTextRMSNorm": _LLAMA},  # also the per-head q_norm/k_norm
             mlps={"Qwen3VLTextMLP": _SPLIT},
-            rope=None,
+            rope=_ROTATE_HALF,  # sections interleaved by the rotary embedding
             torch_layer_norm=True,  # vision blocks and patch mergers
-            unpatched=(_MROPE, "Qwen3VLVisionMLP (not gated)", _VISION_ROPE),
+            unpatched=("Qwen3VLVisionMLP (not gated)", _VISION_ROPE),
         ),
         ArchitectureTraits(
             model_type="qwen3_vl_moe",
@@ -308,9 +326,9 @@ TRAITS: dict[str, ArchitectureTraits] = {
             mlps={"Qwen3VLMoeTextMLP": _SPLIT},
             experts=("Qwen3VLMoeTextExperts",),
             moe=True,
-            rope=None,
+            rope=_ROTATE_HALF,  # sections interleaved by the rotary embedding
             torch_layer_norm=True,
-            unpatched=(_MROPE, "Qwen3VLMoeVisionMLP (not gated)", _VISION_ROPE),
+            unpatched=("Qwen3VLMoeVisionMLP (not gated)", _VISION_ROPE),
         ),
         ArchitectureTraits(
             model_type="glm4v",
@@ -319,7 +337,7 @@ TRAITS: dict[str, ArchitectureTraits] = {
             # text post-sublayer norms feed the residual add; the vision post-conv norm feeds an add
             norms={"Glm4vRMSNorm": _LLAMA_NOT_IN_PLACE},
             mlps={"Glm4vTextMLP": _FUSED, "Glm4VisionMlp": _SPLIT},
-            rope=None,
+            rope=(),
             torch_layer_norm=True,  # patch merger
             unpatched=("text rotary (interleaved pairs, M-RoPE sections)", _VISION_ROPE),
         ),
@@ -331,7 +349,7 @@ TRAITS: dict[str, ArchitectureTraits] = {
             mlps={"Glm4vMoeTextMLP": _SPLIT, "Glm4vMoeisionMlp": _SPLIT},  # (sic: transformers' name)
             experts=("Glm4vMoeTextExperts",),
             moe=True,
-            rope=None,
+            rope=(),
             torch_layer_norm=True,
             unpatched=("text rotary (M-RoPE sections, partial)", _VISION_ROPE),
         ),
@@ -340,7 +358,7 @@ TRAITS: dict[str, ArchitectureTraits] = {
             model_type="paligemma",
             module=_modeling("paligemma"),
             causal_lm="PaliGemmaForConditionalGeneration",
-            rope=None,
+            rope=(),
             softcap_config="final_logit_softcapping",  # of the text config (Gemma2)
             sub_configs=("text_config",),
             torch_layer_norm=True,  # SigLIP
@@ -353,7 +371,7 @@ TRAITS: dict[str, ArchitectureTraits] = {
             # Pixtral vision tower (Pixtral-12B is a Llava): ln_pre's output is the first residual
             norms={"pixtral.PixtralRMSNorm": _LLAMA_NOT_IN_PLACE},
             mlps={"pixtral.PixtralMLP": _SPLIT},
-            rope=None,
+            rope=(),
             sub_configs=("text_config",),
             torch_layer_norm=True,  # CLIP / SigLIP vision towers
             unpatched=("CLIPMLP / SiglipMLP (not gated)", "Pixtral's 2-D rotary"),
@@ -363,7 +381,7 @@ TRAITS: dict[str, ArchitectureTraits] = {
             module=_modeling("internvl"),
             causal_lm="InternVLForConditionalGeneration",
             norms={"InternVLVisionRMSNorm": _LLAMA_NOT_IN_PLACE},  # vision norm_type="rms_norm"
-            rope=None,
+            rope=(),
             sub_configs=("text_config",),
             torch_layer_norm=True,  # vision norm_type="layer_norm", projector
             unpatched=("InternVLVisionMLP (fc1/fc2, not gated)",),
@@ -372,7 +390,7 @@ TRAITS: dict[str, ArchitectureTraits] = {
             model_type="smolvlm",
             module=_modeling("smolvlm"),
             causal_lm="SmolVLMForConditionalGeneration",
-            rope=None,
+            rope=(),
             sub_configs=("text_config",),
             torch_layer_norm=True,  # vision encoder
             unpatched=("SmolVLMVisionMLP (fc1/fc2, not gated)",),

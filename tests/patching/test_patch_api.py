@@ -168,7 +168,7 @@ def test_summary_is_printable_and_logged(build, caplog, reference_dispatch):
     summary = apply_liger(build("glm4"), verbose=True)
     text = str(summary)
     assert "Glm4ForCausalLM instance" in text and "rms_norm: Glm4RMSNorm.forward" in text
-    assert "rope: this architecture's rotary layout is not rotate-half" in text
+    assert "rope: no rotary kernel fits this architecture's rotary layout" in text
     assert text in caplog.text
 
 
