@@ -69,6 +69,7 @@ CONFIG_KEYS = {
     "layer_norm": "layer_norm",
     "cross_entropy": "cross_entropy",
     "fused_linear_cross_entropy": "fused_linear_cross_entropy",
+    "fused_moe": "fused_moe",  # ours only, off by default: MoE experts on the fused grouped-GEMM kernel
 }
 
 # Modules whose `apply_liger_kernel` attribute `enable()` replaced, with the value it replaced.

@@ -142,6 +142,7 @@ def test_config_keys_map_to_apply_liger():
         "rope": False, "swiglu": False, "fused_linear_cross_entropy": True,
     }
     assert hf.liger_kwargs({"swiglu": True, "geglu": True}) == {"swiglu": True}
+    assert hf.liger_kwargs({"fused_moe": True}) == {"fused_moe": True}  # ours only (opt-in MoE experts)
 
 
 @pytest.mark.parametrize(
