@@ -1,4 +1,4 @@
-"""Row tiles shared by the elementwise-style ops (kl_div, jsd, tvd, dyt, relu_squared).
+"""Row tiles shared by the elementwise-style ops (glu, kl_div, jsd, tvd, dyt, relu_squared).
 
 A tensor (..., N) is seen as rows (M, N) with unit column stride and any row stride. A 2-D grid of
 programs covers it in [BLOCK_M, BLOCK_N] tiles of about `_TILE_ELEMENTS` elements: one slice of a

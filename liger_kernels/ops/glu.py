@@ -5,7 +5,7 @@ only a and b; the backward recomputes the activation and its derivative from a (
     c = f(a) * b,   da = dc * b * f'(a),   db = dc * f(a)
 Math in fp32, outputs in the input dtype. Inputs are seen as rows of width I (the last dimension) with
 any row stride, so the halves of a fused gate/up projection (`chunk(2, dim=-1)`) are read in place.
-The grid is 2-D (row blocks x column blocks), so any width works.
+The grid is 2-D (row blocks x column blocks, `_tiles.py`), so any width works.
 
 `swiglu_gate_up(gate_up)` is swiglu on the two halves of one fused projection (Phi-3, GLM-4:
 `gate, up = gate_up.chunk(2, dim=-1)`): the same kernels read the halves in place, and its backward
@@ -23,12 +23,11 @@ import triton.language as tl
 
 from liger_kernels import _library
 from liger_kernels._utils import check_float, check_same_device, new_output, use_triton
+from liger_kernels.ops._tiles import as_rows, tile_config, tile_offsets
 
 # Values of the kernels' constexpr ACT (branches of `_activation`).
 _SILU, _GELU_TANH, _GELU_ERF = 0, 1, 2
 _GELU_ACTIVATIONS = {"tanh": _GELU_TANH, "none": _GELU_ERF}
-# Elements per program: 2048 columns of a wide row, or several short rows packed together.
-_BLOCK_ELEMS = 2048
 
 
 @triton.jit
@@ -54,14 +53,6 @@ def _activation(a, ACT: tl.constexpr):
 
 
 @triton.jit
-def _block_offsets(n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
-    return rows[:, None], cols[None, :], mask
-
-
-@triton.jit
 def _glu_forward_kernel(
     a_ptr,
     b_ptr,
@@ -75,7 +66,7 @@ def _glu_forward_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    rows, cols, mask = _block_offsets(n_rows, n_cols, BLOCK_M, BLOCK_N)
+    rows, cols, mask = tile_offsets(n_rows, n_cols, BLOCK_M, BLOCK_N)
     a = tl.load(a_ptr + rows * a_stride + cols, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + rows * b_stride + cols, mask=mask, other=0.0).to(tl.float32)
     f, _ = _activation(a, ACT)
@@ -99,7 +90,7 @@ def _glu_backward_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    rows, cols, mask = _block_offsets(n_rows, n_cols, BLOCK_M, BLOCK_N)
+    rows, cols, mask = tile_offsets(n_rows, n_cols, BLOCK_M, BLOCK_N)
     dc = tl.load(dc_ptr + rows * dc_stride + cols, mask=mask, other=0.0).to(tl.float32)
     a = tl.load(a_ptr + rows * a_stride + cols, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + rows * b_stride + cols, mask=mask, other=0.0).to(tl.float32)
@@ -109,26 +100,12 @@ def _glu_backward_kernel(
     tl.store(db_ptr + out, (dc * f).to(db_ptr.dtype.element_ty), mask=mask)
 
 
-def _as_rows(t: torch.Tensor) -> torch.Tensor:
-    """(..., I) -> (M, I) with unit column stride; a view whenever the layout allows (no copy)."""
-    rows = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
-    return rows if rows.stride(-1) == 1 or rows.shape[-1] == 1 else rows.contiguous()
-
-
-def _launch_config(n_rows: int, n_cols: int):
-    block_n = min(triton.next_power_of_2(n_cols), _BLOCK_ELEMS)
-    block_m = max(1, min(_BLOCK_ELEMS // block_n, triton.next_power_of_2(n_rows)))
-    num_warps = max(1, min(8, block_m * block_n // 256))
-    grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
-    return grid, block_m, block_n, num_warps
-
-
 def _glu_forward(a: torch.Tensor, b: torch.Tensor, act: int) -> torch.Tensor:
-    a2, b2 = _as_rows(a), _as_rows(b)
+    a2, b2 = as_rows(a), as_rows(b)
     n_rows, n_cols = a2.shape
     c = new_output((n_rows, n_cols), a.dtype, a.device)
     if c.numel():
-        grid, block_m, block_n, num_warps = _launch_config(n_rows, n_cols)
+        grid, block_m, block_n, num_warps = tile_config(n_rows, n_cols)
         _glu_forward_kernel[grid](
             a2,
             b2,
@@ -151,7 +128,7 @@ def _launch_glu_backward(dc2, a2, b2, da2, db2, act: int) -> None:
     n_rows, n_cols = a2.shape
     if n_rows * n_cols == 0:
         return
-    grid, block_m, block_n, num_warps = _launch_config(n_rows, n_cols)
+    grid, block_m, block_n, num_warps = tile_config(n_rows, n_cols)
     _glu_backward_kernel[grid](
         dc2,
         a2,
@@ -172,10 +149,10 @@ def _launch_glu_backward(dc2, a2, b2, da2, db2, act: int) -> None:
 
 
 def _glu_backward(dc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, act: int):
-    a2 = _as_rows(a)
+    a2 = as_rows(a)
     da = new_output(a2.shape, a.dtype, a.device)
     db = new_output(a2.shape, b.dtype, b.device)
-    _launch_glu_backward(_as_rows(dc), a2, _as_rows(b), da, db, act)
+    _launch_glu_backward(as_rows(dc), a2, as_rows(b), da, db, act)
     return da.view(a.shape), db.view(b.shape)
 
 
@@ -196,7 +173,7 @@ class GLUFunction(torch.autograd.Function):
 
 
 def _swiglu_gate_up_forward(gate_up: torch.Tensor) -> torch.Tensor:
-    rows = _as_rows(gate_up)
+    rows = as_rows(gate_up)
     width = rows.shape[1] // 2
     c = _glu_forward(rows[:, :width], rows[:, width:], _SILU)
     return c.view(*gate_up.shape[:-1], width)
@@ -204,11 +181,11 @@ def _swiglu_gate_up_forward(gate_up: torch.Tensor) -> torch.Tensor:
 
 def _swiglu_gate_up_backward(dc: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
     """d_gate_up: (d_gate, d_up) written into the two halves of one new tensor shaped like gate_up."""
-    rows = _as_rows(gate_up)
+    rows = as_rows(gate_up)
     width = rows.shape[1] // 2
     d_rows = new_output(rows.shape, gate_up.dtype, gate_up.device)
     _launch_glu_backward(
-        _as_rows(dc), rows[:, :width], rows[:, width:], d_rows[:, :width], d_rows[:, width:], _SILU
+        as_rows(dc), rows[:, :width], rows[:, width:], d_rows[:, :width], d_rows[:, width:], _SILU
     )
     return d_rows.view(gate_up.shape)
 

@@ -20,6 +20,10 @@ memory order as the inputs (like the eager elementwise ops they replace).
 
 Gradients: q and k only. cos/sin come from a non-trainable buffer in Hugging Face models; if they do
 require grad, the torch reference runs instead so that their gradient is still exact.
+
+The same kernel serves Qwen2-VL's M-RoPE (ops/mrope.py): with `section` = (s0, s1, s2), cos/sin hold one
+table per position component, (3, B or 1, T, D), and each rotary pair takes its values from the component
+its index falls in (a constexpr branch: plain RoPE compiles exactly as without it).
 """
 
 from __future__ import annotations
@@ -89,8 +93,10 @@ def _rope_kernel(
     ko_sb,
     ko_st,
     ko_sh,
+    cos_sc,
     cos_sb,
     cos_st,
+    sin_sc,
     sin_sb,
     sin_st,
     N_QH: tl.constexpr,
@@ -101,6 +107,9 @@ def _rope_kernel(
     BLOCK_KH: tl.constexpr,
     N_STEPS: tl.constexpr,
     BACKWARD: tl.constexpr,
+    HAS_SECTIONS: tl.constexpr,
+    SEC0: tl.constexpr,
+    SEC01: tl.constexpr,
 ):
     # One program per token (batch, position): cos/sin are loaded once and applied to every q and k head.
     pid = tl.program_id(0).to(tl.int64)
@@ -109,17 +118,21 @@ def _rope_kernel(
     d = tl.arange(0, BLOCK_D)
     d_mask = d < HALF
 
-    c_ptr = cos_ptr + b * cos_sb + t * cos_st
-    s_ptr = sin_ptr + b * sin_sb + t * sin_st
-    cos_lo = tl.load(c_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
-    cos_hi = tl.load(c_ptr + HALF + d, mask=d_mask, other=0.0).to(tl.float32)
+    c_ptr = cos_ptr + b * cos_sb + t * cos_st + d
+    s_ptr = sin_ptr + b * sin_sb + t * sin_st + d
+    if HAS_SECTIONS:  # M-RoPE: position component (0 temporal, 1 height, 2 width) of each rotary pair
+        comp = (d >= SEC0).to(tl.int64) + (d >= SEC01).to(tl.int64)
+        c_ptr = c_ptr + comp * cos_sc
+        s_ptr = s_ptr + comp * sin_sc
+    cos_lo = tl.load(c_ptr, mask=d_mask, other=0.0).to(tl.float32)
+    cos_hi = tl.load(c_ptr + HALF, mask=d_mask, other=0.0).to(tl.float32)
     if BACKWARD:
         # Transposed rotation: sin halves swapped and negated (see module docstring).
-        sin_lo = -tl.load(s_ptr + HALF + d, mask=d_mask, other=0.0).to(tl.float32)
-        sin_hi = -tl.load(s_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
+        sin_lo = -tl.load(s_ptr + HALF, mask=d_mask, other=0.0).to(tl.float32)
+        sin_hi = -tl.load(s_ptr, mask=d_mask, other=0.0).to(tl.float32)
     else:
-        sin_lo = tl.load(s_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
-        sin_hi = tl.load(s_ptr + HALF + d, mask=d_mask, other=0.0).to(tl.float32)
+        sin_lo = tl.load(s_ptr, mask=d_mask, other=0.0).to(tl.float32)
+        sin_hi = tl.load(s_ptr + HALF, mask=d_mask, other=0.0).to(tl.float32)
 
     # Head blocks are unrolled (head counts are compile-time constants, one pair per model); in each
     # step the loads of q and k are issued before any store (the compiler may not move a load past a
@@ -176,8 +189,10 @@ def _launch_config(half: int, n_qh: int, n_kh: int) -> tuple[int, int, int, int,
     return block_d, block_qh, block_kh, n_steps, 4 if block_qh * block_d <= 2048 else 8
 
 
-def _rope_launch(q, k, cos, sin, seq_dim: int, head_dim: int, backward: bool, out_strides=None):
+def _rope_launch(q, k, cos, sin, seq_dim: int, head_dim: int, backward: bool, out_strides=None, section=None):
     """Rotate q and k (or their gradients when backward=True) in one launch; returns new tensors.
+
+    `section` (M-RoPE): three ints summing to D/2; cos/sin are then (3, B or 1, T, D), else (B or 1, T, D).
 
     The outputs have the memory order of q and k, or the strides `out_strides` = (q_out strides,
     k_out strides) when given: the backward writes dq, dk in the layout of the forward's q and k, so
@@ -198,8 +213,10 @@ def _rope_launch(q, k, cos, sin, seq_dim: int, head_dim: int, backward: bool, ou
         return q_out, k_out
     block_d, block_qh, block_kh, n_steps, num_warps = _launch_config(dim // 2, n_qh, n_kh)
     # A batch-1 cos/sin is shared by every sequence of the batch: stride 0 over batch.
-    cos_sb = cos.stride(0) if cos.shape[0] == batch else 0
-    sin_sb = sin.stride(0) if sin.shape[0] == batch else 0
+    lead = 0 if section is None else 1  # M-RoPE tables have the position component first
+    cos_sb = cos.stride(lead) if cos.shape[lead] == batch else 0
+    sin_sb = sin.stride(lead) if sin.shape[lead] == batch else 0
+    sec0, sec1 = (0, 0) if section is None else (section[0], section[1])
     _rope_kernel[(n_tokens,)](
         q,
         k,
@@ -212,10 +229,12 @@ def _rope_launch(q, k, cos, sin, seq_dim: int, head_dim: int, backward: bool, ou
         *_bth_strides(k, seq_dim, head_dim),
         *_bth_strides(q_out, seq_dim, head_dim),
         *_bth_strides(k_out, seq_dim, head_dim),
+        cos.stride(0) if section is not None else 0,
         cos_sb,
-        cos.stride(1),
+        cos.stride(lead + 1),
+        sin.stride(0) if section is not None else 0,
         sin_sb,
-        sin.stride(1),
+        sin.stride(lead + 1),
         N_QH=n_qh,
         N_KH=n_kh,
         HALF=dim // 2,
@@ -224,32 +243,36 @@ def _rope_launch(q, k, cos, sin, seq_dim: int, head_dim: int, backward: bool, ou
         BLOCK_KH=block_kh,
         N_STEPS=n_steps,
         BACKWARD=backward,
+        HAS_SECTIONS=section is not None,
+        SEC0=sec0,
+        SEC01=sec0 + sec1,
         num_warps=num_warps,
     )
     return q_out, k_out
 
 
 class RoPEFunction(torch.autograd.Function):
-    """q, k -> (q_embed, k_embed); cos/sin receive no gradient (see module docstring)."""
+    """q, k -> (q_embed, k_embed); cos/sin receive no gradient (see module docstring).
+    `section`: M-RoPE's three section sizes, or None for plain RoPE."""
 
     @staticmethod
-    def forward(ctx, q, k, cos, sin, seq_dim: int, head_dim: int):
+    def forward(ctx, q, k, cos, sin, seq_dim: int, head_dim: int, section=None):
         cos = _last_dim_contiguous(cos)
         sin = _last_dim_contiguous(sin)
         ctx.save_for_backward(cos, sin)
-        ctx.dims = (seq_dim, head_dim)
-        q_embed, k_embed = _rope_launch(q, k, cos, sin, seq_dim, head_dim, backward=False)
+        ctx.args = (seq_dim, head_dim, section)
+        q_embed, k_embed = _rope_launch(q, k, cos, sin, seq_dim, head_dim, False, section=section)
         ctx.out_strides = (q_embed.stride(), k_embed.stride())  # q's and k's memory order
         return q_embed, k_embed
 
     @staticmethod
     def backward(ctx, dq_embed, dk_embed):
         cos, sin = ctx.saved_tensors
-        seq_dim, head_dim = ctx.dims
+        seq_dim, head_dim, section = ctx.args
         dq, dk = _rope_launch(
-            dq_embed, dk_embed, cos, sin, seq_dim, head_dim, backward=True, out_strides=ctx.out_strides
+            dq_embed, dk_embed, cos, sin, seq_dim, head_dim, True, out_strides=ctx.out_strides, section=section
         )
-        return dq, dk, None, None, None, None
+        return dq, dk, None, None, None, None, None
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -270,8 +293,9 @@ def rope_reference(q, k, cos, sin, unsqueeze_dim: int = 1):
     return apply(q), apply(k)
 
 
-def _check_rope_inputs(q, k, cos, sin, unsqueeze_dim) -> tuple[int, int]:
-    """Validate shapes; return the (seq, head) dimensions of q and k."""
+def _check_rope_inputs(q, k, cos, sin, unsqueeze_dim, section=None) -> tuple[int, int]:
+    """Validate shapes; return the (seq, head) dimensions of q and k. With `section` (M-RoPE), cos/sin
+    are (3, 1 or B, T, D) and `section` must be three non-negative ints summing to D/2."""
     for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
         check_float(name, t)
     check_same_device(q=q, k=k, cos=cos, sin=sin)
@@ -297,10 +321,21 @@ def _check_rope_inputs(q, k, cos, sin, unsqueeze_dim) -> tuple[int, int]:
         )
     if cos.shape != sin.shape:
         raise ValueError(f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must have one shape")
-    if cos.dim() != 3 or cos.shape[0] not in (1, batch) or cos.shape[1:] != (seq_len, dim):
+    if section is None:
+        if cos.dim() != 3 or cos.shape[0] not in (1, batch) or cos.shape[1:] != (seq_len, dim):
+            raise ValueError(
+                f"cos/sin must be (1 or batch={batch}, seq={seq_len}, head_dim={dim}), "
+                f"got {tuple(cos.shape)}"
+            )
+        return seq_dim, head_dim
+    if cos.dim() != 4 or cos.shape[0] != 3 or cos.shape[1] not in (1, batch) or cos.shape[2:] != (seq_len, dim):
         raise ValueError(
-            f"cos/sin must be (1 or batch={batch}, seq={seq_len}, head_dim={dim}), "
-            f"got {tuple(cos.shape)}"
+            f"cos/sin must be (3, 1 or batch={batch}, seq={seq_len}, head_dim={dim}), got {tuple(cos.shape)}"
+        )
+    if len(section) != 3 or not all(isinstance(v, int) and v >= 0 for v in section) or sum(section) != dim // 2:
+        raise ValueError(
+            f"mrope_section must be three non-negative ints summing to head_dim / 2 = {dim // 2}, "
+            f"got {list(section)}"
         )
     return seq_dim, head_dim
 

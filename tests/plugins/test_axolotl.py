@@ -29,8 +29,6 @@ from pydantic import ValidationError
 from transformers import LlamaForCausalLM
 from transformers.models.llama import modeling_llama
 
-import liger_kernels._utils as kernel_utils
-import liger_kernels.functional as LF
 from liger_plugins.axolotl import LigerPlugin, LigerPluginsArgs
 from liger_plugins.patching import unpatch
 from liger_plugins.patching.forwards import is_liger
@@ -62,23 +60,10 @@ def _clean():
 
 
 @pytest.fixture
-def reference(monkeypatch):
-    """CPU tensors run the kernels' torch reference instead of the Triton interpreter."""
-    monkeypatch.setattr(kernel_utils, "INTERPRET", False)
-
-
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    """Counts calls to the liger functional API (the patched forwards look it up at call time)."""
-    calls = {name: 0 for name in KERNELS}
-    for name in (*KERNELS, "gated_down_proj"):  # gated_down_proj: the swiglu kernel + down_proj
-        original = getattr(LF, name)
-
-        def spy(*args, _original=original, _name="swiglu" if name == "gated_down_proj" else name, **kwargs):
-            calls[_name] += 1
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(LF, name, spy)
+def kernel_calls(spy_kernels):
+    """How many times each liger kernel ran (tests/plugins/conftest.py)."""
+    calls = dict.fromkeys(KERNELS, 0)
+    spy_kernels(KERNELS, lambda name, kwargs: calls.__setitem__(name, calls[name] + 1))
     return calls
 
 

@@ -31,7 +31,6 @@ from transformers import (  # noqa: E402
 from transformers.models.llama import modeling_llama  # noqa: E402
 
 import liger_kernels._utils as kernel_utils  # noqa: E402
-import liger_kernels.functional as LF  # noqa: E402
 from liger_plugins import hf  # noqa: E402
 from liger_plugins.patching import apply_liger, unpatch  # noqa: E402
 from liger_plugins.patching.forwards import is_liger  # noqa: E402
@@ -82,23 +81,10 @@ def make_model():
 
 
 @pytest.fixture
-def reference(monkeypatch):
-    """CPU tensors run the kernels' torch reference instead of the Triton interpreter."""
-    monkeypatch.setattr(kernel_utils, "INTERPRET", False)
-
-
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    """Counts calls to the liger functional API (the patched forwards look it up at call time)."""
+def kernel_calls(spy_kernels):
+    """The keyword arguments of every call to each liger kernel (tests/plugins/conftest.py)."""
     calls = {name: [] for name in KERNELS}
-    for name in (*KERNELS, "gated_down_proj"):  # gated_down_proj: the swiglu kernel + down_proj
-        original = getattr(LF, name)
-
-        def spy(*args, _original=original, _name="swiglu" if name == "gated_down_proj" else name, **kwargs):
-            calls[_name].append(kwargs)
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(LF, name, spy)
+    spy_kernels(KERNELS, lambda name, kwargs: calls[name].append(kwargs))
     return calls
 
 

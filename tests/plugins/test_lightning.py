@@ -23,7 +23,6 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from transformers.models.llama import modeling_llama  # noqa: E402
 
 import liger_kernels._utils as kernel_utils  # noqa: E402
-import liger_kernels.functional as LF  # noqa: E402
 from liger_plugins import lightning as liger_lightning  # noqa: E402
 from liger_plugins.lightning import LigerCallback, find_hf_models  # noqa: E402
 from liger_plugins.patching import apply_liger, unpatch  # noqa: E402
@@ -125,21 +124,10 @@ def _unpatch_models():
 
 
 @pytest.fixture
-def reference(monkeypatch):
-    monkeypatch.setattr(kernel_utils, "INTERPRET", False)
-
-
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    calls = {name: 0 for name in KERNELS}
-    for name in (*KERNELS, "gated_down_proj"):  # gated_down_proj: the swiglu kernel + down_proj
-        original = getattr(LF, name)
-
-        def spy(*args, _original=original, _name="swiglu" if name == "gated_down_proj" else name, **kwargs):
-            calls[_name] += 1
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(LF, name, spy)
+def kernel_calls(spy_kernels):
+    """How many times each liger kernel ran (tests/plugins/conftest.py)."""
+    calls = dict.fromkeys(KERNELS, 0)
+    spy_kernels(KERNELS, lambda name, kwargs: calls.__setitem__(name, calls[name] + 1))
     return calls
 
 
