@@ -4,10 +4,7 @@ import pytest
 
 import liger_kernels._utils as kernel_utils
 import liger_kernels.functional as LF
-
-# Functional-API entries counted under another kernel's name: a gated MLP whose down_proj is a plain
-# Linear runs gated_down_proj (the swiglu kernel and the down projection in one op).
-COUNTED_AS = {"gated_down_proj": "swiglu"}
+from integrations._common import COUNTED_AS  # functional-API entries counted as another kernel
 
 
 @pytest.fixture
