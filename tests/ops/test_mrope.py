@@ -6,6 +6,7 @@ import torch
 
 import liger_kernels._utils
 from liger_kernels.ops.mrope import mrope, mrope_reference
+from tests.ops.test_rope import _qk, check_rotation
 from tests.tolerances import DTYPES, assert_close
 
 
@@ -22,39 +23,11 @@ def _hf_cos_sin(position_ids, dim, device):
     return emb.cos(), emb.sin()
 
 
-def _qk(batch, seq_len, n_heads, dim, unsqueeze_dim, transposed, device, dtype):
-    """q or k in the layout unsqueeze_dim implies; `transposed` makes it the usual non-contiguous view."""
-    if unsqueeze_dim == 1:
-        if transposed:  # view(B, T, H, D).transpose(1, 2), as attention modules do
-            return torch.randn(batch, seq_len, n_heads, dim, device=device).to(dtype).transpose(1, 2)
-        return torch.randn(batch, n_heads, seq_len, dim, device=device).to(dtype)
-    if transposed:
-        return torch.randn(batch, n_heads, seq_len, dim, device=device).to(dtype).transpose(1, 2)
-    return torch.randn(batch, seq_len, n_heads, dim, device=device).to(dtype)
-
-
 def _check(q, k, cos, sin, section, unsqueeze_dim, dtype):
-    """Forward and both gradients of the public op vs the reference on float64 copies."""
-    q = q.detach().requires_grad_()
-    k = k.detach().requires_grad_()
-    q_before, k_before = q.detach().clone(), k.detach().clone()
-    q_embed, k_embed = mrope(q, k, cos, sin, section, unsqueeze_dim)
-    grad_q = torch.randn_like(q_embed)
-    grad_k = torch.randn_like(k_embed)
-    ((q_embed * grad_q).sum() + (k_embed * grad_k).sum()).backward()
-
-    q64 = q.detach().double().requires_grad_()
-    k64 = k.detach().double().requires_grad_()
-    q64_embed, k64_embed = mrope_reference(q64, k64, cos.double(), sin.double(), section, unsqueeze_dim)
-    ((q64_embed * grad_q.double()).sum() + (k64_embed * grad_k.double()).sum()).backward()
-
-    assert q_embed.dtype == q.dtype and q_embed.shape == q.shape and k_embed.shape == k.shape
-    assert_close(q_embed, q64_embed, dtype, name="q_embed")
-    assert_close(k_embed, k64_embed, dtype, name="k_embed")
-    assert_close(q.grad, q64.grad, dtype, name="dq")
-    assert_close(k.grad, k64.grad, dtype, name="dk")
-    assert torch.equal(q.detach(), q_before) and torch.equal(k.detach(), k_before)
-    return q_embed, k_embed
+    return check_rotation(
+        lambda *t: mrope(*t, section, unsqueeze_dim), lambda *t: mrope_reference(*t, section, unsqueeze_dim),
+        q, k, cos, sin, dtype,
+    )
 
 
 # (batch, seq, q heads, kv heads, head_dim, section, unsqueeze_dim, cos batch is B, transposed, HF tables)

@@ -28,19 +28,20 @@ def _qk(batch, seq_len, n_heads, dim, unsqueeze_dim, transposed, device, dtype):
     return torch.randn(batch, seq_len, n_heads, dim, device=device).to(dtype)
 
 
-def _check(q, k, cos, sin, unsqueeze_dim, dtype):
-    """Forward and both gradients of the public op vs the reference on float64 copies."""
+def check_rotation(apply, reference, q, k, cos, sin, dtype):
+    """Forward and both gradients of apply(q, k, cos, sin) vs reference(...) on float64 copies (the RoPE
+    variants' tests use it too)."""
     q = q.detach().requires_grad_()
     k = k.detach().requires_grad_()
     q_before, k_before = q.detach().clone(), k.detach().clone()
-    q_embed, k_embed = rope(q, k, cos, sin, unsqueeze_dim)
+    q_embed, k_embed = apply(q, k, cos, sin)
     grad_q = torch.randn_like(q_embed)
     grad_k = torch.randn_like(k_embed)
     ((q_embed * grad_q).sum() + (k_embed * grad_k).sum()).backward()
 
     q64 = q.detach().double().requires_grad_()
     k64 = k.detach().double().requires_grad_()
-    q64_embed, k64_embed = rope_reference(q64, k64, cos.double(), sin.double(), unsqueeze_dim)
+    q64_embed, k64_embed = reference(q64, k64, cos.double(), sin.double())
     ((q64_embed * grad_q.double()).sum() + (k64_embed * grad_k.double()).sum()).backward()
 
     assert q_embed.dtype == q.dtype and q_embed.shape == q.shape and k_embed.shape == k.shape
@@ -50,6 +51,12 @@ def _check(q, k, cos, sin, unsqueeze_dim, dtype):
     assert_close(k.grad, k64.grad, dtype, name="dk")
     assert torch.equal(q.detach(), q_before) and torch.equal(k.detach(), k_before)
     return q_embed, k_embed
+
+
+def _check(q, k, cos, sin, unsqueeze_dim, dtype):
+    return check_rotation(
+        lambda *t: rope(*t, unsqueeze_dim), lambda *t: rope_reference(*t, unsqueeze_dim), q, k, cos, sin, dtype
+    )
 
 
 # (batch, seq, q heads, kv heads, head_dim, unsqueeze_dim, cos batch is B, transposed views, HF cos/sin)
