@@ -20,6 +20,10 @@ import torch  # noqa: E402
 if importlib.util.find_spec("axolotl") is None:
     collect_ignore = ["plugins/test_axolotl.py"]
 
+# fp32 parity is checked against IEEE fp32: cuDNN convolutions (multi-token attention) otherwise run in
+# TF32 by default on the GPU. The ops follow torch's flag, as torch's own conv2d does.
+torch.backends.cudnn.allow_tf32 = False
+
 
 @pytest.fixture
 def device():

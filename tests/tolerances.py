@@ -31,6 +31,18 @@ def assert_close(actual, expected, dtype, *, reduction=False, name=""):
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
 
 
+def assert_as_accurate_as_torch(actual, torch_same_dtype, expected, *, factor=2.0, name=""):
+    """For large 16-bit reductions, where fixed tolerances stop fitting: `actual`'s largest error against
+    the float64 `expected` is at most `factor` times that of plain torch computing in the same dtype
+    (the code a user would otherwise run), plus 1e-3 of the largest magnitude."""
+    actual, baseline, expected = (t.detach().to(torch.float64).cpu() for t in (actual, torch_same_dtype, expected))
+    assert not torch.isnan(actual).any(), f"{name}: NaN in output"
+    ours = (actual - expected).abs().max().item()
+    theirs = (baseline - expected).abs().max().item()
+    bound = factor * theirs + 1e-3 * expected.abs().max().item()
+    assert ours <= bound, f"{name}: max error {ours:.4g} > {factor} x torch's {theirs:.4g} (+1e-3 of the scale)"
+
+
 # Whole-model parity (patched vs unpatched model in the same dtype, tests/patching): the largest
 # elementwise difference relative to the largest magnitude of the tensor. bf16: both models round
 # every activation to bf16, in different orders, through every layer and back.

@@ -11,7 +11,8 @@ causal mask of the output is undefined and a ValueError is raised.
 The masked softmax and its backward are Triton kernels, one program per (b, c, query) row: they read
 only the keys j <= i (the masked half of the map is never loaded) and write p with exact zeros above
 the diagonal. The convolution and its gradients are cuDNN's (torch.nn.functional.conv2d and
-torch.nn.grad), run on p in the input dtype. The backward masks the incoming gradient, recomputes
+torch.nn.grad), run on p in the input dtype (fp32 in TF32 where torch.backends.cudnn.allow_tf32 says so,
+as torch's conv2d). The backward masks the incoming gradient, recomputes
 nothing and uses the saved p: dscores = p * (dp - sum(p * dp)).
 """
 
