@@ -39,8 +39,9 @@ Signatures (the contract every op file implements):
       gate_up_weight (E, 2I, H), down_weight (E, H, I) (transformers' 3-D experts layout)
 - fused_moe_experts(hidden, top_k_index, top_k_weights, gate_up_weight, down_weight) -> out
       the experts alone, as transformers' `*Experts.forward`; index E means "no expert"
-- multi_token_attention(scores, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> out
-      causal softmax of scores (B, C, L, L), conv2d over the map, output zeroed above the diagonal
+- multi_token_attention(scores, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, sparse=False) -> out
+      causal softmax (sparse: sparsemax) of scores (B, C, L, L), conv2d over the map, output zeroed
+      above the diagonal
 """
 
 from liger_kernels.ops.cross_entropy import cross_entropy

@@ -226,11 +226,16 @@ class LigerPolyNorm(nn.Module):
 
 
 class LigerMultiTokenAttention(nn.Module):
-    """Multi-token attention over attention scores (B, in_channels, L, L): causal softmax, a
-    key-query conv2d, causal mask of the result. Conv2d's initialization (Kaiming uniform), zero bias."""
+    """Multi-token attention over attention scores (B, in_channels, L, L): causal softmax (sparsemax
+    if `sparse`), a key-query conv2d, causal mask of the result. Conv2d's initialization (Kaiming
+    uniform), zero bias."""
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True):
+    def __init__(
+        self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True,
+        sparse=False,
+    ):
         super().__init__()
+        self.sparse = sparse
         kernel = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *kernel))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
@@ -238,7 +243,9 @@ class LigerMultiTokenAttention(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     def forward(self, scores):
-        return F.multi_token_attention(scores, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.multi_token_attention(
+            scores, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups, self.sparse
+        )
 
 
 class LigerFusedMoEExperts(nn.Module):

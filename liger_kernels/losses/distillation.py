@@ -10,6 +10,11 @@ summed over the vocabulary, averaged over the valid tokens, plus an optional har
 cross-entropy of the student (at temperature 1):
     loss = weight_soft_loss * divergence + weight_hard_loss * CE(z_s, target)
 Chunks are groups of tokens; the teacher's logits are computed per chunk without gradient.
+
+The soft-only, bias-free case (weight_hard_loss = 0, no biases: the usual distillation set-up) runs
+the `fused_linear_jsd` op (liger_kernels/ops/fused_linear_jsd.py: cuBLAS products and one Triton JSD
+pass per chunk, gradients in the forward); the others run the shared chunking engine with the
+divergence in torch per chunk (4x slower on the H200 at 16k tokens x 128k vocab).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from liger_kernels.losses.chunked import (
     chunked_fused_linear_loss,
     row_groups,
 )
+from liger_kernels.ops.fused_linear_jsd import fused_linear_jsd
 
 # The logits-mode chunk holds several fp32 (rows, V) temporaries: use 1/8 of the default budget.
 _TEMPORARIES = 8
@@ -93,6 +99,9 @@ def fused_linear_jsd_loss(
     vocab = student_weight.shape[0]
     if teacher_weight.shape[0] != vocab:
         raise ValueError(f"teacher_weight has vocab {teacher_weight.shape[0]}, student_weight has {vocab}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size (tokens per chunk) must be >= 1, got {chunk_size}")
+    labels = target
     if target is None:
         if weight_hard_loss != 0.0:
             raise ValueError("weight_hard_loss != 0 needs target")
@@ -102,6 +111,14 @@ def fused_linear_jsd_loss(
             raise ValueError(f"target has {target.numel()} elements for {student.shape[0]} tokens")
         target = target.reshape(-1, 1)
         check_target("target", target, student, vocab, ignore_index)
+    if fused and weight_hard_loss == 0.0 and student_bias is None and teacher_bias is None:
+        soft = fused_linear_jsd(
+            student.squeeze(1), student_weight, teacher.squeeze(1), teacher_weight,
+            labels.reshape(-1) if labels is not None else None, beta, ignore_index, temperature,
+            chunk_size=chunk_size, accum_dtype=accum_dtype,
+        )  # fmt: skip
+        hard = torch.zeros((), device=student.device)
+        return LossOutput(weight_soft_loss * soft, {"soft_loss": soft.detach(), "hard_loss": hard})
     n_valid = (target != ignore_index).sum().clamp(min=1)
     inv_t = 1.0 / temperature
     parts = {name: torch.zeros((), device=student.device) for name in ("soft_loss", "hard_loss")}
@@ -120,8 +137,6 @@ def fused_linear_jsd_loss(
             loss = loss + weight_hard_loss * hard
         return loss
 
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size (tokens per chunk) must be >= 1, got {chunk_size}")
     chunk_size = chunk_size or auto_chunk_size(_TEMPORARIES, 1, vocab)
     loss, _ = chunked_fused_linear_loss(
         student, student_weight, target, loss_fn, row_groups(student.shape[0], chunk_size, student.device),

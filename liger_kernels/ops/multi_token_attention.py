@@ -2,18 +2,22 @@
 the causally masked attention map.
 
     p   = softmax(scores with key j > query i set to -inf)         over the last dimension
+          (sparse=True: sparsemax of the same masked scores, as Liger-Kernel's sparse mode)
     out = conv2d(p, weight, bias, stride, padding, dilation, groups), then out[..., i, j] = 0 for j > i
 
 scores is (B, C_in, L, L) (C_in = heads), weight (C_out, C_in / groups, kH, kW); the convolution must
 keep the L x L map (e.g. stride 1 and padding (k - 1) // 2 per side for odd kernels), otherwise the
 causal mask of the output is undefined and a ValueError is raised.
 
-The masked softmax and its backward are Triton kernels, one program per (b, c, query) row: they read
-only the keys j <= i (the masked half of the map is never loaded) and write p with exact zeros above
-the diagonal. The convolution and its gradients are cuDNN's (torch.nn.functional.conv2d and
-torch.nn.grad), run on p in the input dtype (fp32 in TF32 where torch.backends.cudnn.allow_tf32 says so,
-as torch's conv2d). The backward masks the incoming gradient, recomputes
-nothing and uses the saved p: dscores = p * (dp - sum(p * dp)).
+The masked normalization and its backward are Triton kernels over tiles of (b, c, query) rows: they
+read only the keys j <= i (the masked half of the map is never loaded) and write p with exact zeros
+above the diagonal. Softmax takes one row per program; sparsemax calls the tile helpers of
+liger_kernels/ops/sparsemax.py (bisection + Michelot threshold search, masked keys at -inf) with
+sparsemax's tiling (several short rows per program). The convolution and its gradients are cuDNN's
+(torch.nn.functional.conv2d and torch.nn.grad), run on p in the input dtype (fp32 in TF32 where
+torch.backends.cudnn.allow_tf32 says so, as torch's conv2d). The backward masks the incoming gradient,
+recomputes nothing and uses the saved p: dscores = p * (dp - sum(p * dp)) for softmax,
+s * (dp - sum(s * dp) / sum(s)) with the support s = [p > 0] for sparsemax.
 """
 
 from __future__ import annotations
@@ -30,45 +34,83 @@ from liger_kernels._utils import (
     row_launch_config,
     use_triton,
 )
+from liger_kernels.ops.sparsemax import (
+    _BISECTIONS,
+    _MICHELOT_STEPS,
+    sparsemax_reference,
+    sparsemax_tile,
+    sparsemax_tile_grad,
+)
+from liger_kernels.ops.sparsemax import _launch as _sparsemax_launch
 
 
 @triton.jit
-def _causal_softmax_fwd_kernel(x_ptr, p_ptr, seq_len, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    query = row % seq_len
-    cols = tl.arange(0, BLOCK)
-    keep = cols <= query
-    x = tl.load(x_ptr + row * seq_len + cols, mask=keep, other=-float("inf")).to(tl.float32)
-    e = tl.exp(x - tl.max(x, axis=0))  # the diagonal is always kept: the max is finite
-    p = e / tl.sum(e, axis=0)
-    tl.store(p_ptr + row * seq_len + cols, p.to(p_ptr.dtype.element_ty), mask=cols < seq_len)
+def _causal_fwd_kernel(
+    x_ptr, p_ptr, n_rows, seq_len,
+    SPARSE: tl.constexpr, BISECTIONS: tl.constexpr, MICHELOT_STEPS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """p of BLOCK_M rows (b, c, query) of the maps: softmax or sparsemax over the keys j <= query."""
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
+    cols = tl.arange(0, BLOCK_N)[None, :]
+    # Rows past the end read the last row (finite, never stored): the diagonal is always kept.
+    src = tl.minimum(rows, n_rows - 1)
+    keep = cols <= src % seq_len
+    x = tl.load(x_ptr + src * seq_len + cols, mask=keep, other=-float("inf")).to(tl.float32)
+    if SPARSE:
+        p = sparsemax_tile(x, BISECTIONS, MICHELOT_STEPS)
+    else:
+        e = tl.exp(x - tl.max(x, axis=1)[:, None])  # the max is finite
+        p = e / tl.sum(e, axis=1)[:, None]
+    tl.store(p_ptr + rows * seq_len + cols, p.to(p_ptr.dtype.element_ty), mask=(rows < n_rows) & (cols < seq_len))
 
 
 @triton.jit
-def _causal_softmax_bwd_kernel(p_ptr, dp_ptr, dx_ptr, seq_len, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    query = row % seq_len
-    cols = tl.arange(0, BLOCK)
-    keep = cols <= query
-    p = tl.load(p_ptr + row * seq_len + cols, mask=keep, other=0.0).to(tl.float32)
-    dp = tl.load(dp_ptr + row * seq_len + cols, mask=keep, other=0.0).to(tl.float32)
-    dx = p * (dp - tl.sum(p * dp, axis=0))
-    tl.store(dx_ptr + row * seq_len + cols, dx.to(dx_ptr.dtype.element_ty), mask=cols < seq_len)
+def _causal_bwd_kernel(
+    p_ptr, dp_ptr, dx_ptr, n_rows, seq_len, SPARSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
+    cols = tl.arange(0, BLOCK_N)[None, :]
+    in_rows = rows < n_rows
+    keep = in_rows & (cols <= rows % seq_len)
+    p = tl.load(p_ptr + rows * seq_len + cols, mask=keep, other=0.0).to(tl.float32)
+    dp = tl.load(dp_ptr + rows * seq_len + cols, mask=keep, other=0.0).to(tl.float32)
+    if SPARSE:
+        dx = sparsemax_tile_grad(p, dp)  # the support p > 0 lies in the kept keys
+    else:
+        dx = p * (dp - tl.sum(p * dp, axis=1)[:, None])
+    tl.store(dx_ptr + rows * seq_len + cols, dx.to(dx_ptr.dtype.element_ty), mask=in_rows & (cols < seq_len))
 
 
-def _causal_softmax(x: torch.Tensor) -> torch.Tensor:
-    seq_len = x.shape[-1]
-    p = new_output(x.shape, x.dtype, x.device)
+def _launch(n_rows: int, seq_len: int, sparse: bool):
+    """grid, BLOCK_M, BLOCK_N, warps. Softmax: one row per program. Sparsemax: sparsemax's tiles
+    (several short rows per program, so its bisection reductions fill the warps)."""
+    if sparse:
+        return _sparsemax_launch(n_rows, seq_len)
     block, num_warps = row_launch_config(seq_len)
-    _causal_softmax_fwd_kernel[(x.numel() // seq_len,)](x, p, seq_len, BLOCK=block, num_warps=num_warps)
+    return (n_rows,), 1, block, num_warps
+
+
+def _causal_normalize(x: torch.Tensor, sparse: bool) -> torch.Tensor:
+    seq_len = x.shape[-1]
+    n_rows = x.numel() // seq_len
+    p = new_output(x.shape, x.dtype, x.device)
+    grid, block_m, block_n, num_warps = _launch(n_rows, seq_len, sparse)
+    _causal_fwd_kernel[grid](
+        x, p, n_rows, seq_len, SPARSE=sparse, BISECTIONS=_BISECTIONS, MICHELOT_STEPS=_MICHELOT_STEPS,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    )
     return p
 
 
-def _causal_softmax_backward(p: torch.Tensor, dp: torch.Tensor) -> torch.Tensor:
+def _causal_normalize_backward(p: torch.Tensor, dp: torch.Tensor, sparse: bool) -> torch.Tensor:
     seq_len = p.shape[-1]
+    n_rows = p.numel() // seq_len
     dx = new_output(p.shape, p.dtype, p.device)
-    block, num_warps = row_launch_config(seq_len)
-    _causal_softmax_bwd_kernel[(p.numel() // seq_len,)](p, dp, dx, seq_len, BLOCK=block, num_warps=num_warps)
+    grid, block_m, block_n, num_warps = _launch(n_rows, seq_len, sparse)
+    _causal_bwd_kernel[grid](
+        p, dp, dx, n_rows, seq_len, SPARSE=sparse, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    )
     return dx
 
 
@@ -79,13 +121,14 @@ def _future(seq_len: int, device) -> torch.Tensor:
 
 class MultiTokenAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, scores, weight, bias, stride, padding, dilation, groups):
-        p = _causal_softmax(scores)
+    def forward(ctx, scores, weight, bias, stride, padding, dilation, groups, sparse):
+        p = _causal_normalize(scores, sparse)
         out = torch.nn.functional.conv2d(p, weight, bias, stride, padding, dilation, groups)
         future = _future(scores.shape[-1], scores.device)
         ctx.save_for_backward(p, weight, future)
         ctx.conv = (stride, padding, dilation, groups)
         ctx.has_bias = bias is not None
+        ctx.sparse = sparse
         return out.masked_fill_(future, 0.0)  # out is our own buffer
 
     @staticmethod
@@ -96,19 +139,23 @@ class MultiTokenAttentionFunction(torch.autograd.Function):
         dscores = dweight = dbias = None
         if ctx.needs_input_grad[0]:
             dp = torch.nn.grad.conv2d_input(p.shape, weight, dout, stride, padding, dilation, groups)
-            dscores = _causal_softmax_backward(p, dp.contiguous())
+            dscores = _causal_normalize_backward(p, dp.contiguous(), ctx.sparse)
         if ctx.needs_input_grad[1]:
             dweight = torch.nn.grad.conv2d_weight(p, weight.shape, dout, stride, padding, dilation, groups)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dbias = dout.sum(dim=(0, 2, 3), dtype=torch.float32).to(weight.dtype)
-        return dscores, dweight, dbias, None, None, None, None
+        return dscores, dweight, dbias, None, None, None, None, None
 
 
-def multi_token_attention_reference(scores, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    """Torch specification: masked softmax and convolution in fp32 (fp64 for fp64), input dtype out."""
+def multi_token_attention_reference(
+    scores, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, sparse=False
+):
+    """Torch specification: masked softmax (sparsemax if `sparse`, by sorting) and convolution in fp32
+    (fp64 for fp64), input dtype out."""
     compute = torch.promote_types(scores.dtype, torch.float32)
     future = _future(scores.shape[-1], scores.device)
-    p = torch.softmax(scores.to(compute).masked_fill(future, float("-inf")), dim=-1)
+    masked = scores.to(compute).masked_fill(future, float("-inf"))
+    p = sparsemax_reference(masked, dim=-1) if sparse else torch.softmax(masked, dim=-1)
     out = torch.nn.functional.conv2d(
         p, weight.to(compute), None if bias is None else bias.to(compute), stride, padding, dilation, groups
     )
@@ -144,11 +191,15 @@ def _check_inputs(scores, weight, bias, stride, padding, dilation, groups):
             )
 
 
-def multi_token_attention(scores, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    """Multi-token attention of the scores (B, C_in, L, L): causal softmax over keys, a 2-D
-    key-query convolution (weight (C_out, C_in / groups, kH, kW), optional bias (C_out,)), and the
-    causal mask applied to the result (zeros above the diagonal). Returns (B, C_out, L, L)."""
+def multi_token_attention(scores, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, sparse=False):
+    """Multi-token attention of the scores (B, C_in, L, L): causal softmax over keys (sparsemax if
+    `sparse`), a 2-D key-query convolution (weight (C_out, C_in / groups, kH, kW), optional bias
+    (C_out,)), and the causal mask applied to the result (zeros above the diagonal). Returns
+    (B, C_out, L, L)."""
     _check_inputs(scores, weight, bias, stride, padding, dilation, groups)
+    sparse = bool(sparse)
     if not use_triton(scores, weight, bias) or scores.numel() == 0:
-        return multi_token_attention_reference(scores, weight, bias, stride, padding, dilation, groups)
-    return MultiTokenAttentionFunction.apply(scores.contiguous(), weight, bias, stride, padding, dilation, groups)
+        return multi_token_attention_reference(scores, weight, bias, stride, padding, dilation, groups, sparse)
+    return MultiTokenAttentionFunction.apply(
+        scores.contiguous(), weight, bias, stride, padding, dilation, groups, sparse
+    )

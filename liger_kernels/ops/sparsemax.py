@@ -8,7 +8,8 @@ with the whole row in registers, shifted by its max, it bisects f(tau) = sum(max
 on [-1, 0] (f is decreasing, f(-1) >= 0 > f(0)), then refines with exact Michelot steps
 tau <- (sum_{x > tau} x - 1) / #{x > tau}, which from any tau <= tau* never overshoot and land on tau*
 once the support is right; after the bisection the support is right to within a rounding of tau.
-Math in fp32, y in x's dtype; the backward uses the saved y's support. The dimension is moved last
+Math in fp32, y in x's dtype; the backward uses the saved y's support. The tile math is two
+@triton.jit helpers (sparsemax_tile, sparsemax_tile_grad), also used by multi-token attention's sparse mode. The dimension is moved last
 (a copy unless it already is); rows up to `_utils.MAX_FUSED_SIZE` wide (a ValueError beyond; the
 reference, used for CPU tensors, has no limit).
 """
@@ -40,21 +41,17 @@ _TILE_ELEMENTS = 2048
 
 
 @triton.jit
-def _sparsemax_fwd_kernel(
-    x_ptr, x_stride, y_ptr, n_rows, n_cols,
-    BISECTIONS: tl.constexpr, MICHELOT_STEPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
-    cols = tl.arange(0, BLOCK_N)[None, :]
-    mask = (rows < n_rows) & (cols < n_cols)
-    # Columns past the end are -inf (never in the support); rows past the end 0 (finite, not stored).
-    x = tl.load(x_ptr + rows * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    x = tl.where(cols < n_cols, x, -float("inf"))
+def sparsemax_tile(x, BISECTIONS: tl.constexpr, MICHELOT_STEPS: tl.constexpr):
+    """Sparsemax of each row of the [BLOCK_M, BLOCK_N] fp32 tile x, in fp32. Entries outside the row
+    (past its end, masked keys) must be -inf (never in the support); each row needs a finite entry
+    (rows that are not stored may be any finite values, e.g. 0). Shared by the sparsemax kernels and
+    multi-token attention's sparse mode; inlined by Triton."""
     # Shift by the row max (sparsemax is shift invariant): tau is then found in [-1, 0] to fp32
     # precision near 1, not near |max x|, and x - max is exact for values near the max.
-    x = x - tl.max(x, axis=1)[:, None]
-    lo = tl.full([BLOCK_M], -1.0, tl.float32)
-    hi = tl.zeros([BLOCK_M], dtype=tl.float32)
+    x_max = tl.max(x, axis=1)
+    x = x - x_max[:, None]
+    hi = tl.zeros_like(x_max)
+    lo = hi - 1.0
     for _ in range(BISECTIONS):  # invariant: f(lo) >= 0 > f(hi)
         mid = 0.5 * (lo + hi)
         f = tl.sum(tl.maximum(x - mid[:, None], 0.0), axis=1) - 1.0
@@ -65,7 +62,31 @@ def _sparsemax_fwd_kernel(
         support = x > tau[:, None]
         k = tl.sum(support.to(tl.float32), axis=1)  # >= 1: the maximum is above tau
         tau = (tl.sum(tl.where(support, x, 0.0), axis=1) - 1.0) / k
-    y = tl.maximum(x - tau[:, None], 0.0)
+    return tl.maximum(x - tau[:, None], 0.0)
+
+
+@triton.jit
+def sparsemax_tile_grad(y, dy):
+    """dx of each row of the [BLOCK_M, BLOCK_N] tiles y (the sparsemax output, 0 outside the rows)
+    and dy (fp32): s * (dy - sum(s * dy) / sum(s)), s = [y > 0]; rows with y all 0 give dx = 0."""
+    support = y > 0
+    k = tl.maximum(tl.sum(support.to(tl.float32), axis=1), 1.0)  # 1 only for rows past the end
+    mean = tl.sum(tl.where(support, dy, 0.0), axis=1) / k
+    return tl.where(support, dy - mean[:, None], 0.0)
+
+
+@triton.jit
+def _sparsemax_fwd_kernel(
+    x_ptr, x_stride, y_ptr, n_rows, n_cols,
+    BISECTIONS: tl.constexpr, MICHELOT_STEPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
+    cols = tl.arange(0, BLOCK_N)[None, :]
+    mask = (rows < n_rows) & (cols < n_cols)
+    # Columns past the end are -inf (never in the support); rows past the end 0 (finite, not stored).
+    x = tl.load(x_ptr + rows * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    x = tl.where(cols < n_cols, x, -float("inf"))
+    y = sparsemax_tile(x, BISECTIONS, MICHELOT_STEPS)
     tl.store(y_ptr + rows * n_cols + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -78,10 +99,7 @@ def _sparsemax_bwd_kernel(
     mask = (rows < n_rows) & (cols < n_cols)
     dy = tl.load(dy_ptr + rows * dy_stride + cols, mask=mask, other=0.0).to(tl.float32)
     y = tl.load(y_ptr + rows * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    support = y > 0
-    k = tl.maximum(tl.sum(support.to(tl.float32), axis=1), 1.0)  # 1 only for rows past the end
-    mean = tl.sum(tl.where(support, dy, 0.0), axis=1) / k
-    dx = tl.where(support, dy - mean[:, None], 0.0)
+    dx = sparsemax_tile_grad(y, dy)
     tl.store(dx_ptr + rows * n_cols + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -140,7 +158,9 @@ def sparsemax_reference(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     k = torch.arange(1, z.shape[-1] + 1, device=z.device, dtype=compute)
     support_size = (1 + k * z_sorted > cumsum).sum(-1, keepdim=True)  # >= 1
     tau = (cumsum.gather(-1, support_size - 1) - 1) / support_size.to(compute)
-    return torch.clamp(z - tau, min=0).movedim(-1, dim).to(x.dtype)
+    # relu, not clamp: at a tie (z == tau, y == 0) clamp would pass the gradient through, relu gives
+    # the support [y > 0] of the docstring (and of the kernels).
+    return torch.relu(z - tau).movedim(-1, dim).to(x.dtype)
 
 
 def sparsemax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:

@@ -55,6 +55,31 @@ def test_jsd(beta, dtype, device):
         assert_close(t.grad, t64.grad, dtype, reduction=True, name=f"grad {name}")
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_jsd_soft_only_runs_the_op(beta, dtype, device, monkeypatch):
+    """Without biases and hard-label term the loss is the fused_linear_jsd op (a Triton JSD pass)."""
+    import liger_kernels.losses.distillation as distillation
+
+    calls = []
+    op = distillation.fused_linear_jsd
+    monkeypatch.setattr(distillation, "fused_linear_jsd", lambda *a, **k: calls.append(1) or op(*a, **k))
+    hs, ws, _, target = make_inputs(B, T, HS, V, dtype, device, bias=False)
+    ht, wt, _, _ = make_inputs(B, T, HT, V, dtype, device, bias=False)
+    hs, ws = (t.detach().requires_grad_() for t in (hs, ws))
+    out = fused_linear_jsd_loss(hs, ws, ht, wt, target, beta=beta, temperature=0.7, weight_soft_loss=0.5, chunk_size=4)
+    out.loss.backward()
+    assert calls == [1]
+    hs64, ws64 = leaf64(hs, ws)
+    soft = _jsd_ref(logits64(hs64, ws64, None), logits64(ht.double(), wt.double(), None), target, beta, 0.7)
+    (0.5 * soft).backward()
+    assert_close(out.loss, 0.5 * soft, dtype, reduction=True, name="loss")
+    assert_close(out.metrics["soft_loss"], soft, dtype, reduction=True, name="soft_loss")
+    assert out.metrics["hard_loss"].item() == 0.0
+    for t, t64, name in ((hs, hs64, "input"), (ws, ws64, "weight")):
+        assert_close(t.grad, t64.grad, dtype, reduction=True, name=f"grad {name}")
+
+
 def test_jsd_flat_tokens_without_target(device):
     hs, ws, _, _ = make_inputs(1, 9, HS, V, torch.float32, device, bias=False)
     ht, wt, _, _ = make_inputs(1, 9, HT, V, torch.float32, device, bias=False)
