@@ -85,6 +85,11 @@ def _tile_at(t, n_tiles_s, n_channels, n_spatial, BLOCK_C: tl.constexpr, BLOCK_S
 
 
 @triton.jit
+def _add_pair(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
 def _range_stats(x_grp, n_channels, n_spatial, n_tiles_s, t_lo, t_hi,
                  BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     """(count, ref, offset, M2) of tiles [t_lo, t_hi) of a group: mean = ref + offset, ref the first
@@ -102,8 +107,7 @@ def _range_stats(x_grp, n_channels, n_spatial, n_tiles_s, t_lo, t_hi,
         mean_t = tl.sum(x) / n_t
         ref = tl.where(t == t_lo, mean_t, ref)
         xc = tl.where(mask, x - mean_t, 0.0)
-        s1 = tl.sum(xc)
-        s2 = tl.sum(xc * xc)
+        s1, s2 = tl.reduce(tl.reduce((xc, xc * xc), 1, _add_pair), 0, _add_pair)  # both sums at once
         total = count + n_t
         delta = ((mean_t - ref) + s1 / n_t) - offset
         frac = n_t / total
@@ -205,8 +209,7 @@ def _range_grad_sums(
         offs, ch, ch_ok, mask, n_t, ts = _tile_at(t, n_tiles_s, n_channels, n_spatial, BLOCK_C, BLOCK_S)
         dy = tl.load(dy_grp + offs, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(x_grp + offs, mask=mask, other=0.0).to(tl.float32)
-        dy_c = tl.sum(dy, axis=1)
-        dy_xhat_c = tl.sum(dy * ((x - mean) * rstd), axis=1)
+        dy_c, dy_xhat_c = tl.reduce((dy, dy * ((x - mean) * rstd)), 1, _add_pair)
         part = (part_row + ts) * n_channels_total + first_channel + ch
         if COMPUTE_DW:
             tl.store(dw_part_ptr + part, dy_xhat_c, mask=ch_ok)
@@ -216,8 +219,9 @@ def _range_grad_sums(
             w = tl.load(w_ptr + first_channel + ch, mask=ch_ok, other=0.0).to(tl.float32)
             dy_c *= w
             dy_xhat_c *= w
-        sum_h += tl.sum(dy_c, axis=0)
-        sum_h_xhat += tl.sum(dy_xhat_c, axis=0)
+        h_t, h_xhat_t = tl.reduce((dy_c, dy_xhat_c), 0, _add_pair)
+        sum_h += h_t
+        sum_h_xhat += h_xhat_t
     return sum_h, sum_h_xhat
 
 
