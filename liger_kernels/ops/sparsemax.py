@@ -8,10 +8,10 @@ with the whole row in registers, shifted by its max, it bisects f(tau) = sum(max
 on [-1, 0] (f is decreasing, f(-1) >= 0 > f(0)), then refines with exact Michelot steps
 tau <- (sum_{x > tau} x - 1) / #{x > tau}, which from any tau <= tau* never overshoot and land on tau*
 once the support is right; after the bisection the support is right to within a rounding of tau.
-Math in fp32, y in x's dtype; the backward uses the saved y's support. The tile math is two
-@triton.jit helpers (sparsemax_tile, sparsemax_tile_grad), also used by multi-token attention's sparse mode. The dimension is moved last
+Math in fp32, y in x's dtype; the backward uses the saved y's support. The dimension is moved last
 (a copy unless it already is); rows up to `_utils.MAX_FUSED_SIZE` wide (a ValueError beyond; the
-reference, used for CPU tensors, has no limit).
+reference, used for CPU tensors, has no limit). The tile math is two @triton.jit helpers
+(sparsemax_tile, sparsemax_tile_grad), also called by multi-token attention's sparse mode.
 """
 
 from __future__ import annotations
