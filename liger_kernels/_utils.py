@@ -4,11 +4,13 @@ One place for each of these concepts so that every op behaves the same way:
 - CUDA tensors run Triton; CPU tensors run the torch reference, unless the Triton interpreter is forced
   with ``TRITON_INTERPRET=1`` (set before triton is imported), which is how the tests run kernels on CPU.
 - Bad input raises ``ValueError``/``TypeError`` naming the argument, before any kernel launches.
-- ``LIGER_POISON_OUTPUTS=1`` makes every kernel output start as NaN, so tests catch unwritten elements.
+- ``LIGER_POISON_OUTPUTS=1`` (read at import) makes every kernel output start as NaN, so tests catch
+  unwritten elements.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -28,8 +30,24 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return all(t.is_cuda for t in tensors if t is not None)
 
 
+# Read once: new_output runs several times per op call, and an environment lookup per call is
+# measurable host time on small ops. `poisoned_outputs()` switches it on for a block (bench selfcheck).
+_POISON = os.environ.get("LIGER_POISON_OUTPUTS", "0") == "1"
+
+
 def poison_enabled() -> bool:
-    return os.environ.get("LIGER_POISON_OUTPUTS", "0") == "1"
+    return _POISON
+
+
+@contextlib.contextmanager
+def poisoned_outputs():
+    """Outputs start as NaN inside the block (unwritten elements show up), whatever the environment."""
+    global _POISON
+    previous, _POISON = _POISON, True
+    try:
+        yield
+    finally:
+        _POISON = previous
 
 
 def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:

@@ -26,7 +26,6 @@ import gc
 import importlib
 import json
 import math
-import os
 import platform
 import statistics
 import subprocess
@@ -1378,17 +1377,10 @@ def selfcheck(ops=DEFAULT_OPS, dtypes=(torch.float32, torch.bfloat16), device=No
 
     device = device or ("cuda" if torch.cuda.is_available() and not _utils.INTERPRET else "cpu")
     rows = []
-    previous = os.environ.get("LIGER_POISON_OUTPUTS")
-    os.environ["LIGER_POISON_OUTPUTS"] = "1"
-    try:
+    with _utils.poisoned_outputs():
         for op in ops:
             for dtype in dtypes:
                 rows.append(_selfcheck_one(op, dtype, device, seed, _utils))
-    finally:
-        if previous is None:
-            del os.environ["LIGER_POISON_OUTPUTS"]
-        else:
-            os.environ["LIGER_POISON_OUTPUTS"] = previous
     return rows
 
 

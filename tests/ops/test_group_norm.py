@@ -1,7 +1,5 @@
 """group_norm: Triton kernels (interpreter on CPU) and the torch reference vs float64 math."""
 
-import math
-
 import pytest
 import torch
 
@@ -58,63 +56,6 @@ def test_group_norm_multi_tile_groups(device, monkeypatch):
     x = torch.randn(2, 12, 37, device=device)
     weight, bias = _params(12, torch.float32, device)
     _check(x, 2, weight, bias, torch.randn(2, 12, 37, device=device) / 2, torch.float32)
-
-
-def _small_tiles(monkeypatch, split=None, fused_max_tiles=None):
-    """Tiny tiles (at most 4 channels x 16 positions), so that small groups span several tiles."""
-    monkeypatch.setattr(group_norm_module, "_TILE_ELEMENTS", 64)
-    monkeypatch.setattr(group_norm_module, "_MAX_BLOCK_S", 16)
-    if split is not None:
-        monkeypatch.setattr(group_norm_module, "_FORCE_SPLIT", split)
-    if fused_max_tiles is not None:
-        monkeypatch.setattr(group_norm_module, "_FUSED_MAX_TILES", fused_max_tiles)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(
-    "shape, num_groups, split, expected_split",
-    [
-        # cg = 6: two channel blocks (4 + 2), S = 50: four spatial tiles (16, 16, 16, 2); 8 tiles in
-        # ranges of 3, 3, 2.
-        ((2, 12, 50), 2, 3, 3),
-        # cg = 2, S = 35 (5 x 7): one tile per range.
-        ((2, 8, 5, 7), 4, 8, 3),
-    ],
-)
-def test_group_norm_split_groups(shape, num_groups, split, expected_split, dtype, device, monkeypatch):
-    # Each group spread over several programs: partial statistics merged per group (forward), partial
-    # gradient sums merged per group and per-channel partials summed for dweight/dbias (backward).
-    _small_tiles(monkeypatch, split=split)
-    plan = group_norm_module._plan(shape[0] * num_groups, shape[1] // num_groups, shape[2] * math.prod(shape[3:]), torch.device(device))
-    assert plan.split == expected_split and not plan.fused
-    x = (torch.randn(shape, device=device) * 2 + 0.5).to(dtype)
-    weight, bias = _params(shape[1], dtype, device)
-    _check(x, num_groups, weight, bias, (torch.randn(shape, device=device) / 2).to(dtype), dtype)
-
-
-def test_group_norm_split_by_heuristic_offset_mean(device, monkeypatch):
-    # No forced split: few groups of many tiles (1 sample x 1 group, 6 x 40 elements, 2 x 3 tiles) are
-    # split by the default heuristic. A large common offset: the merge of per-range (mean, M2) keeps
-    # the variance exact where a sum of squares would cancel.
-    _small_tiles(monkeypatch)
-    plan = group_norm_module._plan(1, 6, 40, torch.device(device))
-    assert plan.split > 1 and not plan.fused
-    x = torch.randn(1, 6, 40, device=device) + 30.0
-    weight, bias = _params(6, torch.float32, device)
-    _check(x, 1, weight, bias, torch.randn(1, 6, 40, device=device), torch.float32)
-
-
-@pytest.mark.parametrize("params", ["none", "weight", "bias"])
-def test_group_norm_unfused_one_range(params, device, monkeypatch):
-    # One program per group (split 1), but the two-kernel path (group larger than the fused limit);
-    # with some of the parameters absent.
-    _small_tiles(monkeypatch, split=1, fused_max_tiles=0)
-    assert not group_norm_module._plan(6, 4, 21, torch.device(device)).fused
-    x = torch.randn(3, 8, 21, device=device)
-    weight, bias = _params(8, torch.float32, device)
-    weight = weight if params == "weight" else None
-    bias = bias if params == "bias" else None
-    _check(x, 2, weight, bias, torch.randn(3, 8, 21, device=device), torch.float32)
 
 
 @pytest.mark.parametrize("affine", [False, True])
