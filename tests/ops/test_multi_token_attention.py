@@ -169,15 +169,16 @@ def test_mta_gpu_size(device):
     assert_close(weight.grad, w32.grad, torch.bfloat16, reduction=True, name="dweight")
 
 
-def _check_sparse_against_fp32(batch, heads, seq_len, device):
+def _check_sparse_against_float64(batch, heads, seq_len, device):
     scores = (torch.randn(batch, heads, seq_len, seq_len, device=device) * 2).to(torch.bfloat16).requires_grad_()
     weight = (torch.randn(heads, heads, 3, 3, device=device) / 12).to(torch.bfloat16).requires_grad_()
     out = multi_token_attention(scores, weight, None, 1, 1, sparse=True)
     grad = torch.randn_like(out)
     out.backward(grad)
-    s32, w32 = scores.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
-    ref = multi_token_attention_reference(s32, w32, None, 1, 1, sparse=True)
-    ref.backward(grad.float())
+    # float64 reference: an fp32 sort + cumsum over 2048 keys misplaces the threshold by ~1e-4
+    s64, w64 = scores.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    ref = multi_token_attention_reference(s64, w64, None, 1, 1, sparse=True)
+    ref.backward(grad.double())
     assert_close(out, ref, torch.bfloat16, reduction=True, name="out")
     # dweight sums seq_len^2 bf16 products: held to plain bf16 torch's own error (p rounded to bf16,
     # cuDNN's bf16 convolution), as fixed tolerances stop fitting at 2048^2 terms.
@@ -185,23 +186,27 @@ def _check_sparse_against_fp32(batch, heads, seq_len, device):
     future = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).triu(1)
     p_bf16 = sparsemax_reference(scores.detach().float().masked_fill(future, float("-inf"))).to(torch.bfloat16)
     torch.nn.functional.conv2d(p_bf16, wb, None, 1, 1).masked_fill(future, 0.0).backward(grad)
-    assert_as_accurate_as_torch(weight.grad, wb.grad, w32.grad, name="dweight")
-    # dscores: a key within an fp32 rounding of the threshold may be in one support and not in the
-    # other (fp32 bisection vs fp32 sort), which moves that row's gradient by O(dp); compare the rows
-    # whose supports agree (nearly all).
+    assert_as_accurate_as_torch(weight.grad, wb.grad, w64.grad, name="dweight")
+    # dscores: bf16 scores repeat values, so a key often sits exactly on a row's threshold; our fp32
+    # search then leaves it at +-1 ulp of zero (p ~ 1e-7 or 0) while the float64 sort says 0, and the
+    # support, hence that row's gradient, differs by O(dp). Such tie rows are left out; every other row's
+    # support must agree and its gradient match.
     eye = torch.eye(heads, device=device, dtype=torch.bfloat16)[:, :, None, None]
     with torch.no_grad():
-        p = multi_token_attention(scores, eye, sparse=True)
-        p_ref = multi_token_attention_reference(s32, eye.float(), sparse=True)
+        p = multi_token_attention(scores, eye, sparse=True).double()
+        p_ref = multi_token_attention_reference(s64, eye.double(), sparse=True)
+    tie = (((p > 0) & (p < 1e-5)) | ((p_ref > 0) & (p_ref < 1e-5))).any(-1, keepdim=True)
     same = ((p == 0) == (p_ref == 0)).all(-1, keepdim=True)
-    assert same.float().mean().item() > 0.999
-    assert_close(scores.grad * same, s32.grad * same, torch.bfloat16, reduction=True, name="dscores")
+    assert (same | tie).all(), f"{(~(same | tie)).sum().item()} rows have other supports without a tie"
+    assert tie.float().mean().item() < 0.05
+    keep = same & ~tie
+    assert_close(scores.grad * keep, s64.grad * keep, torch.bfloat16, reduction=True, name="dscores")
 
 
-def test_mta_sparse_against_fp32_small(device):
-    _check_sparse_against_fp32(1, 2, 40, device)
+def test_mta_sparse_against_float64_small(device):
+    _check_sparse_against_float64(1, 2, 40, device)
 
 
 @pytest.mark.gpu
 def test_mta_sparse_gpu_size(device):
-    _check_sparse_against_fp32(1, 16, 2048, device)
+    _check_sparse_against_float64(1, 16, 2048, device)
