@@ -2,17 +2,7 @@
 # Session 5's first H200 call (kind nvidia-h200, carry [".whl"]):
 #   1. CUDA tests of the ops never run on the GPU since their last change, one timeout per file, full report
 #   2. the benchmark of the breadth ops (EXTRA_OPS) and the two fused losses not measured yet (cpo, jsd)
-set -u -o pipefail
-OUT=${OUT:-out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
-run_tests() {  # name, seconds, pytest args...
-  local name=$1 secs=$2; shift 2
-  LIGER_TEST_DEVICE=cuda PYTHONPATH=$PWD timeout "$secs" python3 -m pytest -q -p no:cacheprovider -rf --tb=short "$@" \
-    > "$OUT/t_$name.log" 2>&1
-  echo "$name rc=$? $(tail -1 "$OUT/t_$name.log")"
-}
+source "$(dirname "$0")/gpu_common.sh"
 {
   nvidia-smi -L
   echo "== 1. CUDA tests"

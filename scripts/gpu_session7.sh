@@ -3,11 +3,7 @@
 #   1. the core ops' anchors re-timed (DEFAULT_OPS, --quick) next to eager, compile and Liger-Kernel
 #   2. the fused linear JSD op and the JSD-distillation loss (never timed on the GPU)
 #   3. end to end with gradient checkpointing: Liger-Kernel and ours in one run
-set -u -o pipefail
-OUT=${OUT:-out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+source "$(dirname "$0")/gpu_common.sh"
 export PYTHONPATH=/tmp/site:$PWD
 {
   nvidia-smi -L

@@ -4,17 +4,7 @@
 #      (+ sparse), GroupNorm (split groups), sparsemax, distillation (soft-only runs the JSD op)
 #   2. benchmark: multi-token attention, GroupNorm, sparsemax, and the JSD-distillation loss again
 #   3. diagnostics for the next session: host vs GPU time of small norms, RoPE's kernels
-set -u -o pipefail
-OUT=${OUT:-out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
-run_tests() {  # name, seconds, pytest args...
-  local name=$1 secs=$2; shift 2
-  LIGER_TEST_DEVICE=cuda PYTHONPATH=$PWD timeout "$secs" python3 -m pytest -q -p no:cacheprovider -rf --tb=short "$@" \
-    > "$OUT/t_$name.log" 2>&1
-  echo "$name rc=$? $(tail -1 "$OUT/t_$name.log")"
-}
+source "$(dirname "$0")/gpu_common.sh"
 {
   nvidia-smi -L
   echo "== 1. CUDA tests"
