@@ -14,7 +14,9 @@ on transformers 5.24):
 - `trl.DPOTrainer`, `_compute_loss` -> `fused_linear_dpo_loss`: every loss type but "aot" and
   "aot_unpaired", and weighted combinations of them (`loss_weights`).
 - `trl.KTOTrainer`, `_compute_loss` -> `fused_linear_kto_loss`: "kto", "apo_zero_unpaired".
-- `trl.GRPOTrainer`, `_compute_loss` -> `fused_linear_grpo_loss`: "grpo", "bnpo", "dr_grpo", "dapo".
+- `trl.GRPOTrainer`, `_compute_loss` -> `fused_linear_grpo_loss`: "grpo", "bnpo", "dr_grpo", "dapo",
+  "cispo", "sapo", "luspo", "vespo" (TRL 1.9's "luspo" only at sequence level without KL: it differs
+  from 1.16's otherwise).
 - `trl.experimental.orpo.ORPOTrainer`, `get_batch_loss_metrics` -> `fused_linear_orpo_loss`.
 - `trl.experimental.cpo.CPOTrainer`, `get_batch_loss_metrics` -> `fused_linear_cpo_loss`: "sigmoid",
   "hinge", "ipo", "simpo" (SimPO), AlphaPO (`alpha`).
@@ -28,7 +30,7 @@ FSDP2 (DTensor) one with `full_tensor()`. Nothing here needs the `liger-kernel` 
 
 Configurations the fused losses do not cover fall back to TRL's own loss, with one warning each:
 DPO `ld_alpha`, non-default `f_divergence_type`, `use_weighting`, "aot" losses; GRPO loss types other
-than the four above, `off_policy_mask_threshold`, `top_entropy_quantile < 1`, entropy bonus, vLLM
+than the eight above, `off_policy_mask_threshold`, `top_entropy_quantile < 1`, entropy bonus, vLLM
 importance-sampling correction, `cast_lm_head_to_fp32`; MoE auxiliary losses; vision inputs;
 encoder-decoders; prompt-learning PEFT or a PEFT adapter on `lm_head`; models with logit softcapping
 or logit scaling.
@@ -55,6 +57,17 @@ from liger_kernels.losses import (
 )
 
 TESTED_TRL_VERSIONS = ("1.9.0", "1.16.0")
+
+
+@functools.cache
+def _trl_1_16_or_later() -> bool:
+    """GRPO changed in TRL 1.16: the token count of dapo/cispo/vespo is rescaled from the generation batch
+    to one accumulation window (x grad-accumulation steps / steps_per_generation; 1.9 divides by the count
+    as is), and luspo sums the masked tokens per sequence (1.9 averages over all B*T positions)."""
+    import trl
+    from packaging.version import Version
+
+    return Version(trl.__version__) >= Version("1.16")
 _HOOKED = "_liger_head_hooked"
 _SCALING_ATTRS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
 _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "mm_token_type_ids",
@@ -361,6 +374,11 @@ class _GRPOMixin(_LigerMixin):
     def _liger_fallback_reason(self, model, inputs):
         if self.loss_type not in GRPO_LOSS_TYPES:
             return f"`loss_type={self.loss_type!r}`"
+        if self.loss_type == "luspo" and (self.importance_sampling_level != "sequence" or self.beta != 0.0):
+            # TRL < 1.16 averages `per_token_loss * length` over all B*T positions, padding included,
+            # whenever the per-token loss is (B, T); 1.16 sums the masked tokens per sequence (ours).
+            if not _trl_1_16_or_later():
+                return "`loss_type='luspo'` at token level or with KL on TRL < 1.16"
         if self.off_policy_mask_threshold is not None:
             return "`off_policy_mask_threshold`"
         if self.top_entropy_quantile < 1.0:
@@ -387,10 +405,19 @@ class _GRPOMixin(_LigerMixin):
         ref_logps = inputs.get("ref_per_token_logps") if self.beta != 0.0 else None
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         num_items = None
-        if self.loss_type == "dapo":
+        token_sum = self.loss_type in ("dapo", "cispo", "vespo")  # normalized by a global token count
+        if token_sum:
             num_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
-            if mode == "train":
+            if mode == "train" and _trl_1_16_or_later():
                 num_items = num_items * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+
+        extra = {}
+        if self.loss_type == "sapo":
+            extra = dict(sapo_temperature_pos=self.args.sapo_temperature_pos,
+                         sapo_temperature_neg=self.args.sapo_temperature_neg)  # fmt: skip
+        elif self.loss_type == "vespo":
+            extra = dict(vespo_k_pos=self.args.vespo_k_pos, vespo_lambda_pos=self.args.vespo_lambda_pos,
+                         vespo_k_neg=self.args.vespo_k_neg, vespo_lambda_neg=self.args.vespo_lambda_neg)  # fmt: skip
 
         def head(hidden, weight, bias):
             return fused_linear_grpo_loss(
@@ -400,7 +427,7 @@ class _GRPOMixin(_LigerMixin):
                 importance_sampling_level=self.importance_sampling_level,
                 use_bias_correction_kl=self.args.use_bias_correction_kl,
                 max_completion_length=self.max_completion_length, num_items_in_batch=num_items,
-                temperature=self.temperature,
+                temperature=self.temperature, **extra,
             )  # fmt: skip
 
         with self.accelerator.autocast():
@@ -409,7 +436,7 @@ class _GRPOMixin(_LigerMixin):
                 attention_mask=torch.cat([inputs["prompt_mask"], completion_mask], dim=1),
                 liger_head=head,
             )
-        loss = out.loss if self.loss_type == "dapo" else out.loss / accumulation
+        loss = out.loss if token_sum else out.loss / accumulation
         self._liger_log(mode, out.metrics, mask.bool())
         return loss
 
@@ -429,6 +456,14 @@ class _GRPOMixin(_LigerMixin):
         if self.beta != 0.0:
             metrics["kl"].append(global_masked_mean(m["per_token_kl"]))
         metrics["entropy"].append(global_masked_mean(m["per_token_entropy"]))
+        if self.loss_type == "cispo":
+            metrics["cispo_clip_ratio"].append(global_masked_mean(m["per_token_is_cispo_clipped"]))
+            return
+        if self.loss_type == "vespo":
+            metrics["vespo/phi_seq_mean"].append(global_masked_mean(m["phi_seq"]))
+            return
+        if self.loss_type == "sapo":
+            return
         low, high = m["per_token_is_low_clipped"], m["per_token_is_high_clipped"]
         metrics["clip_ratio/low_mean"].append(global_masked_mean(low))
         metrics["clip_ratio/high_mean"].append(global_masked_mean(high))

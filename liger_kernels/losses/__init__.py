@@ -4,8 +4,10 @@ materializing the (batch x seq_len x vocab) logits. All share one engine (`chunk
 Functional forms return `LossOutput(loss, metrics)`; modules take the options at construction.
 - Preference (paired, batch = [chosen..., rejected...]): `fused_linear_dpo_loss` (TRL's DPO loss
   types), `fused_linear_orpo_loss`, `fused_linear_cpo_loss`, `fused_linear_simpo_loss`.
-- Unpaired: `fused_linear_kto_loss`.  RL: `fused_linear_grpo_loss` (grpo, bnpo, dr_grpo, dapo).
-- Distillation: `fused_linear_jsd_loss` (generalized JSD; beta 0 / 1 = forward / reverse KL).
+- Unpaired: `fused_linear_kto_loss`.  RL: `fused_linear_grpo_loss` (grpo, bnpo, dr_grpo, dapo, cispo,
+  sapo, luspo, vespo).
+- Distillation: `fused_linear_jsd_loss` (generalized JSD; beta 0 / 1 = forward / reverse KL),
+  `fused_linear_cosine_similarity_loss` (beta * (1 - cosine similarity) of the logits).
 - `chunked_logprobs`: per-token log-probabilities (no gradient), e.g. for reference models.
 
 Common keywords: `chunk_size` (pairs / sequences / tokens per chunk; default about 2^28 logits per
@@ -15,7 +17,12 @@ for benchmarks.
 """
 
 from liger_kernels.losses.chunked import LossOutput, chunked_logprobs
-from liger_kernels.losses.distillation import FusedLinearJSDLoss, fused_linear_jsd_loss
+from liger_kernels.losses.distillation import (
+    FusedLinearCosineSimilarityLoss,
+    FusedLinearJSDLoss,
+    fused_linear_cosine_similarity_loss,
+    fused_linear_jsd_loss,
+)
 from liger_kernels.losses.grpo import GRPO_LOSS_TYPES, FusedLinearGRPOLoss, fused_linear_grpo_loss
 from liger_kernels.losses.kto import KTO_LOSS_TYPES, FusedLinearKTOLoss, fused_linear_kto_loss
 from liger_kernels.losses.preference import (
@@ -37,6 +44,7 @@ __all__ = [
     "GRPO_LOSS_TYPES",
     "KTO_LOSS_TYPES",
     "FusedLinearCPOLoss",
+    "FusedLinearCosineSimilarityLoss",
     "FusedLinearDPOLoss",
     "FusedLinearGRPOLoss",
     "FusedLinearJSDLoss",
@@ -45,6 +53,7 @@ __all__ = [
     "FusedLinearSimPOLoss",
     "LossOutput",
     "chunked_logprobs",
+    "fused_linear_cosine_similarity_loss",
     "fused_linear_cpo_loss",
     "fused_linear_dpo_loss",
     "fused_linear_grpo_loss",

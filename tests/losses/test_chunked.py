@@ -155,11 +155,22 @@ def _all_losses(device):
         "jsd": lambda h, w, b, f: L.fused_linear_jsd_loss(
             h, w, teacher_h, teacher_w, target, b, weight_hard_loss=0.5, chunk_size=7, fused=f
         ),
+        "cosine": lambda h, w, b, f: L.fused_linear_cosine_similarity_loss(
+            h, w, teacher_h, teacher_w, target, b, weight_hard_loss=0.5, temperature=2.0, chunk_size=7, fused=f
+        ),
+        "grpo_cispo": lambda h, w, b, f: L.fused_linear_grpo_loss(
+            h, w, target, adv, b, old_logps=old, loss_type="cispo", epsilon_high=1.1, chunk_size=3, fused=f
+        ),
+        "grpo_vespo": lambda h, w, b, f: L.fused_linear_grpo_loss(
+            h, w, target, adv, b, old_logps=old, ref_input=ref_h, beta=0.1, loss_type="vespo", chunk_size=3, fused=f
+        ),
     }
     return (h, w, b), cases
 
 
-@pytest.mark.parametrize("name", ["dpo", "orpo", "cpo", "simpo", "kto", "grpo", "jsd"])
+@pytest.mark.parametrize(
+    "name", ["dpo", "orpo", "cpo", "simpo", "kto", "grpo", "grpo_cispo", "grpo_vespo", "jsd", "cosine"]
+)
 def test_fused_matches_unfused(name, device):
     """`fused=False` (the benchmark baseline) computes the same loss, metrics and gradients."""
     inputs, cases = _all_losses(device)

@@ -224,8 +224,16 @@ def _even_words_reward(completions, **_):
 
 @pytest.mark.parametrize(
     "options",
-    [dict(loss_type="dapo"), dict(loss_type="grpo", beta=0.1, num_iterations=2, epsilon=0.1)],
-    ids=["dapo", "grpo-kl-two-iterations"],
+    [
+        dict(loss_type="dapo"),
+        dict(loss_type="dapo", steps_per_generation=2),
+        dict(loss_type="grpo", beta=0.1, num_iterations=2, epsilon=0.1),
+        dict(loss_type="cispo", num_iterations=2, epsilon_high=1.05),
+        dict(loss_type="sapo", beta=0.05, num_iterations=2),
+        dict(loss_type="luspo", importance_sampling_level="sequence", num_iterations=2),
+        dict(loss_type="vespo", num_iterations=2),
+    ],
+    ids=["dapo", "dapo-two-steps-per-generation", "grpo-kl-two-iterations", "cispo", "sapo-kl", "luspo", "vespo"],
 )
 def test_grpo_matches_stock(options, tokenizer, tmp_path):
     gen = torch.Generator().manual_seed(2)
@@ -246,5 +254,6 @@ def test_grpo_matches_stock(options, tokenizer, tmp_path):
                    processing_class=tokenizer)  # fmt: skip
 
     stock, ours = _run_pair(build)
-    assert {"entropy", "clip_ratio/region_mean"} <= set(ours[0])
+    expected = {"cispo": "cispo_clip_ratio", "vespo": "vespo/phi_seq_mean", "sapo": "entropy"}
+    assert {"entropy", expected.get(options["loss_type"], "clip_ratio/region_mean")} <= set(ours[0])
     _compare(stock, ours)
