@@ -170,6 +170,8 @@ def patch_instance(model: nn.Module, traits: ArchitectureTraits, options: Kernel
                     "(e.g. accelerate hooks); patch before dispatching the model"
                 )
                 continue
+            if role == "norm" and getattr(module, "with_scale", True) is False:
+                continue  # a weightless norm (Gemma 4's with_scale=False): keeps its own forward
             reason = _check_module(role, module, part)
             if reason is not None:
                 raise ValueError(

@@ -3,7 +3,8 @@
 Each `ArchitectureTraits` names the classes of one modeling module (`transformers.models.<x>.modeling_<x>`)
 and how they compute, read from the module's source for transformers 5.x:
 
-- norms: RMSNorm classes with their flavour. `offset` is 1.0 for Gemma's `x * (1 + w)`; `casting_mode`
+- norms: RMSNorm classes with their flavour (instances built without a weight, Gemma 4's
+  `with_scale=False`, keep their own forward). `offset` is 1.0 for Gemma's `x * (1 + w)`; `casting_mode`
   "llama" normalizes in fp32, casts to the input dtype, then multiplies by the weight
   (`w * x.to(dtype)`), "gemma" does everything in fp32 and casts at the end (`(x * w).to(dtype)`;
   Olmo2 is "gemma" with offset 0). `in_place` lets the kernel's backward overwrite the incoming
@@ -131,7 +132,13 @@ _LLAMA_NOT_IN_PLACE = NormSpec(in_place=False)
 _GEMMA = NormSpec(offset=1.0, casting_mode="gemma")
 _GEMMA_NOT_IN_PLACE = NormSpec(offset=1.0, casting_mode="gemma", in_place=False)
 _OLMO2 = NormSpec(offset=0.0, casting_mode="gemma", in_place=False)
+_GEMMA4 = NormSpec(casting_mode="gemma", in_place=False)
+_DEEPSEEK_V4 = NormSpec(casting_mode="gemma", in_place=False)  # fp32 weights: (w * x).to(dtype)
 _SPLIT = MLPSpec()
+_GEMMA4_UNPATCHED = (
+    "rotary (apply_rotary_pos_emb rotates one tensor at a time)",
+    "weightless Gemma4RMSNorm instances (with_scale=False: v_norm, router norm)",
+)
 _FUSED = MLPSpec(layout="fused", act_attr="activation_fn")
 
 
@@ -270,6 +277,33 @@ TRAITS: dict[str, ArchitectureTraits] = {
             experts=("HunYuanMoEV1Experts",),  # no router aux loss in its causal LM
         ),
         _dense("exaone4", "Exaone4", _LLAMA_NOT_IN_PLACE),  # post-sublayer norms feed the residual add
+        # --- text models added for issue #11 (C3) ---
+        ArchitectureTraits(
+            model_type="gemma4_text",
+            module=_modeling("gemma4"),
+            causal_lm="Gemma4ForCausalLM",
+            # (x * w).to(dtype), no offset; also the per-head q/k norms; post-norms feed the residual add
+            norms={"Gemma4RMSNorm": _GEMMA4},
+            mlps={"Gemma4TextMLP": _SPLIT},  # gelu tanh: geglu
+            experts=("Gemma4TextExperts",),  # the MoE block of 26B-A4B (enable_moe_block)
+            rope=(),
+            softcap_config="final_logit_softcapping",
+            unpatched=_GEMMA4_UNPATCHED,
+        ),
+        ArchitectureTraits(
+            model_type="deepseek_v4",
+            module=_modeling("deepseek_v4"),
+            causal_lm="DeepseekV4ForCausalLM",
+            norms={"DeepseekV4RMSNorm": _DEEPSEEK_V4},
+            rope=(),
+            moe=True,
+            unpatched=(
+                "DeepseekV4MLP shared experts and DeepseekV4Experts (SwiGLU on gate/up clamped to swiglu_limit)",
+                "DeepseekV4UnweightedRMSNorm (weightless; q and hyper-connection inputs)",
+                "rotary (interleaved pairs on the trailing rope slice, one tensor at a time)",
+                "compressed sparse / heavily compressed attention with its indexer; mHC hyper-connections",
+            ),
+        ),
         # --- vision-language models added for issue #11 (C2): *ForConditionalGeneration heads ---
         ArchitectureTraits(
             model_type="gemma3",
@@ -352,6 +386,67 @@ TRAITS: dict[str, ArchitectureTraits] = {
             rope=(),
             torch_layer_norm=True,
             unpatched=("text rotary (M-RoPE sections, partial)", _VISION_ROPE),
+        ),
+        # --- vision-language models added for issue #11 (C3) ---
+        ArchitectureTraits(
+            model_type="qwen3_5",
+            module=_modeling("qwen3_5"),
+            causal_lm="Qwen3_5ForConditionalGeneration",
+            norms={"Qwen3_5RMSNorm": _GEMMA},
+            mlps={"Qwen3_5MLP": _SPLIT},
+            rope=_ROTATE_HALF,  # sections interleaved by the rotary embedding; partial rotary
+            torch_layer_norm=True,  # vision blocks and patch merger
+            unpatched=(
+                "Qwen3_5GatedDeltaNet linear-attention layers with their Qwen3_5RMSNormGated",
+                "Qwen3_5VisionMLP (not gated)",
+                _VISION_ROPE,
+            ),
+        ),
+        ArchitectureTraits(
+            model_type="qwen3_5_moe",
+            module=_modeling("qwen3_5_moe"),
+            causal_lm="Qwen3_5MoeForConditionalGeneration",
+            norms={"Qwen3_5MoeRMSNorm": _GEMMA},
+            mlps={"Qwen3_5MoeMLP": _SPLIT},  # the shared expert
+            experts=("Qwen3_5MoeExperts",),
+            moe=True,
+            rope=_ROTATE_HALF,
+            torch_layer_norm=True,
+            unpatched=(
+                "Qwen3_5MoeGatedDeltaNet linear-attention layers with their Qwen3_5MoeRMSNormGated",
+                "Qwen3_5MoeVisionMLP (not gated)",
+                _VISION_ROPE,
+            ),
+        ),
+        ArchitectureTraits(
+            model_type="gemma4",
+            module=_modeling("gemma4"),
+            causal_lm="Gemma4ForConditionalGeneration",
+            norms={"Gemma4RMSNorm": _GEMMA4},  # text, vision (and audio) towers
+            mlps={"Gemma4TextMLP": _SPLIT, "Gemma4VisionMLP": _SPLIT},  # vision: on clippable linears
+            experts=("Gemma4TextExperts",),
+            rope=(),
+            softcap_config="final_logit_softcapping",  # of the text config
+            unpatched=(*_GEMMA4_UNPATCHED, "vision 2-D rotary (apply_multidimensional_rope)",
+                       "audio tower's LayerNorms, feed-forwards (not gated) and convolutions"),
+        ),
+        ArchitectureTraits(
+            model_type="llama4",
+            module=_modeling("llama4"),
+            # AutoModelForCausalLM builds Llama4ForCausalLM from a Llama 4 checkpoint: that one gets the fused loss.
+            causal_lm="Llama4ForCausalLM",
+            norms={"Llama4TextRMSNorm": _LLAMA},
+            mlps={"Llama4TextMLP": MLPSpec(act_attr="activation_fn")},
+            rope=(RopeSpec("apply_rotary_emb", "llama4_rope"),),
+            torch_layer_norm=True,  # vision encoder
+            unpatched=(
+                "Llama4ForConditionalGeneration's loss (on the logits its language_model returns: no base "
+                "model -> lm_head to fuse)",
+                "Llama4TextExperts (bmm on a (experts, hidden, 2 * intermediate) gate_up_proj, no _apply_gate hook)",
+                "Llama4TextL2Norm (weightless q/k norm)",
+                "Llama4VisionMLP / Llama4VisionMLP2 (fc1/fc2, not gated)",
+                "vision rotary (vision_apply_rotary_emb)",
+            ),
         ),
         # Wrappers: the language model is another registered architecture (text_config.model_type).
         ArchitectureTraits(

@@ -3,26 +3,39 @@ kernels under the interpreter, images fed through the vision tower where the mod
 
 Configs: configs/tiny/multimodal/<name>.json (text: 2 layers, hidden 64, vocab 320; vision: 1-2 layers,
 hidden 32, 16x16 images of 4x4 patches). `llava_pixtral` is a Llava with a Pixtral vision tower and a
-Mistral language model (Pixtral-12B's layout)."""
+Mistral language model (Pixtral-12B's layout). Llama 4's own forward fails in this transformers version
+(see BROKEN_FORWARD): its parts are checked by test_llama4_vision_and_language_parts_match."""
 
 import json
 
 import pytest
 import torch
 from patching_helpers import TINY
+from patching_helpers import batch as text_batch
 from tolerances import assert_model_close
 from torch import nn
-from transformers import AutoConfig, AutoModelForImageTextToText
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 from transformers.models.llama import modeling_llama
+from transformers.models.llama4 import modeling_llama4
 from transformers.models.mistral import modeling_mistral
 from transformers.models.pixtral import modeling_pixtral
 
-from liger_plugins.patching import TRAITS, apply_liger, get_traits, unpatch
+from liger_plugins.patching import TRAITS, AutoLigerKernelForCausalLM, apply_liger, get_traits, unpatch
 from liger_plugins.patching.forwards import is_liger
 from liger_plugins.patching.fused_forward import computes_default_loss
 
 MULTIMODAL = TINY / "multimodal"
-MODELS = sorted(p.stem for p in MULTIMODAL.glob("*.json"))
+# Models whose unpatched forward itself fails in the installed transformers (no reference to compare with).
+BROKEN_FORWARD = {
+    # transformers 5.24: Llama4ForConditionalGeneration.forward reads `image_outputs` off its language
+    # model's MoeCausalLMOutputWithPast, which has no such field, with or without images.
+    "llama4": AttributeError,
+}
+MODELS = [
+    pytest.param(name, marks=pytest.mark.xfail(raises=BROKEN_FORWARD[name], reason="the unpatched forward fails"))
+    if name in BROKEN_FORWARD else name
+    for name in sorted(p.stem for p in MULTIMODAL.glob("*.json"))
+]
 IMAGE = 319  # image token id of every tiny config (the last of the vocabulary)
 FP32 = torch.float32
 
@@ -49,11 +62,15 @@ def build_mm():
     unpatch()
 
 
+# Flattened patches with an image_grid_thw, image tokens marked in mm_token_type_ids.
+_QWEN_STYLE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "glm4v", "glm4v_moe")
+
+
 def _image_inputs(name: str, config, g: torch.Generator):
     """(number of image tokens per image, extra forward inputs) for one 16x16 image per sequence, or
     (0, {}) for the models fed text only here (mllama's tiled cross-attention inputs)."""
     vision = config.vision_config
-    if name in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe"):
+    if name in _QWEN_STYLE:
         # Flattened patches (temporal 2 x 4 x 4 x 3 channels) of a 4x4 grid, merged 2x2 into 4 tokens.
         width = 3 * vision.temporal_patch_size * vision.patch_size**2
         return 4, {"pixel_values": torch.randn(2 * 16, width, generator=g),
@@ -61,6 +78,12 @@ def _image_inputs(name: str, config, g: torch.Generator):
     pixels = torch.randn(2, 3, 16, 16, generator=g)
     if name == "gemma3":
         return config.mm_tokens_per_image, {"pixel_values": pixels}
+    if name == "gemma4":  # 16 flattened 4x4 patches with their (x, y) grid positions, pooled 2x2 into 4 tokens
+        y, x = torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")
+        positions = torch.stack([x.flatten(), y.flatten()], dim=-1).expand(2, -1, -1)
+        return 4, {"pixel_values": torch.rand(2, 16, 48, generator=g), "image_position_ids": positions}
+    if name == "llama4":  # 16 patches, pixel-shuffled 2x2 into 4 tokens
+        return 4, {"pixel_values": pixels}
     if name in ("paligemma", "llava"):
         return 16, {"pixel_values": pixels}  # one token per patch
     if name == "llava_pixtral":
@@ -80,10 +103,12 @@ def inputs(name: str, model, seed: int = 1):
     labels = ids.clone()
     labels[ids == IMAGE] = -100
     labels[0, :2] = -100
-    if name in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe"):
+    if name in _QWEN_STYLE:
         extra["mm_token_type_ids"] = (ids == IMAGE).int()
     if name == "gemma3":
         extra["token_type_ids"] = (ids == IMAGE).long()
+    if name == "gemma4":  # bidirectional attention over each image's tokens
+        extra["mm_token_type_ids"] = (ids == IMAGE).long()
     return dict(input_ids=ids, labels=labels, **extra)
 
 
@@ -117,7 +142,9 @@ def _all_traits(model):
 
 def _expected_kinds(model):
     parts = _all_traits(model)
-    kinds = {"fused_linear_cross_entropy"} if computes_default_loss(type(model).forward) else set()
+    head = parts[0].cls(parts[0].causal_lm)  # Llama 4's is its text Llama4ForCausalLM
+    fused = isinstance(model, head) and computes_default_loss(type(model).forward)
+    kinds = {"fused_linear_cross_entropy"} if fused else set()
     present = {type(m) for m in model.modules()}
     for part in parts:
         kinds |= {"rms_norm"} if any(part.cls(n) in present for n in part.norms) else set()
@@ -158,14 +185,15 @@ def test_loss_gradients_and_logits_match(build_mm, name):
     assert_model_close(eval_out.loss, eval_ref.loss, FP32, "eval loss")
 
 
-@pytest.mark.parametrize("name", ["gemma3", "llava", "qwen2_vl"])
+@pytest.mark.parametrize("name", ["gemma3", "llava", "qwen2_vl", "qwen3_5", "gemma4"])
 def test_generate_is_unchanged(build_mm, name):
     reference, model = build_mm(name), build_mm(name)
     apply_liger(model)
     batch = inputs(name, model)
     batch.pop("labels")
-    batch = {k: v[:1] if k in ("input_ids", "token_type_ids", "mm_token_type_ids") else v for k, v in batch.items()}
-    if "image_grid_thw" in batch:  # one image
+    per_sequence = ("input_ids", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+    batch = {k: v[:1] if k in per_sequence else v for k, v in batch.items()}
+    if "image_grid_thw" in batch:  # one image: its 16 flattened patches
         batch["pixel_values"], batch["image_grid_thw"] = batch["pixel_values"][:16], batch["image_grid_thw"][:1]
     else:
         batch["pixel_values"] = batch["pixel_values"][:1]
@@ -240,3 +268,78 @@ def test_own_loss_forward_is_not_replaced():
         return self.loss_function(self.lm_head(self.model(input_ids)[0]), labels, 320)
 
     assert not computes_default_loss(forward) and computes_default_loss(default)
+
+
+def _llama4_inputs_embeds(model, batch):
+    """What Llama4ForConditionalGeneration.forward feeds its language model: the token embeddings with the
+    projected image features scattered over the image tokens."""
+    features = model.get_image_features(pixel_values=batch["pixel_values"], return_dict=True).last_hidden_state
+    projected = model.multi_modal_projector(features.reshape(-1, features.shape[-1]))
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    return embeds.masked_scatter((batch["input_ids"] == IMAGE)[..., None], projected)
+
+
+def test_llama4_vision_and_language_parts_match(build_mm):
+    """Llama 4 (its own forward fails in this transformers version, see BROKEN_FORWARD): the instance patch
+    reaches the vision encoder's LayerNorms and the text norms, MLPs and rotary; the vision tower, projector
+    and language model, wired as its forward wires them, train as the unpatched ones do."""
+    reference, model = build_mm("llama4"), build_mm("llama4")
+    summary = apply_liger(model)
+    assert {item.split(":")[0] for item in summary.patched} == _expected_kinds(model), str(summary)
+    assert "loss: the model is not a Llama4ForCausalLM" in summary.skipped, str(summary)
+    assert is_liger(modeling_llama4.apply_rotary_emb)
+    assert all(is_liger(m.forward) for m in model.modules() if type(m) is nn.LayerNorm)
+
+    batch = inputs("llama4", model)
+    for m in (reference, model):
+        m.train()
+    loss_ref = reference.language_model(inputs_embeds=_llama4_inputs_embeds(reference, batch),
+                                        labels=batch["labels"]).loss
+    loss = model.language_model(inputs_embeds=_llama4_inputs_embeds(model, batch), labels=batch["labels"]).loss
+    loss_ref.backward()
+    loss.backward()
+    assert_model_close(loss, loss_ref, FP32, "loss")
+    _assert_grads_close(model, reference)
+    assert model.vision_model.layernorm_pre.weight.grad.abs().sum() > 0  # the image reached the loss
+
+
+def test_llama4_checkpoint_as_causal_lm_gets_the_fused_loss(build_mm):
+    """AutoModelForCausalLM builds Llama4ForCausalLM (text only) from a Llama 4 config: patched at class level
+    for model type "llama4" (AutoLigerKernelForCausalLM), it gets the fused loss and matches."""
+    config = mm_config("llama4")
+    torch.manual_seed(0)
+    reference = AutoModelForCausalLM.from_config(config, dtype=FP32)
+    torch.manual_seed(0)
+    model = AutoLigerKernelForCausalLM.from_config(config, dtype=FP32)
+    assert type(model) is modeling_llama4.Llama4ForCausalLM and is_liger(model.forward)
+    ids, labels = text_batch(model.config.vocab_size)
+    out_ref = _train_step(reference, {"input_ids": ids, "labels": labels})
+    out = _train_step(model, {"input_ids": ids, "labels": labels})
+    assert out.logits is None
+    assert_model_close(out.loss, out_ref.loss, FP32, "loss")
+    _assert_grads_close(model, reference)
+
+
+def test_gemma4_audio_tower_norm_outputs_modified_in_place():
+    """Gemma 4's audio feed-forward scales its post-norm's output in place (`h *= post_layer_scale`): the
+    patched norm must return a tensor autograd lets it modify, and the tower must train as before."""
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4AudioModel
+
+    config = AutoConfig.for_model("gemma4_audio", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  subsampling_conv_channels=[8, 4], output_proj_dims=32, conv_kernel_size=3)
+    torch.manual_seed(0)
+    reference = Gemma4AudioModel(config).float()
+    torch.manual_seed(0)
+    model = Gemma4AudioModel(config).float()
+    features = torch.randn(2, 32, 8, generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 32, dtype=torch.bool)
+    reference(features, attention_mask=mask).last_hidden_state.square().sum().backward()
+    apply_liger("gemma4")
+    try:
+        assert is_liger(model.layers[0].feed_forward1.post_layer_norm.forward)
+        out = model(features, attention_mask=mask).last_hidden_state
+        out.square().sum().backward()
+    finally:
+        unpatch("gemma4")
+    assert_model_close(out, reference(features, attention_mask=mask).last_hidden_state, FP32, "audio output")
+    _assert_grads_close(model, reference)

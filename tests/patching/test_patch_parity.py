@@ -59,9 +59,10 @@ def test_bf16_is_bounded(build, model_type):
     assert_grads_close(model, reference, torch.bfloat16)
 
 
-# Hybrid caches (linear attention, Mamba), MoE, post-norms, complex rotary, logit multiplier.
+# Hybrid caches (linear attention, Mamba), MoE, post-norms, complex rotary, logit multiplier, per-layer
+# inputs (Gemma 4), compressed-attention caches (DeepSeek V4).
 GENERATE_TYPES = ["llama", "gemma3_text", "phi3", "mixtral", "qwen3_next", "qwen3_5_moe_text", "falcon_h1",
-                  "llama4_text", "gpt_oss", "nemotron", "exaone4", "hunyuan_v1_moe"]
+                  "llama4_text", "gpt_oss", "nemotron", "exaone4", "hunyuan_v1_moe", "gemma4_text", "deepseek_v4"]
 
 
 @pytest.mark.parametrize("model_type", GENERATE_TYPES)

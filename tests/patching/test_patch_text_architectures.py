@@ -4,10 +4,13 @@ restores exactly what was there. Numbers are checked by test_patch_parity.py; th
 is built), so it catches a renamed class or hook of a new transformers release at once."""
 
 import pytest
+import torch
 from patching_helpers import ARCHITECTURES, batch, expected_kinds
+from tolerances import assert_model_close
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from liger_plugins.patching import apply_liger, get_traits, unpatch
+from liger_plugins.patching.forwards import is_liger
 from liger_plugins.patching.fused_forward import base_model
 
 
@@ -54,3 +57,19 @@ def test_moe_without_aux_loss_keeps_router_logits(build, model_type):
     out = model(input_ids=ids, labels=labels, output_router_logits=True)
     assert isinstance(out, MoeCausalLMOutputWithPast) and out.aux_loss is None
     assert out.router_logits is not None and len(out.router_logits) >= 1
+
+
+def test_weightless_norms_keep_their_forward(build):
+    """Gemma 4 builds some Gemma4RMSNorm without a weight (with_scale=False: the attention's v_norm, the
+    router's norm): at class level their patched forward falls back to the original, and the model trains
+    as before."""
+    reference = build("gemma4_text")
+    ids, labels = batch(reference.config.vocab_size)
+    expected = reference(input_ids=ids, labels=labels).loss  # before any patch
+    apply_liger("gemma4_text")
+    model = build("gemma4_text")
+    v_norm = model.model.layers[0].self_attn.v_norm
+    assert not hasattr(v_norm, "weight") and is_liger(type(v_norm).forward)
+    out = model(input_ids=ids, labels=labels)
+    assert out.logits is None  # the fused loss
+    assert_model_close(out.loss, expected, torch.float32, "loss")
