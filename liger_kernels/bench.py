@@ -299,7 +299,9 @@ LOSS_FUNCTIONS = {  # op -> (liger_kernels.losses function, keyword arguments)
     "kto_loss": ("fused_linear_kto_loss", {"beta": 0.1}),
     "grpo_loss": ("fused_linear_grpo_loss", {"loss_type": "dapo"}),
     "jsd_loss": ("fused_linear_jsd_loss", {"beta": 0.5}),
+    "cosine_loss": ("fused_linear_cosine_similarity_loss", {"beta": 0.5}),
 }
+TEACHER_LOSSES = ("jsd_loss", "cosine_loss")  # distillation: a teacher head too
 
 
 def make_loss(op):
@@ -308,7 +310,7 @@ def make_loss(op):
         x = _randn(b, t, h, device=device, dtype=dtype)
         weight = _randn(v, h, device=device, dtype=dtype, scale=h ** -0.5)
         target = _targets(b * t, v, d.get("ignore_every", 0), device).view(b, t)
-        if op == "jsd_loss":  # teacher: same tokens, its own head, no gradients
+        if op in TEACHER_LOSSES:  # teacher: same tokens, its own head, no gradients
             teacher = [_randn(b, t, h, device=device, dtype=dtype, grad=False),
                        _randn(v, h, device=device, dtype=dtype, scale=h ** -0.5, grad=False)]
             return Inputs([x, weight], [*teacher, target], [None], _positional)
@@ -327,7 +329,7 @@ def _loss_fn(op, **extra):
 
 
 def _loss_work(op):
-    heads = 4 if op == "jsd_loss" else 3  # the teacher's logits: one more (M, H) x (H, V) product
+    heads = 4 if op in TEACHER_LOSSES else 3  # the teacher's logits: one more (M, H) x (H, V) product
     return lambda d, e: {"fwd": 2 * d["B"] * d["T"] * d["H"] * d["V"] * (heads - 1),
                          "fwd_bwd": 2 * d["B"] * d["T"] * d["H"] * d["V"] * heads}
 
@@ -402,6 +404,14 @@ def eager_poly_norm(x, weight, bias):
         return u * torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + RMS_EPS)
 
     return (weight[0] * norm(h ** 3) + weight[1] * norm(h ** 2) + weight[2] * norm(h) + bias).to(x.dtype)
+
+
+def eager_modulated_rms_norm(x, weight, scale, shift):
+    """adaLN (DiT) after a LlamaRMSNorm: `norm(x) * (1 + scale) + shift` in x's dtype, the (B, H)
+    scale and shift broadcast over each batch item's rows."""
+    h = eager_rms_norm(x, weight)
+    h = h.view(scale.shape[0], -1, h.shape[-1])
+    return (h * (1 + scale[:, None]) + shift[:, None]).view(x.shape)
 
 
 def eager_mrope(q, k, cos, sin, mrope_section):
@@ -511,6 +521,14 @@ def make_poly_norm(d, device, dtype):
     m, n = d["M"], d["N"]
     leaves = [_randn(m, n, device=device, dtype=dtype), _randn(3, device=device, dtype=dtype, scale=0.1, shift=1 / 3),
               _randn(1, device=device, dtype=dtype, scale=0.1, shift=1.0)]
+    return Inputs(leaves, [], [_randn(m, n, device=device, dtype=dtype, grad=False)], _positional)
+
+
+def make_modulated_rms_norm(d, device, dtype):
+    m, n, b = d["M"], d["N"], d["B"]
+    leaves = [_randn(m, n, device=device, dtype=dtype), _randn(n, device=device, dtype=dtype, scale=0.1, shift=1.0),
+              _randn(b, n, device=device, dtype=dtype, scale=0.1),  # scale (per batch item)
+              _randn(b, n, device=device, dtype=dtype, scale=0.1)]  # shift
     return Inputs(leaves, [], [_randn(m, n, device=device, dtype=dtype, grad=False)], _positional)
 
 
@@ -660,6 +678,10 @@ _EXTRA_SPECS = (
            {"N": 2, "C": 6, "S": 5, "G": 3}),
     OpSpec("poly_norm", "poly_norm", {"eps": RMS_EPS}, make_poly_norm, eager_poly_norm, _mn, "bytes",
            _ROWS_FORMULA, _norm_work(2, 5), (NORM_ANCHORS[0],), {}, _ROWS_TINY),
+    OpSpec("modulated_rms_norm", "modulated_rms_norm", {"eps": RMS_EPS}, make_modulated_rms_norm,
+           eager_modulated_rms_norm, lambda d: f"{d['M']}x{d['N']} B{d['B']}", "bytes",
+           _ROWS_FORMULA + " (weight, (B, N) scale and shift)", _norm_work(2, 5),
+           ({"M": 32768, "N": 4096, "B": 8},), {}, {"M": 6, "N": 40, "B": 2}),
     OpSpec("mrope", "mrope", {}, make_mrope, eager_mrope, _rope_label, "bytes",
            "fwd 2*(q+k)*e + cos,sin; fwd+bwd 4*(q+k)*e + 2*(cos,sin) (q, k in elements; of cos and sin "
            "(3, B, T, D) only the B*T*D selected entries each)",
@@ -825,6 +847,9 @@ def _liger_loss(op: str) -> Callable:
         return lambda x, w, t, adv: first(f(x, w, t, t != -100, adv))
     if op == "jsd_loss":
         f = cl.LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.5)
+        return lambda x, w, tx, tw, t: first(f(x.flatten(0, 1), w, tx.flatten(0, 1), tw, t.flatten()))
+    if op == "cosine_loss":
+        f = cl.LigerFusedLinearCosineSimilarityLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.5)
         return lambda x, w, tx, tw, t: first(f(x.flatten(0, 1), w, tx.flatten(0, 1), tw, t.flatten()))
     raise KeyError(op)
 

@@ -34,6 +34,9 @@ Signatures (the contract every op file implements):
 - softmax(x, dim=-1), sparsemax(x, dim=-1) -> y
 - group_norm(x, num_groups, weight=None, bias=None, eps=1e-5) -> y          x (N, C, *)
 - poly_norm(x, weight, bias, eps=1e-6) -> w0 norm(x^3) + w1 norm(x^2) + w2 norm(x) + b
+- modulated_rms_norm(x, weight, scale, shift=None, eps=1e-6, offset=0.0, casting_mode="llama")
+      -> rms_norm(x, weight) * (1 + scale) + shift   (adaLN / AdaRMSNorm); weight may be None; scale and
+      shift (H,), (B, H) or (B, 1, ..., H) shared by B groups of consecutive rows, or x's shape
 - fused_moe(hidden, router_logits, gate_up_weight, down_weight, top_k, normalize_topk=True) -> out
       softmax top-k routing + SwiGLU experts; hidden (N, H), router_logits (N, E),
       gate_up_weight (E, 2I, H), down_weight (E, H, I) (transformers' 3-D experts layout)
@@ -60,6 +63,7 @@ from liger_kernels.ops.group_norm import group_norm
 from liger_kernels.ops.jsd import jsd
 from liger_kernels.ops.kl_div import kl_div
 from liger_kernels.ops.poly_norm import poly_norm
+from liger_kernels.ops.modulated_rms_norm import modulated_rms_norm
 from liger_kernels.ops.relu_squared import relu_squared
 from liger_kernels.ops.softmax import softmax
 from liger_kernels.ops.sparsemax import sparsemax
@@ -86,6 +90,7 @@ __all__ = [
     "jsd",
     "kl_div",
     "poly_norm",
+    "modulated_rms_norm",
     "relu_squared",
     "softmax",
     "sparsemax",

@@ -39,6 +39,28 @@ class LigerFusedAddRMSNorm(LigerRMSNorm):
         )
 
 
+class LigerModulatedRMSNorm(nn.Module):
+    """Modulated RMSNorm (adaLN / AdaRMSNorm): forward(x, scale, shift=None) ->
+    rms_norm(x, weight) * (1 + scale) + shift, scale and shift from the conditioning ((H,), (B, H),
+    (B, 1, H) or x's shape). `elementwise_affine=False`: no weight (offset must then be 0)."""
+
+    def __init__(self, hidden_size, eps=1e-6, offset=0.0, casting_mode="llama", elementwise_affine=True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size)) if elementwise_affine else None
+        self.variance_epsilon = eps
+        self.offset = offset
+        self.casting_mode = casting_mode
+
+    def forward(self, x, scale, shift=None):
+        return F.modulated_rms_norm(
+            x, self.weight, scale, shift, self.variance_epsilon, self.offset, self.casting_mode
+        )
+
+    def extra_repr(self):
+        weight = "no weight" if self.weight is None else f"{tuple(self.weight.shape)}"
+        return f"{weight}, eps={self.variance_epsilon}, offset={self.offset}, casting_mode={self.casting_mode}"
+
+
 class LigerLayerNorm(nn.Module):
     def __init__(self, hidden_size, eps=1e-5, bias=True):
         super().__init__()

@@ -19,10 +19,11 @@ import sys
 OPS = ("rms_norm", "rope", "swiglu", "cross_entropy", "fused_linear_cross_entropy",
        "fused_add_rms_norm", "layer_norm", "geglu")  # = liger_kernels.bench.DEFAULT_OPS, without importing torch
 # = liger_kernels.bench.LOSS_OPS: the fused-linear losses, on request (--ops dpo_loss,...)
-LOSS_OPS = ("dpo_loss", "orpo_loss", "cpo_loss", "simpo_loss", "kto_loss", "grpo_loss", "jsd_loss")
+LOSS_OPS = ("dpo_loss", "orpo_loss", "cpo_loss", "simpo_loss", "kto_loss", "grpo_loss", "jsd_loss",
+            "cosine_loss")
 # = liger_kernels.bench.EXTRA_OPS: more ops, on request (--ops kl_div,...)
 EXTRA_OPS = ("kl_div", "jsd", "tvd", "dyt", "relu_squared", "softmax", "sparsemax", "group_norm", "poly_norm",
-             "mrope", "llama4_rope", "swiglu_gate_up", "gated_down_proj", "fused_moe", "multi_token_attention",
+             "modulated_rms_norm", "mrope", "llama4_rope", "swiglu_gate_up", "gated_down_proj", "fused_moe", "multi_token_attention",
              "fused_linear_jsd")
 IMPLS = ("ours", "eager", "compile", "liger")
 DTYPES = ("bf16", "fp16", "fp32")

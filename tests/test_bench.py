@@ -157,7 +157,7 @@ def test_loss_cases_run_and_match_the_unfused_loss(op):
         assert "error" not in r, r
         assert r["rel_err_vs_eager"] < 1e-5
     d = spec.tiny
-    heads = 4 if op == "jsd_loss" else 3
+    heads = 4 if op in bench.TEACHER_LOSSES else 3
     assert records[0]["work"]["fwd_bwd"] == 2 * heads * d["B"] * d["T"] * d["H"] * d["V"]
     assert cli.build_parser().parse_args(["bench", "--ops", op]).ops == (op,)
 
@@ -249,8 +249,8 @@ def test_extra_work_formulas():
     m, v = 8192, 128256
     for op in ("kl_div", "jsd", "tvd"):  # read input and target, write the input's gradient
         assert bench.OPS[op].work({"M": m, "V": v}, BF16) == {"fwd": 4 * m * v, "fwd_bwd": 6 * m * v}
-    for op in ("dyt", "relu_squared", "softmax", "sparsemax", "poly_norm"):
-        assert bench.OPS[op].work({"M": 3, "N": 5}, BF16)["fwd_bwd"] == 5 * 15 * BF16
+    for op in ("dyt", "relu_squared", "softmax", "sparsemax", "poly_norm", "modulated_rms_norm"):
+        assert bench.OPS[op].work({"M": 3, "N": 5, "B": 1}, BF16)["fwd_bwd"] == 5 * 15 * BF16
     assert bench.OPS["group_norm"].work({"N": 2, "C": 4, "S": 3, "G": 2}, BF16)["fwd_bwd"] == 5 * 24 * BF16
     assert bench.OPS["swiglu_gate_up"].work({"M": 16384, "I": 8192}, BF16)["fwd_bwd"] == 16 * 16384 * 8192
     qk = 4 * 4096 * 128 * (28 + 4)
@@ -303,8 +303,8 @@ def test_selfcheck_covers_the_extra_ops():
 
 
 def test_liger_kernel_calls_bind_for_the_extra_ops(monkeypatch):
-    """As above, for the extra ops (called with their tiny inputs); Liger-Kernel has no fused MoE and
-    no gated down projection."""
+    """As above, for the extra ops (called with their tiny inputs); Liger-Kernel has no fused MoE, no
+    gated down projection and no modulated RMSNorm."""
     lf = pytest.importorskip("liger_kernel.transformers.functional")
     from liger_kernel.transformers import llama4_rope as l4
 
@@ -315,7 +315,7 @@ def test_liger_kernel_calls_bind_for_the_extra_ops(monkeypatch):
                 sig = inspect.signature(fn)
                 monkeypatch.setattr(mod, name, lambda *a, _n=name, _s=sig, **k: calls.setdefault(_n, _s.bind(*a, **k)))
     with_liger = [op for op in bench.EXTRA_OPS if bench._liger(op) is not None]
-    assert set(bench.EXTRA_OPS) - set(with_liger) == {"gated_down_proj", "fused_moe"}
+    assert set(bench.EXTRA_OPS) - set(with_liger) == {"gated_down_proj", "fused_moe", "modulated_rms_norm"}
     for op in with_liger:
         spec = bench.OPS[op]
         torch.manual_seed(0)

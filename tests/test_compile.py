@@ -222,6 +222,12 @@ def _opcheck_cases(device):
         "sparsemax": lambda: (ops.sparsemax, (_r(4, 6), 0)),
         "group_norm": lambda: (ops.group_norm, (_r(2, 6, 3), 3, _r(6), _r(6), 1e-5)),
         "poly_norm": lambda: (ops.poly_norm, (_r(3, 8), _r(3), _r(1), 1e-6)),
+        "modulated_rms_norm": lambda: (
+            ops.modulated_rms_norm, (_r(2, 3, 8), _r(8), _r(2, 8), _r(2, 8), 1e-6, 0.0, "llama")
+        ),
+        "modulated_rms_norm_no_weight": lambda: (
+            ops.modulated_rms_norm, (_r(3, 8), None, _r(8), None, 1e-6, 0.0, "gemma")
+        ),
     }
 
 
@@ -258,6 +264,7 @@ def _standalone_op_cases(device):
         "sparsemax": (LF.sparsemax, (_r(3, 6),)),
         "group_norm": (lambda x, w, b: LF.group_norm(x, 2, w, b), (_r(2, 4, 3), _r(4), _r(4))),
         "poly_norm": (LF.poly_norm, (_r(3, 8), _r(3), _r(1))),
+        "modulated_rms_norm": (LF.modulated_rms_norm, (_r(2, 3, 8), _r(8), _r(2, 1, 8), _r(2, 1, 8))),
     }
 
 

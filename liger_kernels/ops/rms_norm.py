@@ -91,6 +91,13 @@ def _rms_norm_rows(x, w_eff, n_cols, eps, CAST: tl.constexpr, X_DTYPE: tl.conste
     that the backward uses (in "none" mode y is built from a rounded rstd, the backward is not).
     """
     rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+    return rms_norm_apply(x, w_eff, rstd, n_cols, eps, CAST, X_DTYPE), rstd
+
+
+@triton.jit
+def rms_norm_apply(x, w_eff, rstd, n_cols, eps, CAST: tl.constexpr, X_DTYPE: tl.constexpr):
+    """y in fp32 (before its final rounding) of a fp32 tile from its rows' fp32 rstd: the forward's
+    values again, e.g. in a backward that needs the norm's output (modulated_rms_norm)."""
     if CAST == _NONE:
         mean_sq = _round(tl.sum(_round(x * x, X_DTYPE), axis=1) / n_cols, X_DTYPE)
         rstd_x = _round(tl.rsqrt(_round(mean_sq + eps, X_DTYPE)), X_DTYPE)
@@ -100,7 +107,7 @@ def _rms_norm_rows(x, w_eff, n_cols, eps, CAST: tl.constexpr, X_DTYPE: tl.conste
         if CAST == _LLAMA:
             xhat = _round(xhat, X_DTYPE)
         y = xhat * w_eff[None, :]
-    return y, rstd
+    return y
 
 
 @triton.jit
@@ -255,8 +262,12 @@ def _rms_norm_bwd_kernel(
 def _sum_partials_kernel(
     partial_ptr, out_ptr, n_partials, n_cols, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr
 ):
+    """Program (c, g): columns block c of group g (rows g * n_partials ... of the partials)."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < n_cols
+    group = tl.program_id(1).to(tl.int64)
+    partial_ptr += group * n_partials * n_cols
+    out_ptr += group * n_cols
     acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
     for start in range(0, n_partials, BLOCK_P):
         rows = (start + tl.arange(0, BLOCK_P)).to(tl.int64)
@@ -265,11 +276,13 @@ def _sum_partials_kernel(
     tl.store(out_ptr + cols, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
-def sum_partials(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Column sums of a contiguous fp32 (P, N) tensor of per-program partials, returned in `dtype`."""
+def sum_partials(partial: torch.Tensor, dtype: torch.dtype, groups: int = 1) -> torch.Tensor:
+    """Column sums of a contiguous fp32 (P, N) tensor of per-program partials, returned in `dtype`:
+    (N,); with `groups` G > 1, the sums of each of the G consecutive blocks of P / G rows: (G, N)."""
     n_partials, n_cols = partial.shape
-    out = _utils.new_output((n_cols,), dtype, partial.device)
-    _sum_partials_kernel[(_utils.cdiv(n_cols, _SUM_BLOCK_N),)](
+    n_partials //= groups
+    out = _utils.new_output((n_cols,) if groups == 1 else (groups, n_cols), dtype, partial.device)
+    _sum_partials_kernel[(_utils.cdiv(n_cols, _SUM_BLOCK_N), groups)](
         partial, out, n_partials, n_cols, BLOCK_P=_SUM_BLOCK_P, BLOCK_N=_SUM_BLOCK_N, num_warps=4
     )
     return out
