@@ -25,7 +25,7 @@ _CONFIG_LOCATION_KWARGS = (
 class AutoLigerKernelForCausalLM(AutoModelForCausalLM):
     @classmethod
     def from_config(cls, config: PretrainedConfig, **kwargs):
-        _patch(config.model_type, kwargs)
+        _patch(config, kwargs)
         return super().from_config(config, **kwargs)
 
     @classmethod
@@ -35,11 +35,18 @@ class AutoLigerKernelForCausalLM(AutoModelForCausalLM):
         if not isinstance(config, PretrainedConfig):
             location = {k: kwargs[k] for k in _CONFIG_LOCATION_KWARGS if k in kwargs}
             config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **location)
-        _patch(config.model_type, flags)
+        _patch(config, flags)
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
 
-def _patch(model_type: str, kwargs: dict) -> None:
-    from liger_plugins.patching import apply_liger
+def _patch(config: PretrainedConfig, kwargs: dict) -> None:
+    """Patch the config's model type, and its text model's type when that is registered too: for a
+    vision-language config (e.g. qwen3_5) AutoModelForCausalLM may build the text-only causal LM
+    (Qwen3_5ForCausalLM, registered under qwen3_5_text), whose classes only the text type patches."""
+    from liger_plugins.patching import SUPPORTED_MODEL_TYPES, apply_liger
 
-    apply_liger(model_type, **{k: kwargs.pop(k) for k in _KERNEL_FLAGS if k in kwargs})
+    flags = {k: kwargs.pop(k) for k in _KERNEL_FLAGS if k in kwargs}
+    apply_liger(config.model_type, **flags)
+    text_type = config.get_text_config().model_type
+    if text_type != config.model_type and text_type in SUPPORTED_MODEL_TYPES:
+        apply_liger(text_type, **flags)

@@ -320,6 +320,27 @@ def test_llama4_checkpoint_as_causal_lm_gets_the_fused_loss(build_mm):
     _assert_grads_close(model, reference)
 
 
+@pytest.mark.parametrize("name", ["qwen3_5", "qwen3_5_moe"])
+def test_vl_config_as_causal_lm_gets_the_fused_loss(name, build_mm):
+    """AutoModelForCausalLM builds the text-only causal LM from a qwen3_5(_moe) config; its classes belong
+    to the text model type, which AutoLigerKernelForCausalLM patches too: the fused loss runs and matches."""
+    config = mm_config(name)
+    torch.manual_seed(0)
+    reference = AutoModelForCausalLM.from_config(config, dtype=FP32)
+    torch.manual_seed(0)
+    model = AutoLigerKernelForCausalLM.from_config(config, dtype=FP32)
+    try:
+        assert type(model).__name__.endswith("ForCausalLM") and is_liger(model.forward)
+        ids, labels = text_batch(model.config.vocab_size)
+        out_ref = _train_step(reference, {"input_ids": ids, "labels": labels})
+        out = _train_step(model, {"input_ids": ids, "labels": labels})
+        assert out.logits is None
+        assert_model_close(out.loss, out_ref.loss, FP32, "loss")
+        _assert_grads_close(model, reference)
+    finally:
+        unpatch(config.get_text_config().model_type)
+
+
 def test_gemma4_audio_tower_norm_outputs_modified_in_place():
     """Gemma 4's audio feed-forward scales its post-norm's output in place (`h *= post_layer_scale`): the
     patched norm must return a tensor autograd lets it modify, and the tower must train as before."""
