@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 
 from liger_kernels import _library, _utils
+from liger_kernels.ops._tiles import as_rows
 
 CASTING_MODES = ("llama", "gemma", "none")
 # Values of the kernels' constexpr CAST.
@@ -288,17 +289,6 @@ def sum_partials(partial: torch.Tensor, dtype: torch.dtype, groups: int = 1) -> 
     return out
 
 
-def as_rows(t: torch.Tensor) -> torch.Tensor:
-    """(..., H) -> (M, H) with unit column stride; a view whenever the layout allows (no copy).
-
-    A 2-D tensor with unit column stride is returned as is (no torch op: this runs on every call).
-    """
-    if t.dim() == 2 and t.stride(1) == 1:
-        return t
-    rows = t.reshape(-1, t.shape[-1])
-    return rows if rows.stride(-1) == 1 or rows.shape[-1] == 1 else rows.contiguous()
-
-
 def _promote(a: torch.dtype, b: torch.dtype) -> torch.dtype:
     return a if a == b else torch.promote_types(a, b)
 
@@ -508,7 +498,9 @@ def rms_norm(
         return _rms_norm_op(x, weight, float(eps), float(offset), casting_mode)[0]
     if not triton_path or x.numel() == 0:
         return rms_norm_reference(x, weight, eps, offset, casting_mode)
-    return RMSNormFunction.apply(x, weight, float(eps), float(offset), casting_mode, bool(in_place))
+    # Rows in, rows out, reshaped here: a view made inside the Function could not be modified in place.
+    y = RMSNormFunction.apply(as_rows(x), weight, float(eps), float(offset), casting_mode, bool(in_place))
+    return y if x.dim() == 2 else y.view(x.shape)
 
 
 # ---- torch.library ops: what torch.compile records (see liger_kernels/_library.py) ---------------

@@ -41,11 +41,7 @@ def make_rms_norm_forward(spec: NormSpec, original):
         # per-head weight, or none (Gemma 4's with_scale=False): not this kernel's layout
         if weight is None or weight.dim() != 1:
             return original(self, hidden_states)
-        # Rows in, rows out, reshaped here: the output is then no view made inside the kernel's autograd
-        # Function, so the caller may modify it in place (Gemma 4's audio blocks: `h *= post_layer_scale`).
-        rows = hidden_states.reshape(-1, hidden_states.shape[-1])
-        y = LF.rms_norm(rows, weight, norm_eps(self), spec.offset, spec.casting_mode, spec.in_place)
-        return y.view(*hidden_states.shape[:-1], y.shape[-1])
+        return LF.rms_norm(hidden_states, weight, norm_eps(self), spec.offset, spec.casting_mode, spec.in_place)
 
     return mark(forward, original, "rms_norm_forward")
 

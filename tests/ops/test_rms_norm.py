@@ -134,6 +134,25 @@ def test_rms_norm_in_place_with_broadcast_gradient(device):
     assert_close(weight.grad, w64.grad, torch.float32, reduction=True, name="dweight")
 
 
+@pytest.mark.parametrize("norm", ["rms_norm", "layer_norm"])
+def test_output_modified_in_place(norm, device):
+    # Models scale a norm's output in place (Gemma 4's audio blocks: `h *= scale`): autograd allows it only
+    # if the output is not a view made inside the autograd Function.
+    from liger_kernels.ops.layer_norm import layer_norm, layer_norm_reference
+
+    fn, ref_fn = (rms_norm, rms_norm_reference) if norm == "rms_norm" else (layer_norm, layer_norm_reference)
+    x = torch.randn(2, 5, 24, device=device, requires_grad=True)
+    w = torch.randn(24, device=device, requires_grad=True)
+    scale = torch.randn(24, device=device)
+    y = fn(x, w)
+    y *= scale
+    y.square().sum().backward()
+    x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
+    (ref_fn(x64, w64) * scale.double()).square().sum().backward()
+    assert_close(x.grad, x64.grad, torch.float32, reduction=True, name="dx")
+    assert_close(w.grad, w64.grad, torch.float32, reduction=True, name="dw")
+
+
 def test_rms_norm_frozen_weight(device):
     # LoRA-style frozen norm: no dweight is computed or returned.
     x = torch.randn(5, 20, device=device, requires_grad=True)
