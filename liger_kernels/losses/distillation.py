@@ -67,6 +67,59 @@ def _as_rows(name, x):
     raise ValueError(f"{name} must be (batch, seq_len, hidden) or (tokens, hidden), got shape {tuple(x.shape)}")
 
 
+def _prepare(student_input, student_weight, student_bias, teacher_input, teacher_weight, teacher_bias, target,
+             weight_hard_loss, ignore_index, chunk_size):
+    """Checks shared by the distillation losses -> (student, teacher (N, 1, H) rows, target (N, 1))."""
+    student = _as_rows("student_input", student_input)
+    teacher = _as_rows("teacher_input", teacher_input)
+    check_head("student_", student, student_weight, student_bias)
+    check_head("teacher_", teacher, teacher_weight, teacher_bias, *student.shape[:2])
+    vocab = student_weight.shape[0]
+    if teacher_weight.shape[0] != vocab:
+        raise ValueError(f"teacher_weight has vocab {teacher_weight.shape[0]}, student_weight has {vocab}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size (tokens per chunk) must be >= 1, got {chunk_size}")
+    if target is None:
+        if weight_hard_loss != 0.0:
+            raise ValueError("weight_hard_loss != 0 needs target")
+        return student, teacher, torch.zeros(student.shape[:2], dtype=torch.long, device=student.device)
+    if target.numel() != student.shape[0]:
+        raise ValueError(f"target has {target.numel()} elements for {student.shape[0]} tokens")
+    target = target.reshape(-1, 1)
+    check_target("target", target, student, vocab, ignore_index)
+    return student, teacher, target
+
+
+def _distill_with_engine(student, student_weight, student_bias, teacher, teacher_weight, teacher_bias, target,
+                         soft_rows, weight_soft_loss, weight_hard_loss, temperature, ignore_index, chunk_size,
+                         accum_dtype, fused):
+    """weight_soft_loss * mean over valid tokens of soft_rows(z_s / t, z_t / t) (per token, (rows,)) +
+    weight_hard_loss * the student's mean cross-entropy at t = 1, on the chunking engine."""
+    n_valid = (target != ignore_index).sum().clamp(min=1)
+    inv_t = 1.0 / temperature
+    parts = {name: torch.zeros((), device=student.device) for name in ("soft_loss", "hard_loss")}
+
+    def loss_fn(logits, chunk):
+        valid = chunk.mask.reshape(-1)
+        soft = (soft_rows(logits * inv_t, chunk.teacher_logits * inv_t) * valid).sum() / n_valid
+        parts["soft_loss"] += soft.detach()
+        loss = weight_soft_loss * soft
+        if weight_hard_loss != 0.0:
+            ce = F.cross_entropy(logits, chunk.target, reduction="none")
+            hard = (ce * valid).sum() / n_valid
+            parts["hard_loss"] += hard.detach()
+            loss = loss + weight_hard_loss * hard
+        return loss
+
+    chunk_size = chunk_size or auto_chunk_size(_TEMPORARIES, 1, student_weight.shape[0])
+    loss, _ = chunked_fused_linear_loss(
+        student, student_weight, target, loss_fn, row_groups(student.shape[0], chunk_size, student.device),
+        bias=student_bias, mode="logits", temperature=temperature, ignore_index=ignore_index,
+        teacher=Head(teacher, teacher_weight, teacher_bias), accum_dtype=accum_dtype, fused=fused,
+    )  # fmt: skip
+    return LossOutput(loss, parts)
+
+
 def fused_linear_jsd_loss(
     student_input: torch.Tensor,
     student_weight: torch.Tensor,
@@ -96,25 +149,9 @@ def fused_linear_jsd_loss(
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    student = _as_rows("student_input", student_input)
-    teacher = _as_rows("teacher_input", teacher_input)
-    check_head("student_", student, student_weight, student_bias)
-    check_head("teacher_", teacher, teacher_weight, teacher_bias, *student.shape[:2])
-    vocab = student_weight.shape[0]
-    if teacher_weight.shape[0] != vocab:
-        raise ValueError(f"teacher_weight has vocab {teacher_weight.shape[0]}, student_weight has {vocab}")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size (tokens per chunk) must be >= 1, got {chunk_size}")
     labels = target
-    if target is None:
-        if weight_hard_loss != 0.0:
-            raise ValueError("weight_hard_loss != 0 needs target")
-        target = torch.zeros(student.shape[:2], dtype=torch.long, device=student.device)
-    else:
-        if target.numel() != student.shape[0]:
-            raise ValueError(f"target has {target.numel()} elements for {student.shape[0]} tokens")
-        target = target.reshape(-1, 1)
-        check_target("target", target, student, vocab, ignore_index)
+    student, teacher, target = _prepare(student_input, student_weight, student_bias, teacher_input, teacher_weight,
+                                        teacher_bias, target, weight_hard_loss, ignore_index, chunk_size)
     if fused and weight_hard_loss == 0.0 and student_bias is None and teacher_bias is None:
         soft = fused_linear_jsd(
             student.squeeze(1), student_weight, teacher.squeeze(1), teacher_weight,
@@ -123,31 +160,11 @@ def fused_linear_jsd_loss(
         )  # fmt: skip
         hard = torch.zeros((), device=student.device)
         return LossOutput(weight_soft_loss * soft, {"soft_loss": soft.detach(), "hard_loss": hard})
-    n_valid = (target != ignore_index).sum().clamp(min=1)
-    inv_t = 1.0 / temperature
-    parts = {name: torch.zeros((), device=student.device) for name in ("soft_loss", "hard_loss")}
-
-    def loss_fn(logits, chunk):
-        valid = chunk.mask.reshape(-1)
-        s = F.log_softmax(logits * inv_t, dim=-1)
-        t = F.log_softmax(chunk.teacher_logits * inv_t, dim=-1)
-        soft = (generalized_jsd(s, t, beta) * valid).sum() / n_valid
-        parts["soft_loss"] += soft.detach()
-        loss = weight_soft_loss * soft
-        if weight_hard_loss != 0.0:
-            ce = F.cross_entropy(logits, chunk.target, reduction="none")
-            hard = (ce * valid).sum() / n_valid
-            parts["hard_loss"] += hard.detach()
-            loss = loss + weight_hard_loss * hard
-        return loss
-
-    chunk_size = chunk_size or auto_chunk_size(_TEMPORARIES, 1, vocab)
-    loss, _ = chunked_fused_linear_loss(
-        student, student_weight, target, loss_fn, row_groups(student.shape[0], chunk_size, student.device),
-        bias=student_bias, mode="logits", temperature=temperature, ignore_index=ignore_index,
-        teacher=Head(teacher, teacher_weight, teacher_bias), accum_dtype=accum_dtype, fused=fused,
+    return _distill_with_engine(
+        student, student_weight, student_bias, teacher, teacher_weight, teacher_bias, target,
+        lambda z_s, z_t: generalized_jsd(F.log_softmax(z_s, dim=-1), F.log_softmax(z_t, dim=-1), beta),
+        weight_soft_loss, weight_hard_loss, temperature, ignore_index, chunk_size, accum_dtype, fused,
     )  # fmt: skip
-    return LossOutput(loss, parts)
 
 
 class FusedLinearJSDLoss(FusedLossModule):
@@ -212,48 +229,13 @@ def fused_linear_cosine_similarity_loss(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if not beta >= 0:
         raise ValueError(f"beta must be >= 0, got {beta}")
-    student = _as_rows("student_input", student_input)
-    teacher = _as_rows("teacher_input", teacher_input)
-    check_head("student_", student, student_weight, student_bias)
-    check_head("teacher_", teacher, teacher_weight, teacher_bias, *student.shape[:2])
-    vocab = student_weight.shape[0]
-    if teacher_weight.shape[0] != vocab:
-        raise ValueError(f"teacher_weight has vocab {teacher_weight.shape[0]}, student_weight has {vocab}")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size (tokens per chunk) must be >= 1, got {chunk_size}")
-    if target is None:
-        if weight_hard_loss != 0.0:
-            raise ValueError("weight_hard_loss != 0 needs target")
-        target = torch.zeros(student.shape[:2], dtype=torch.long, device=student.device)
-    else:
-        if target.numel() != student.shape[0]:
-            raise ValueError(f"target has {target.numel()} elements for {student.shape[0]} tokens")
-        target = target.reshape(-1, 1)
-        check_target("target", target, student, vocab, ignore_index)
-    n_valid = (target != ignore_index).sum().clamp(min=1)
-    inv_t = 1.0 / temperature
-    parts = {name: torch.zeros((), device=student.device) for name in ("soft_loss", "hard_loss")}
-
-    def loss_fn(logits, chunk):
-        valid = chunk.mask.reshape(-1)
-        distance = cosine_distance(logits * inv_t, chunk.teacher_logits * inv_t)
-        soft = (beta * distance * valid).sum() / n_valid
-        parts["soft_loss"] += soft.detach()
-        loss = weight_soft_loss * soft
-        if weight_hard_loss != 0.0:
-            ce = F.cross_entropy(logits, chunk.target, reduction="none")
-            hard = (ce * valid).sum() / n_valid
-            parts["hard_loss"] += hard.detach()
-            loss = loss + weight_hard_loss * hard
-        return loss
-
-    chunk_size = chunk_size or auto_chunk_size(_TEMPORARIES, 1, vocab)
-    loss, _ = chunked_fused_linear_loss(
-        student, student_weight, target, loss_fn, row_groups(student.shape[0], chunk_size, student.device),
-        bias=student_bias, mode="logits", temperature=temperature, ignore_index=ignore_index,
-        teacher=Head(teacher, teacher_weight, teacher_bias), accum_dtype=accum_dtype, fused=fused,
+    student, teacher, target = _prepare(student_input, student_weight, student_bias, teacher_input, teacher_weight,
+                                        teacher_bias, target, weight_hard_loss, ignore_index, chunk_size)
+    return _distill_with_engine(
+        student, student_weight, student_bias, teacher, teacher_weight, teacher_bias, target,
+        lambda z_s, z_t: beta * cosine_distance(z_s, z_t),
+        weight_soft_loss, weight_hard_loss, temperature, ignore_index, chunk_size, accum_dtype, fused,
     )  # fmt: skip
-    return LossOutput(loss, parts)
 
 
 class FusedLinearCosineSimilarityLoss(FusedLossModule):
