@@ -546,8 +546,11 @@ def reduce_accuracy(acc_rows, target, ignore_index):
 def reduce_loss(loss_rows, z_rows, reduction, denoms, out_shape, dtype):
     """(loss, z_loss) from the per-row fp32 terms: loss includes z_loss; both in `dtype`."""
     if reduction == "none":
-        z = z_rows if z_rows is not None else torch.zeros_like(loss_rows)
-        return (loss_rows + z).to(dtype).view(out_shape), z.to(dtype).view(out_shape)
+        # Shaped before the add: the loss is then a new tensor, not a view (autograd Functions return it,
+        # and a view made inside one could not be modified in place). z_loss has no gradient: a view is fine.
+        loss_rows = loss_rows.view(out_shape)
+        z = z_rows.view(out_shape) if z_rows is not None else torch.zeros_like(loss_rows)
+        return (loss_rows + z).to(dtype), z.to(dtype)
     ce = loss_rows.sum()
     z = z_rows.sum() if z_rows is not None else torch.zeros_like(ce)
     if denoms is not None:

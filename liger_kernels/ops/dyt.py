@@ -125,17 +125,15 @@ def _dyt_backward(dy2, x2, alpha, weight, bias):
 
 class DyTFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, alpha, weight, bias):
-        x2 = as_rows(x)
+    def forward(ctx, x2, alpha, weight, bias):
+        """x2: rows (M, H) with unit column stride; y (M, H)."""
         ctx.save_for_backward(x2, alpha, weight, bias)
-        ctx.x_shape = x.shape
-        return _dyt_forward(x2, alpha, weight, bias).view(x.shape)
+        return _dyt_forward(x2, alpha, weight, bias)
 
     @staticmethod
     def backward(ctx, dy):
         x2, alpha, weight, bias = ctx.saved_tensors
-        dx, dalpha, dweight, dbias = _dyt_backward(as_rows(dy), x2, alpha, weight, bias)
-        return dx.view(ctx.x_shape), dalpha, dweight, dbias
+        return _dyt_backward(as_rows(dy), x2, alpha, weight, bias)
 
 
 def dyt_reference(
@@ -173,7 +171,9 @@ def dyt(
         return _dyt_op(x, alpha, weight, bias)
     if not use_triton(x, alpha, weight, bias) or x.numel() == 0:
         return dyt_reference(x, alpha, weight, bias)
-    return DyTFunction.apply(x, alpha, weight.contiguous(), bias.contiguous() if bias is not None else None)
+    # Rows in, rows out, reshaped here: a view made inside the Function could not be modified in place.
+    y = DyTFunction.apply(as_rows(x), alpha, weight.contiguous(), bias.contiguous() if bias is not None else None)
+    return y if x.dim() == 2 else y.view(x.shape)
 
 
 # ---- torch.library ops: what torch.compile records (see liger_kernels/_library.py) ---------------

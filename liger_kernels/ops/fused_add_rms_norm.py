@@ -33,17 +33,14 @@ from liger_kernels.ops.rms_norm import (
 
 class FusedAddRMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, residual, weight, eps, offset, casting_mode, in_place):
-        y, rstd, new_residual = rms_norm_forward(
-            as_rows(x), weight, eps, offset, casting_mode, residual=as_rows(residual)
-        )
+    def forward(ctx, x2, residual2, weight, eps, offset, casting_mode, in_place):
+        """x2, residual2: rows (M, H) with unit column stride; y and new_residual (M, H)."""
+        y, rstd, new_residual = rms_norm_forward(x2, weight, eps, offset, casting_mode, residual=residual2)
         ctx.save_for_backward(new_residual, weight, rstd)
         ctx.offset, ctx.casting_mode, ctx.in_place = offset, casting_mode, in_place
-        ctx.x_dtype, ctx.residual_dtype = x.dtype, residual.dtype
+        ctx.x_dtype, ctx.residual_dtype = x2.dtype, residual2.dtype
         # Absent gradients stay None instead of being materialized as zeros (no wasted pass).
         ctx.set_materialize_grads(False)
-        if x.dim() != 2:
-            y, new_residual = y.view(x.shape), new_residual.view(x.shape)
         return y, new_residual
 
     @staticmethod
@@ -63,7 +60,6 @@ class FusedAddRMSNormFunction(torch.autograd.Function):
                 ctx.needs_input_grad[2],
                 dres=None if dnew_residual is None else as_rows(dnew_residual),
             )
-            dx = dx if dy.dim() == 2 else dx.view(dy.shape)
         if dx is None:
             return None, None, None, None, None, None, None
         return dx.to(ctx.x_dtype), dx.to(ctx.residual_dtype), dw, None, None, None, None
@@ -110,9 +106,13 @@ def fused_add_rms_norm(
         return y, new_residual
     if not triton_path or x.numel() == 0:
         return fused_add_rms_norm_reference(x, residual, weight, eps, offset, casting_mode)
-    return FusedAddRMSNormFunction.apply(
-        x, residual, weight, float(eps), float(offset), casting_mode, bool(in_place)
+    # Rows in, rows out, reshaped here: a view made inside the Function could not be modified in place.
+    y, new_residual = FusedAddRMSNormFunction.apply(
+        as_rows(x), as_rows(residual), weight, float(eps), float(offset), casting_mode, bool(in_place)
     )
+    if x.dim() != 2:
+        y, new_residual = y.view(x.shape), new_residual.view(x.shape)
+    return y, new_residual
 
 
 # ---- torch.library ops: what torch.compile records (see liger_kernels/_library.py) ---------------

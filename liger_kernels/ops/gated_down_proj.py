@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from liger_kernels import _library
 from liger_kernels._utils import check_float, check_same_device, use_triton
+from liger_kernels.ops._tiles import as_rows
 from liger_kernels.ops.glu import (
     _GELU_ERF,
     _GELU_TANH,
@@ -47,6 +48,7 @@ def _saved_tensor_hooks_active() -> bool:
 class GatedDownProjFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, weight, bias, act: int):
+        """a, b: rows (M, I) with unit column stride; y (M, H)."""
         y = F.linear(_glu_forward(a, b, act), weight, bias)  # c is freed here
         ctx.save_for_backward(a, b, weight)
         ctx.act = act
@@ -116,7 +118,14 @@ def gated_down_proj(
         a, b, weight = a.to(dtype), b.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
         with torch.autocast(device_type, enabled=False):
-            return GatedDownProjFunction.apply(a, b, weight, bias, ACTIVATIONS[activation])
+            return _gated_down_proj(a, b, weight, bias, ACTIVATIONS[activation])
     if a.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
         raise TypeError(f"a is {a.dtype} but weight is {weight.dtype}: cast them (or run under torch.autocast)")
-    return GatedDownProjFunction.apply(a, b, weight, bias, ACTIVATIONS[activation])
+    return _gated_down_proj(a, b, weight, bias, ACTIVATIONS[activation])
+
+
+def _gated_down_proj(a, b, weight, bias, act: int) -> torch.Tensor:
+    # Rows in, rows out, reshaped here: a view made inside the Function could not be modified in place
+    # (F.linear of a 3-D input returns one).
+    y = GatedDownProjFunction.apply(as_rows(a), as_rows(b), weight, bias, act)
+    return y if a.dim() == 2 else y.view(*a.shape[:-1], y.shape[-1])

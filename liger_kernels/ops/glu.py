@@ -100,10 +100,14 @@ def _glu_backward_kernel(
     tl.store(db_ptr + out, (dc * f).to(db_ptr.dtype.element_ty), mask=mask)
 
 
-def _glu_forward(a: torch.Tensor, b: torch.Tensor, act: int) -> torch.Tensor:
+def _glu_forward(a: torch.Tensor, b: torch.Tensor, act: int, out_shape=None) -> torch.Tensor:
+    """f(a) * b, a new contiguous tensor shaped `out_shape` (default a's shape). Allocated in that shape
+    (the kernel writes through a 2-D view of it), not viewed into it: autograd Functions return it, and
+    a view made inside one could not be modified in place."""
     a2, b2 = as_rows(a), as_rows(b)
     n_rows, n_cols = a2.shape
-    c = new_output((n_rows, n_cols), a.dtype, a.device)
+    out = new_output(a.shape if out_shape is None else out_shape, a.dtype, a.device)
+    c = out.view(n_rows, n_cols)
     if c.numel():
         grid, block_m, block_n, num_warps = tile_config(n_rows, n_cols)
         _glu_forward_kernel[grid](
@@ -120,7 +124,7 @@ def _glu_forward(a: torch.Tensor, b: torch.Tensor, act: int) -> torch.Tensor:
             BLOCK_N=block_n,
             num_warps=num_warps,
         )
-    return c.view(a.shape)
+    return out
 
 
 def _launch_glu_backward(dc2, a2, b2, da2, db2, act: int) -> None:
@@ -175,8 +179,7 @@ class GLUFunction(torch.autograd.Function):
 def _swiglu_gate_up_forward(gate_up: torch.Tensor) -> torch.Tensor:
     rows = as_rows(gate_up)
     width = rows.shape[1] // 2
-    c = _glu_forward(rows[:, :width], rows[:, width:], _SILU)
-    return c.view(*gate_up.shape[:-1], width)
+    return _glu_forward(rows[:, :width], rows[:, width:], _SILU, (*gate_up.shape[:-1], width))
 
 
 def _swiglu_gate_up_backward(dc: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:

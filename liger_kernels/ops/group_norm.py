@@ -194,22 +194,22 @@ def _as_groups(x: torch.Tensor) -> torch.Tensor:
 
 class GroupNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, num_groups, weight, bias, eps):
-        x3 = _as_groups(x)
+    def forward(ctx, x3, num_groups, weight, bias, eps):
+        """x3: the contiguous (N, C, S) of `_as_groups`; y (N, C, S)."""
         y, mean, rstd = _group_norm_forward(x3, num_groups, weight, bias, eps)
         ctx.save_for_backward(x3, weight, mean, rstd)
-        ctx.shape, ctx.num_groups = x.shape, num_groups
+        ctx.num_groups = num_groups
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        return y.view(x.shape)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
         x3, weight, mean, rstd = ctx.saved_tensors
         dx, dweight, dbias = _group_norm_backward(
-            dy.contiguous().view(x3.shape), x3, weight, mean, rstd, ctx.num_groups, ctx.bias_dtype,
+            dy.contiguous(), x3, weight, mean, rstd, ctx.num_groups, ctx.bias_dtype,
             ctx.needs_input_grad[2], ctx.needs_input_grad[3],
         )
-        return dx.view(ctx.shape), None, dweight, dbias, None
+        return dx, None, dweight, dbias, None
 
 
 def group_norm_reference(
@@ -262,12 +262,14 @@ def group_norm(
         return _group_norm_op(x, num_groups, weight, bias, float(eps))[0]
     if not use_triton(x, weight, bias) or x.numel() == 0:
         return group_norm_reference(x, num_groups, weight, bias, eps)
-    return GroupNormFunction.apply(
-        x, num_groups,
+    # (N, C, S) in and out, reshaped here: a view made inside the Function could not be modified in place.
+    y = GroupNormFunction.apply(
+        _as_groups(x), num_groups,
         weight.contiguous() if weight is not None else None,
         bias.contiguous() if bias is not None else None,
         float(eps),
     )
+    return y if x.dim() == 3 else y.view(x.shape)
 
 
 # ---- torch.library ops: what torch.compile records (see liger_kernels/_library.py) ---------------

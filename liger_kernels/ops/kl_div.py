@@ -118,14 +118,16 @@ def _kl_div_forward(x2, t2, shape, reduction, log_target, eps):
     out_dtype = torch.promote_types(x2.dtype, t2.dtype)
     grid, block_m, block_n, num_warps = tile_config(n_rows, n_cols)
     reduce = reduction != "none"
-    out = new_partials(grid, x2.device) if reduce else new_output((n_rows, n_cols), out_dtype, x2.device)
+    # The unreduced loss is allocated in the inputs' shape (contiguous: the kernel's (M, N) rows), not
+    # viewed into it: KLDivFunction returns it, and a view made there could not be modified in place.
+    out = new_partials(grid, x2.device) if reduce else new_output(shape, out_dtype, x2.device)
     _kl_div_fwd_kernel[grid](
         x2, x2.stride(0), t2, t2.stride(0), out, n_rows, n_cols, eps,
         LOG_TARGET=log_target, REDUCE=reduce, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )
     if reduce:
         return (out.sum() * _scale(reduction, shape, x2.numel())).to(out_dtype)
-    return out.view(shape)
+    return out
 
 
 def _kl_div_backward(grad, x2, t2, shape, reduction, log_target, eps, compute_dx, compute_dt):

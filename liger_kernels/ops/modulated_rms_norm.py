@@ -276,24 +276,24 @@ def _mod_backward(dy2, x2, weight, scale2, rstd, groups, eps, offset, casting_mo
 
 class ModulatedRMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, scale, shift, groups, eps, offset, casting_mode):
-        x2 = as_rows(x)
+    def forward(ctx, x2, weight, scale, shift, groups, eps, offset, casting_mode):
+        """x2: rows (M, H) with unit column stride; y (M, H)."""
         scale2 = as_rows(scale)
         y, rstd = _mod_forward(x2, weight, scale2, None if shift is None else as_rows(shift), groups, eps,
                                offset, casting_mode)
         ctx.save_for_backward(x2, weight, scale2, rstd)
         ctx.params = (groups, eps, offset, casting_mode)
-        ctx.shapes = (x.shape, scale.shape)
-        return y.view(x.shape)
+        ctx.scale_shape = scale.shape
+        return y
 
     @staticmethod
     def backward(ctx, dy):
         x2, weight, scale2, rstd = ctx.saved_tensors
-        x_shape, scale_shape = ctx.shapes
+        scale_shape = ctx.scale_shape
         needs = ctx.needs_input_grad
         dx, dw, ds, db = _mod_backward(as_rows(dy), x2, weight, scale2, rstd, *ctx.params,
                                        needs[1], needs[2], needs[3])
-        return (dx.view(x_shape), dw, None if ds is None else ds.reshape(scale_shape),
+        return (dx, dw, None if ds is None else ds.reshape(scale_shape),
                 None if db is None else db.reshape(scale_shape), None, None, None, None)
 
 
@@ -372,7 +372,10 @@ def modulated_rms_norm(
         return _modulated_rms_norm_op(x, weight, scale, shift, float(eps), float(offset), casting_mode)[0]
     if not triton_path or x.numel() == 0:
         return modulated_rms_norm_reference(x, weight, scale, shift, eps, offset, casting_mode)
-    return ModulatedRMSNormFunction.apply(x, weight, scale, shift, groups, float(eps), float(offset), casting_mode)
+    # Rows in, rows out, reshaped here: a view made inside the Function could not be modified in place.
+    y = ModulatedRMSNormFunction.apply(as_rows(x), weight, scale, shift, groups, float(eps), float(offset),
+                                       casting_mode)
+    return y if x.dim() == 2 else y.view(x.shape)
 
 
 # ---- torch.library ops: what torch.compile records (see liger_kernels/_library.py) ---------------

@@ -146,17 +146,17 @@ def _poly_norm_backward(dy2, x2, weight, bias, rstd):
 
 class PolyNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        x2 = as_rows(x)
+    def forward(ctx, x2, weight, bias, eps):
+        """x2: rows (M, H) with unit column stride; y (M, H)."""
         y, rstd = _poly_norm_forward(x2, weight, bias, eps)
         ctx.save_for_backward(x2, weight, bias, rstd)
-        return y.view(x.shape)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
         x2, weight, bias, rstd = ctx.saved_tensors
         dx, dweight, dbias = _poly_norm_backward(as_rows(dy), x2, weight, bias, rstd)
-        return dx.view(dy.shape), dweight, dbias, None
+        return dx, dweight, dbias, None
 
 
 def poly_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6):
@@ -190,7 +190,9 @@ def poly_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: fl
         return _poly_norm_op(x, weight, bias, float(eps))[0]
     if not triton_path or x.numel() == 0:
         return poly_norm_reference(x, weight, bias, eps)
-    return PolyNormFunction.apply(x, weight.contiguous(), bias, float(eps))
+    # Rows in, rows out, reshaped here: a view made inside the Function could not be modified in place.
+    y = PolyNormFunction.apply(as_rows(x), weight.contiguous(), bias, float(eps))
+    return y if x.dim() == 2 else y.view(x.shape)
 
 
 # ---- torch.library ops: what torch.compile records (see liger_kernels/_library.py) ---------------

@@ -54,16 +54,15 @@ def _relu_squared_backward(dy2: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
 
 class ReLUSquaredFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x):
-        x2 = as_rows(x)
+    def forward(ctx, x2):
+        """x2: rows (M, N) with unit column stride; y (M, N)."""
         ctx.save_for_backward(x2)
-        ctx.x_shape = x.shape
-        return _relu_squared_forward(x2).view(x.shape)
+        return _relu_squared_forward(x2)
 
     @staticmethod
     def backward(ctx, dy):
         (x2,) = ctx.saved_tensors
-        return _relu_squared_backward(as_rows(dy), x2).view(ctx.x_shape)
+        return _relu_squared_backward(as_rows(dy), x2)
 
 
 def relu_squared_reference(x: torch.Tensor) -> torch.Tensor:
@@ -79,7 +78,9 @@ def relu_squared(x: torch.Tensor) -> torch.Tensor:
         return _relu_squared_op(x)
     if not use_triton(x) or x.numel() == 0:
         return relu_squared_reference(x)
-    return ReLUSquaredFunction.apply(x.unsqueeze(0) if x.dim() == 0 else x).view(x.shape)
+    # Rows in, rows out, reshaped here: a view made inside the Function could not be modified in place.
+    y = ReLUSquaredFunction.apply(_rows(x))
+    return y if x.dim() == 2 else y.view(x.shape)
 
 
 # ---- torch.library ops: what torch.compile records (see liger_kernels/_library.py) ---------------

@@ -129,15 +129,16 @@ class SoftmaxFunction(torch.autograd.Function):
     """Softmax over the last dimension."""
 
     @staticmethod
-    def forward(ctx, x):
-        y = _softmax_forward(as_rows(x))
+    def forward(ctx, x2):
+        """x2: rows (M, N) with unit column stride; y (M, N)."""
+        y = _softmax_forward(x2)
         ctx.save_for_backward(y)
-        return y.view(x.shape)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
         (y,) = ctx.saved_tensors
-        return _softmax_backward(as_rows(dy), y).view(dy.shape)
+        return _softmax_backward(as_rows(dy), y)
 
 
 def softmax_reference(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -163,7 +164,15 @@ def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         return _softmax_op(x, dim)
     if not use_triton(x) or x.numel() == 0:
         return softmax_reference(x, dim)
-    return SoftmaxFunction.apply(x.movedim(dim, -1)).movedim(-1, dim)
+    return apply_over_rows(SoftmaxFunction, x, dim)
+
+
+def apply_over_rows(function, x: torch.Tensor, dim: int) -> torch.Tensor:
+    """`function` (an autograd Function of rows) over x with `dim` moved last. Rows in, rows out,
+    reshaped here: a view made inside the Function could not be modified in place."""
+    last = x.movedim(dim, -1)
+    y = function.apply(as_rows(last))
+    return (y if last.dim() == 2 else y.view(last.shape)).movedim(-1, dim)
 
 
 # ---- torch.library ops: what torch.compile records (see liger_kernels/_library.py) ---------------

@@ -32,7 +32,7 @@ from liger_kernels._utils import (
     use_triton,
 )
 from liger_kernels.ops._tiles import as_rows
-from liger_kernels.ops.softmax import check_dim, from_last_dim_rows, last_dim_rows
+from liger_kernels.ops.softmax import apply_over_rows, check_dim, from_last_dim_rows, last_dim_rows
 
 # Bisection halvings: the bracket [-1, 0] shrinks to 2^-30, below fp32 resolution of tau.
 _BISECTIONS = 30
@@ -136,15 +136,16 @@ class SparsemaxFunction(torch.autograd.Function):
     """Sparsemax over the last dimension."""
 
     @staticmethod
-    def forward(ctx, x):
-        y = _sparsemax_forward(as_rows(x))
+    def forward(ctx, x2):
+        """x2: rows (M, N) with unit column stride; y (M, N)."""
+        y = _sparsemax_forward(x2)
         ctx.save_for_backward(y)
-        return y.view(x.shape)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
         (y,) = ctx.saved_tensors
-        return _sparsemax_backward(as_rows(dy), y).view(dy.shape)
+        return _sparsemax_backward(as_rows(dy), y)
 
 
 def sparsemax_reference(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -173,7 +174,7 @@ def sparsemax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         return _sparsemax_op(x, dim)
     if not triton_path or x.numel() == 0:
         return sparsemax_reference(x, dim)
-    return SparsemaxFunction.apply(x.movedim(dim, -1)).movedim(-1, dim)
+    return apply_over_rows(SparsemaxFunction, x, dim)
 
 
 # ---- torch.library ops: what torch.compile records (see liger_kernels/_library.py) ---------------

@@ -101,13 +101,15 @@ def _tvd_forward(p2, q2, label, reduction, ignore_index, shape):
     out_dtype = torch.promote_types(p2.dtype, q2.dtype)
     reduce = reduction != "none"
     grid, block_m, block_n, num_warps = tile_config(n_rows, n_cols)
-    out = new_partials(grid, p2.device) if reduce else new_output((n_rows, n_cols), out_dtype, p2.device)
+    # The unreduced loss is allocated in the inputs' shape (contiguous: the kernel's (M, N) rows), not
+    # viewed into it: TVDFunction returns it, and a view made there could not be modified in place.
+    out = new_partials(grid, p2.device) if reduce else new_output(shape, out_dtype, p2.device)
     _tvd_fwd_kernel[grid](
         p2, p2.stride(0), q2, q2.stride(0), _row_labels(label, p2), out, ignore_index, n_rows, n_cols,
         HAS_LABEL=label is not None, REDUCE=reduce, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )
     if not reduce:
-        return out.view(shape), None
+        return out, None
     norm = _normalizer(reduction, label, ignore_index, n_rows, n_cols, p2.device)
     return (out.sum() / norm).to(out_dtype), norm
 
