@@ -303,42 +303,26 @@ def test_llama4_vision_and_language_parts_match(build_mm):
     assert model.vision_model.layernorm_pre.weight.grad.abs().sum() > 0  # the image reached the loss
 
 
-def test_llama4_checkpoint_as_causal_lm_gets_the_fused_loss(build_mm):
-    """AutoModelForCausalLM builds Llama4ForCausalLM (text only) from a Llama 4 config: patched at class level
-    for model type "llama4" (AutoLigerKernelForCausalLM), it gets the fused loss and matches."""
-    config = mm_config("llama4")
+@pytest.mark.parametrize("name", ["llama4", "qwen3_5", "qwen3_5_moe"])
+def test_vl_config_as_causal_lm_gets_the_fused_loss(name, build_mm):
+    """AutoModelForCausalLM builds the text-only causal LM from these vision-language configs (e.g.
+    Llama4ForCausalLM from a Llama 4 config). AutoLigerKernelForCausalLM patches the config's model type and
+    its text model's type (which the qwen3_5 text classes belong to): the fused loss runs and matches.
+    (build_mm: its teardown unpatches every class.)"""
+    config = mm_config(name)
     torch.manual_seed(0)
     reference = AutoModelForCausalLM.from_config(config, dtype=FP32)
     torch.manual_seed(0)
     model = AutoLigerKernelForCausalLM.from_config(config, dtype=FP32)
-    assert type(model) is modeling_llama4.Llama4ForCausalLM and is_liger(model.forward)
+    assert type(model).__name__.endswith("ForCausalLM") and is_liger(model.forward)
+    if name == "llama4":
+        assert type(model) is modeling_llama4.Llama4ForCausalLM
     ids, labels = text_batch(model.config.vocab_size)
     out_ref = _train_step(reference, {"input_ids": ids, "labels": labels})
     out = _train_step(model, {"input_ids": ids, "labels": labels})
     assert out.logits is None
     assert_model_close(out.loss, out_ref.loss, FP32, "loss")
     _assert_grads_close(model, reference)
-
-
-@pytest.mark.parametrize("name", ["qwen3_5", "qwen3_5_moe"])
-def test_vl_config_as_causal_lm_gets_the_fused_loss(name, build_mm):
-    """AutoModelForCausalLM builds the text-only causal LM from a qwen3_5(_moe) config; its classes belong
-    to the text model type, which AutoLigerKernelForCausalLM patches too: the fused loss runs and matches."""
-    config = mm_config(name)
-    torch.manual_seed(0)
-    reference = AutoModelForCausalLM.from_config(config, dtype=FP32)
-    torch.manual_seed(0)
-    model = AutoLigerKernelForCausalLM.from_config(config, dtype=FP32)
-    try:
-        assert type(model).__name__.endswith("ForCausalLM") and is_liger(model.forward)
-        ids, labels = text_batch(model.config.vocab_size)
-        out_ref = _train_step(reference, {"input_ids": ids, "labels": labels})
-        out = _train_step(model, {"input_ids": ids, "labels": labels})
-        assert out.logits is None
-        assert_model_close(out.loss, out_ref.loss, FP32, "loss")
-        _assert_grads_close(model, reference)
-    finally:
-        unpatch(config.get_text_config().model_type)
 
 
 def test_gemma4_audio_tower_norm_outputs_modified_in_place():
