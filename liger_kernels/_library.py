@@ -19,6 +19,12 @@ implementation needs no device logic. The reference path gets its gradients from
 the reference itself (`reference_vjp`), so a compiled CPU model computes exactly what the eager
 reference path computes.
 
+Data-dependent work stays inside an op, where Dynamo does not see it: fused MoE sorts the tokens
+by expert on the device (argsort, bincount), and its outputs still have static shapes; its backward
+op rebuilds that routing plan from top_k_index rather than receiving Python objects (what an op
+saves for its backward must be tensors). Intermediates a backward needs (multi-token attention's
+normalized map, MoE's gate/up pre-activations) are extra outputs of the forward op.
+
 Ops that compute gradients in their forward pass (the cross-entropy losses) return them as extra
 outputs; their backward multiplies them by the incoming gradient with plain torch ops, which
 Inductor fuses.

@@ -5,8 +5,10 @@ Patched tiny models of three families compile to one graph in which every kernel
 graph break in our code; a decoder layer compiles with fullgraph=True under Inductor; new sequence
 lengths reuse the first (dynamic) compilation; each op passes torch.library.opcheck (schema, fake
 implementation vs the real one, autograd registration, AOT dispatch with dynamic shapes); the ops a
-patch does not use (losses, softmax/sparsemax, other norms and activations) each compile with
-fullgraph=True to one node with eager's values and gradients, and all of them together under Inductor.
+patch does not use (losses, softmax/sparsemax, other norms and activations, multi-token attention,
+fused MoE experts) each compile with fullgraph=True to one node with eager's values and gradients
+(fused MoE with its routing traced around the experts' node, multi-token attention's sparse variant
+too), and all of them together under Inductor.
 
 Compiling is slow on CPU (Inductor's C++ code generation above all), so the model tests use the
 aot_eager backend (Dynamo + AOTAutograd: every fake implementation and autograd formula is traced)
@@ -228,6 +230,19 @@ def _opcheck_cases(device):
         "modulated_rms_norm_no_weight": lambda: (
             ops.modulated_rms_norm, (_r(3, 8), None, _r(8), None, 1e-6, 0.0, "gemma")
         ),
+        "multi_token_attention": lambda: (
+            ops.multi_token_attention, (_r(2, 3, 5, 5), _r(3, 3, 3, 3), _r(3), [1, 1], [1, 1], [1, 1], 1, False)
+        ),
+        "multi_token_attention_sparse_grouped": lambda: (
+            ops.multi_token_attention, (_r(1, 4, 6, 6), _r(2, 2, 1, 3), None, [1, 1], [0, 1], [1, 1], 2, True)
+        ),
+        # Indices below E only: gu's rows of "no expert" slots are never written (NaN in the tests), so
+        # opcheck's comparison of every output would fail there; the standalone case below has them.
+        "fused_moe_experts": lambda: (
+            ops.fused_moe_experts,
+            (_r(5, 8), torch.tensor([[0, 2], [1, 2], [2, 0], [1, 1], [0, 1]], device=device), _r(5, 2),
+             _r(3, 6, 8), _r(3, 8, 3)),
+        ),
     }
 
 
@@ -251,6 +266,7 @@ def _standalone_op_cases(device):
         return torch.randn(*shape, device=device)
 
     label = torch.tensor([[1, -100, 3], [0, 2, -100]], device=device)
+    top_k_index = torch.tensor([[0, 2], [1, 3], [3, 0], [2, 2], [1, 0]], device=device)  # 3: no expert
     return {
         "kl_div": (lambda x, t: LF.kl_div(x, t), (_r(2, 3, 7).log_softmax(-1), _r(2, 3, 7).softmax(-1))),
         "jsd": (
@@ -265,6 +281,13 @@ def _standalone_op_cases(device):
         "group_norm": (lambda x, w, b: LF.group_norm(x, 2, w, b), (_r(2, 4, 3), _r(4), _r(4))),
         "poly_norm": (LF.poly_norm, (_r(3, 8), _r(3), _r(1))),
         "modulated_rms_norm": (LF.modulated_rms_norm, (_r(2, 3, 8), _r(8), _r(2, 1, 8), _r(2, 1, 8))),
+        "multi_token_attention": (
+            lambda s, w, b: LF.multi_token_attention(s, w, b, padding=1), (_r(2, 3, 5, 5), _r(3, 3, 3, 3), _r(3))
+        ),
+        "fused_moe_experts": (
+            lambda x, w, gate_up, down: LF.fused_moe_experts(x, top_k_index, w, gate_up, down),
+            (_r(5, 8), _r(5, 2), _r(3, 6, 8), _r(3, 8, 3)),
+        ),
     }
 
 
@@ -277,6 +300,41 @@ def test_standalone_op_compiles_to_one_node_like_eager(name, dispatch, device, m
         monkeypatch.setattr(liger_kernels._utils, "INTERPRET", False)
         device = "cpu"
     fn, inputs = _standalone_op_cases(device)[name]
+
+    def step(f, cotangent=None):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        out = f(*leaves)
+        cotangent = torch.randn_like(out) if cotangent is None else cotangent
+        return out.detach(), torch.autograd.grad(out, leaves, cotangent), cotangent
+
+    out_ref, grads_ref, cotangent = step(fn)
+    backend = RecordingBackend()
+    out, grads, _ = step(torch.compile(fn, backend=backend, fullgraph=True), cotangent)
+    assert len(backend.graphs) == 1
+    assert backend.liger_ops() == {name}
+    assert_model_close(out, out_ref, torch.float32, "output")
+    for i, (grad, grad_ref) in enumerate(zip(grads, grads_ref)):
+        assert_model_close(grad, grad_ref, torch.float32, f"grad of input {i}")
+
+
+@pytest.mark.parametrize("dispatch", ["triton", "reference"])
+@pytest.mark.parametrize(
+    "name, fn, shapes",
+    [
+        # The routing (softmax, top-k) is traced into the graph; the experts are one node.
+        ("fused_moe_experts", lambda x, logits, gate_up, down: LF.fused_moe(x, logits, gate_up, down, top_k=2),
+         [(5, 8), (5, 3), (3, 6, 8), (3, 8, 3)]),
+        ("multi_token_attention", lambda s, w: LF.multi_token_attention(s, w, padding=(0, 1), groups=2, sparse=True),
+         [(1, 4, 6, 6), (2, 2, 1, 3)]),
+    ],
+    ids=["fused_moe", "multi_token_attention_sparse_grouped"],
+)
+def test_op_variants_compile_to_one_node_like_eager(name, fn, shapes, dispatch, device, monkeypatch):
+    """Variants of the standalone cases: fullgraph=True, the op as one node, eager's values and gradients."""
+    if dispatch == "reference":
+        monkeypatch.setattr(liger_kernels._utils, "INTERPRET", False)
+        device = "cpu"
+    inputs = [torch.randn(*shape, device=device) for shape in shapes]
 
     def step(f, cotangent=None):
         leaves = [t.detach().clone().requires_grad_() for t in inputs]

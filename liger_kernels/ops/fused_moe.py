@@ -23,6 +23,10 @@ per-expert torch loop does.
 
 Memory: the forward saves gu (N*K, 2I) in the input dtype plus the routing tensors; the backward
 recomputes silu(gate) * up from gu.
+
+Under torch.compile the experts are one graph node (`torch.ops.liger.fused_moe_experts` and its
+backward, see liger_kernels/_library.py); the routing plan stays inside them (the backward op
+rebuilds it from top_k_index), so the data-dependent sort never reaches Dynamo.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from liger_kernels import _utils
+from liger_kernels import _library, _utils
 from liger_kernels._utils import check_float, check_same_device, new_output, use_triton
 
 # Epilogues of the grouped GEMM kernel.
@@ -365,41 +369,52 @@ class FusedMoEExpertsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         hidden, top_k_index, weights, gate_up_weight, down_weight, gu = ctx.saved_tensors
-        plan, cfg = ctx.plan, ctx.cfg
-        n_tokens, n_h = hidden.shape
-        n_experts, two_i, _ = gate_up_weight.shape
-        n_i = two_i // 2
-        n_rows = top_k_index.numel()
-        dout = dout.contiguous()
-        sorted_w = weights.reshape(-1)[plan.order]
-        dw_part = new_output((n_rows, _utils.cdiv(n_i, cfg[1])), torch.float32, hidden.device)
-        # dgu = swiglu backward of (w * dout[tok] @ down[e]); down[e] (H, I) read as (k=H, n=I).
-        dgu = _grouped_gemm(
-            dout, down_weight, (down_weight.stride(0), n_i, 1), n_h, n_i, plan, cfg,
-            out=new_output((n_rows, two_i), hidden.dtype, hidden.device), gather_a=True,
-            gu=gu, rw=sorted_w, dw_part=dw_part,
+        d_hidden, d_weights, d_gate_up, d_down = _moe_backward(
+            dout, hidden, top_k_index, weights, gate_up_weight, down_weight, gu, ctx.plan, ctx.cfg,
+            ctx.weights_dtype, ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3],
+            ctx.needs_input_grad[4],
         )
-        d_hidden = d_weights = d_gate_up = d_down = None
-        if ctx.needs_input_grad[0]:
-            dx_rows = _grouped_gemm(
-                dgu, gate_up_weight, (gate_up_weight.stride(0), n_h, 1), two_i, n_h, plan, cfg,
-                out=new_output((n_rows, n_h), hidden.dtype, hidden.device),
-            )
-            d_hidden = _combine(dx_rows, plan, top_k_index, None, n_tokens, n_h, hidden.dtype)
-        if ctx.needs_input_grad[2]:
-            # Rows of "no expert" slots are never written; their gradient is zero.
-            dw = dw_part.sum(1)[plan.pos].view(top_k_index.shape)
-            d_weights = torch.where(top_k_index < n_experts, dw, 0.0).to(ctx.weights_dtype)
-        if ctx.needs_input_grad[3]:
-            d_gate_up = _grouped_weight_grad(
-                dgu, hidden, two_i, n_h, plan, n_experts, gate_up_weight.dtype, gather_b=True
-            )
-        if ctx.needs_input_grad[4]:
-            d_down = _grouped_weight_grad(
-                dout, gu, n_h, n_i, plan, n_experts, down_weight.dtype, gather_a=True, rw=sorted_w,
-                swiglu_b=True,
-            )
         return d_hidden, None, d_weights, d_gate_up, d_down
+
+
+def _moe_backward(dout, hidden, top_k_index, weights, gate_up_weight, down_weight, gu, plan, cfg, weights_dtype,
+                  compute_dh, compute_dweights, compute_dgu, compute_ddown):
+    """(d_hidden, d_weights, d_gate_up, d_down), None for those not asked for. `weights`: the routing
+    weights in fp32."""
+    n_tokens, n_h = hidden.shape
+    n_experts, two_i, _ = gate_up_weight.shape
+    n_i = two_i // 2
+    n_rows = top_k_index.numel()
+    dout = dout.contiguous()
+    sorted_w = weights.reshape(-1)[plan.order]
+    dw_part = new_output((n_rows, _utils.cdiv(n_i, cfg[1])), torch.float32, hidden.device)
+    # dgu = swiglu backward of (w * dout[tok] @ down[e]); down[e] (H, I) read as (k=H, n=I).
+    dgu = _grouped_gemm(
+        dout, down_weight, (down_weight.stride(0), n_i, 1), n_h, n_i, plan, cfg,
+        out=new_output((n_rows, two_i), hidden.dtype, hidden.device), gather_a=True,
+        gu=gu, rw=sorted_w, dw_part=dw_part,
+    )
+    d_hidden = d_weights = d_gate_up = d_down = None
+    if compute_dh:
+        dx_rows = _grouped_gemm(
+            dgu, gate_up_weight, (gate_up_weight.stride(0), n_h, 1), two_i, n_h, plan, cfg,
+            out=new_output((n_rows, n_h), hidden.dtype, hidden.device),
+        )
+        d_hidden = _combine(dx_rows, plan, top_k_index, None, n_tokens, n_h, hidden.dtype)
+    if compute_dweights:
+        # Rows of "no expert" slots are never written; their gradient is zero.
+        dw = dw_part.sum(1)[plan.pos].view(top_k_index.shape)
+        d_weights = torch.where(top_k_index < n_experts, dw, 0.0).to(weights_dtype)
+    if compute_dgu:
+        d_gate_up = _grouped_weight_grad(
+            dgu, hidden, two_i, n_h, plan, n_experts, gate_up_weight.dtype, gather_b=True
+        )
+    if compute_ddown:
+        d_down = _grouped_weight_grad(
+            dout, gu, n_h, n_i, plan, n_experts, down_weight.dtype, gather_a=True, rw=sorted_w,
+            swiglu_b=True,
+        )
+    return d_hidden, d_weights, d_gate_up, d_down
 
 
 # ---- torch reference (the specification) ------------------------------------------------------------
@@ -478,7 +493,7 @@ def _check_experts(hidden, top_k_index, top_k_weights, gate_up_weight, down_weig
         return
     bad = (top_k_index < 0) | (top_k_index > n_experts)
     message = f"top_k_index values must be in [0, {n_experts}] ({n_experts} = no expert)"
-    if top_k_index.is_cuda:  # a host check would sync every call
+    if top_k_index.is_cuda or _library.compiling():  # a host check would sync every call (or break the graph)
         torch._assert_async(~bad.any(), message)
     elif bool(bad.any()):
         raise ValueError(f"{message}; got {top_k_index[bad][:5].tolist()}")
@@ -489,6 +504,8 @@ def fused_moe_experts(hidden, top_k_index, top_k_weights, gate_up_weight, down_w
     hidden (N, H), top_k_index (N, K) in [0, E] (E: no expert), top_k_weights (N, K),
     gate_up_weight (E, 2I, H), down_weight (E, H, I) -> (N, H) in hidden's dtype."""
     _check_experts(hidden, top_k_index, top_k_weights, gate_up_weight, down_weight)
+    if _library.compiling() and top_k_index.numel():  # one graph node under torch.compile
+        return _fused_moe_experts_op(hidden, top_k_index, top_k_weights, gate_up_weight, down_weight)[0]
     if not use_triton(hidden, gate_up_weight, down_weight) or top_k_index.numel() == 0:
         return fused_moe_experts_reference(hidden, top_k_index, top_k_weights, gate_up_weight, down_weight)
     return FusedMoEExpertsFunction.apply(
@@ -513,3 +530,105 @@ def fused_moe(hidden, router_logits, gate_up_weight, down_weight, top_k, normali
         raise ValueError(f"top_k must be an integer in [1, {n_experts}], got {top_k!r}")
     weights, index = moe_routing(router_logits, top_k, normalize_topk)
     return fused_moe_experts(hidden, index, weights, gate_up_weight, down_weight)
+
+
+# ---- torch.library ops: what torch.compile records (see liger_kernels/_library.py) ---------------
+# The routing plan (argsort/bincount on the device) stays inside the ops: the forward's outputs have
+# static shapes, and the backward recomputes the plan from top_k_index (a few small device ops)
+# instead of saving it. The forward's second output is gu (N*K, 2I), saved for the backward; the
+# reference path (whose gradients come from autograd through the reference) returns zeros there.
+
+
+def _fused_moe_experts_fake(hidden, top_k_index, top_k_weights, gate_up_weight, down_weight):
+    return hidden.new_empty(hidden.shape), hidden.new_empty((top_k_index.numel(), gate_up_weight.shape[1]))
+
+
+@_library.custom_op("fused_moe_experts", _fused_moe_experts_fake)
+def _fused_moe_experts_op(
+    hidden: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up_weight: torch.Tensor,
+    down_weight: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, gu)."""
+    if not use_triton(hidden, gate_up_weight, down_weight):
+        out = fused_moe_experts_reference(hidden, top_k_index, top_k_weights, gate_up_weight, down_weight)
+        return out.contiguous(), hidden.new_zeros((top_k_index.numel(), gate_up_weight.shape[1]))
+    out, gu, _, _, _ = _moe_forward(
+        hidden.contiguous(), top_k_index.contiguous(), top_k_weights, gate_up_weight.contiguous(),
+        down_weight.contiguous(),
+    )
+    return out, gu
+
+
+def _fused_moe_experts_backward_fake(dout, hidden, top_k_index, top_k_weights, gate_up_weight, down_weight, gu,
+                                     compute_dh, compute_dweights, compute_dgu, compute_ddown):
+    return (
+        hidden.new_empty(hidden.shape) if compute_dh else _library.absent(hidden),
+        top_k_weights.new_empty(top_k_weights.shape) if compute_dweights else _library.absent(top_k_weights),
+        gate_up_weight.new_empty(gate_up_weight.shape) if compute_dgu else _library.absent(hidden),
+        down_weight.new_empty(down_weight.shape) if compute_ddown else _library.absent(hidden),
+    )
+
+
+@_library.custom_op("fused_moe_experts_backward", _fused_moe_experts_backward_fake)
+def _fused_moe_experts_backward_op(
+    dout: torch.Tensor,
+    hidden: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up_weight: torch.Tensor,
+    down_weight: torch.Tensor,
+    gu: torch.Tensor,
+    compute_dh: bool,
+    compute_dweights: bool,
+    compute_dgu: bool,
+    compute_ddown: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d_hidden, d_top_k_weights, d_gate_up, d_down); placeholders for the gradients not asked for."""
+    if not use_triton(hidden, gate_up_weight, down_weight):
+        grads = _library.reference_vjp(
+            lambda x, w, gate_up, down: fused_moe_experts_reference(x, top_k_index, w, gate_up, down),
+            (hidden, top_k_weights, gate_up_weight, down_weight), dout,
+        )
+        grads = [g.contiguous() if needed else None
+                 for g, needed in zip(grads, (compute_dh, compute_dweights, compute_dgu, compute_ddown))]
+    else:
+        hidden, top_k_index = hidden.contiguous(), top_k_index.contiguous()
+        gate_up_weight, down_weight = gate_up_weight.contiguous(), down_weight.contiguous()
+        n_experts = gate_up_weight.shape[0]
+        cfg = _gemm_config(top_k_index.numel(), n_experts)
+        plan = _Plan(top_k_index, n_experts, cfg[0])
+        grads = _moe_backward(
+            dout, hidden, top_k_index, top_k_weights.float().contiguous(), gate_up_weight, down_weight, gu, plan,
+            cfg, top_k_weights.dtype, compute_dh, compute_dweights, compute_dgu, compute_ddown,
+        )
+    d_hidden, d_weights, d_gate_up, d_down = grads
+    return (
+        d_hidden if d_hidden is not None else _library.absent(hidden),
+        d_weights if d_weights is not None else _library.absent(top_k_weights),
+        d_gate_up if d_gate_up is not None else _library.absent(hidden),
+        d_down if d_down is not None else _library.absent(hidden),
+    )
+
+
+def _fused_moe_experts_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, output[1])
+
+
+def _fused_moe_experts_grad(ctx, dout, _dgu):
+    needs = ctx.needs_input_grad
+    d_hidden, d_weights, d_gate_up, d_down = _fused_moe_experts_backward_op(
+        dout, *ctx.saved_tensors, needs[0], needs[2], needs[3], needs[4]
+    )
+    return (
+        d_hidden if needs[0] else None,
+        None,
+        d_weights if needs[2] else None,
+        d_gate_up if needs[3] else None,
+        d_down if needs[4] else None,
+    )
+
+
+_fused_moe_experts_op.register_autograd(_fused_moe_experts_grad, setup_context=_fused_moe_experts_setup)

@@ -18,14 +18,21 @@ sparsemax's tiling (several short rows per program). The convolution and its gra
 torch.backends.cudnn.allow_tf32 says so, as torch's conv2d). The backward masks the incoming gradient,
 recomputes nothing and uses the saved p: dscores = p * (dp - sum(p * dp)) for softmax,
 s * (dp - sum(s * dp) / sum(s)) with the support s = [p > 0] for sparsemax.
+
+Under torch.compile the op is one graph node (`torch.ops.liger.multi_token_attention` and its
+backward, see liger_kernels/_library.py): the same kernels and cuDNN calls, with p as an extra output.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
+from torch.nn.modules.utils import _pair
 
+from liger_kernels import _library
 from liger_kernels._utils import (
     check_float,
     check_row_size,
@@ -198,8 +205,124 @@ def multi_token_attention(scores, weight, bias=None, stride=1, padding=0, dilati
     (B, C_out, L, L)."""
     _check_inputs(scores, weight, bias, stride, padding, dilation, groups)
     sparse = bool(sparse)
+    if _library.compiling() and scores.numel():  # one graph node under torch.compile
+        conv = [list(_pair(v)) for v in (stride, padding, dilation)]
+        return _multi_token_attention_op(scores, weight, bias, *conv, int(groups), sparse)[0]
     if not use_triton(scores, weight, bias) or scores.numel() == 0:
         return multi_token_attention_reference(scores, weight, bias, stride, padding, dilation, groups, sparse)
     return MultiTokenAttentionFunction.apply(
         scores.contiguous(), weight, bias, stride, padding, dilation, groups, sparse
     )
+
+
+# ---- torch.library ops: what torch.compile records (see liger_kernels/_library.py) ---------------
+# The forward's second output is what the backward needs: p on the Triton path (as the Function
+# saves), a copy of the scores on the reference path (whose gradients come from autograd through the
+# reference). Both have the scores' shape and dtype, so the fake implementation needs no device logic.
+
+
+def _multi_token_attention_fake(scores, weight, bias, stride, padding, dilation, groups, sparse):
+    batch, _, seq_len, _ = scores.shape
+    return scores.new_empty((batch, weight.shape[0], seq_len, seq_len)), scores.new_empty(scores.shape)
+
+
+@_library.custom_op("multi_token_attention", _multi_token_attention_fake)
+def _multi_token_attention_op(
+    scores: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    sparse: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, p): p on the Triton path, the scores on the reference path."""
+    if not use_triton(scores, weight, bias):
+        out = multi_token_attention_reference(scores, weight, bias, stride, padding, dilation, groups, sparse)
+        return out.contiguous(), scores.clone(memory_format=torch.contiguous_format)
+    p = _causal_normalize(scores.contiguous(), sparse)
+    out = torch.nn.functional.conv2d(p, weight, bias, stride, padding, dilation, groups)
+    out = out.contiguous().masked_fill_(_future(scores.shape[-1], scores.device), 0.0)
+    return out, p
+
+
+def _multi_token_attention_backward_fake(
+    dout, saved, weight, bias, stride, padding, dilation, groups, sparse, compute_ds, compute_dw, compute_db
+):
+    return (
+        saved.new_empty(saved.shape) if compute_ds else _library.absent(saved),
+        weight.new_empty(weight.shape) if compute_dw else _library.absent(weight),
+        bias.new_empty(bias.shape) if compute_db else _library.absent(weight),
+    )
+
+
+@_library.custom_op("multi_token_attention_backward", _multi_token_attention_backward_fake)
+def _multi_token_attention_backward_op(
+    dout: torch.Tensor,
+    saved: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    sparse: bool,
+    compute_ds: bool,
+    compute_dw: bool,
+    compute_db: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dscores, dweight, dbias) from the forward's second output `saved`; placeholders for the
+    gradients not asked for."""
+    dscores = dweight = dbias = None
+    if not use_triton(saved, weight, bias):
+
+        def reference(scores, weight, *maybe_bias):
+            return multi_token_attention_reference(
+                scores, weight, maybe_bias[0] if maybe_bias else None, stride, padding, dilation, groups, sparse
+            )
+
+        primals = (saved, weight) if bias is None else (saved, weight, bias)
+        grads = _library.reference_vjp(reference, primals, dout)
+        dscores = grads[0].contiguous() if compute_ds else None
+        dweight = grads[1] if compute_dw else None
+        dbias = grads[2] if compute_db else None
+    else:
+        p = saved
+        dout = dout.masked_fill(_future(p.shape[-1], p.device), 0.0)
+        if compute_ds:
+            dp = torch.nn.grad.conv2d_input(p.shape, weight, dout, stride, padding, dilation, groups)
+            dscores = _causal_normalize_backward(p, dp.contiguous(), sparse)
+        if compute_dw:
+            dweight = torch.nn.grad.conv2d_weight(p, weight.shape, dout, stride, padding, dilation, groups)
+            dweight = dweight.contiguous()
+        if compute_db:
+            dbias = dout.sum(dim=(0, 2, 3), dtype=torch.float32).to(weight.dtype)
+    return (
+        dscores if dscores is not None else _library.absent(saved),
+        dweight if dweight is not None else _library.absent(weight),
+        dbias if dbias is not None else _library.absent(weight),
+    )
+
+
+def _multi_token_attention_setup(ctx, inputs, output):
+    _, weight, bias, *ctx.conv = inputs
+    ctx.save_for_backward(output[1], weight, bias)
+
+
+def _multi_token_attention_grad(ctx, dout, _dsaved):
+    saved, weight, bias = ctx.saved_tensors
+    compute_ds, compute_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    compute_db = bias is not None and ctx.needs_input_grad[2]
+    dscores, dweight, dbias = _multi_token_attention_backward_op(
+        dout, saved, weight, bias, *ctx.conv, compute_ds, compute_dw, compute_db
+    )
+    return (
+        dscores if compute_ds else None,
+        dweight if compute_dw else None,
+        dbias if compute_db else None,
+        None, None, None, None, None,
+    )
+
+
+_multi_token_attention_op.register_autograd(_multi_token_attention_grad, setup_context=_multi_token_attention_setup)
