@@ -291,15 +291,9 @@ def _standalone_op_cases(device):
     }
 
 
-@pytest.mark.parametrize("dispatch", ["triton", "reference"])
-@pytest.mark.parametrize("name", sorted(_standalone_op_cases("cpu")))
-def test_standalone_op_compiles_to_one_node_like_eager(name, dispatch, device, monkeypatch):
+def _assert_compiles_to_one_node_like_eager(name, fn, inputs):
     """fullgraph=True (no graph break) forward and backward; the graph holds the op as one node; the
     output and every input gradient equal eager's (the autograd.Function path or the reference)."""
-    if dispatch == "reference":
-        monkeypatch.setattr(liger_kernels._utils, "INTERPRET", False)
-        device = "cpu"
-    fn, inputs = _standalone_op_cases(device)[name]
 
     def step(f, cotangent=None):
         leaves = [t.detach().clone().requires_grad_() for t in inputs]
@@ -315,6 +309,16 @@ def test_standalone_op_compiles_to_one_node_like_eager(name, dispatch, device, m
     assert_model_close(out, out_ref, torch.float32, "output")
     for i, (grad, grad_ref) in enumerate(zip(grads, grads_ref)):
         assert_model_close(grad, grad_ref, torch.float32, f"grad of input {i}")
+
+
+@pytest.mark.parametrize("dispatch", ["triton", "reference"])
+@pytest.mark.parametrize("name", sorted(_standalone_op_cases("cpu")))
+def test_standalone_op_compiles_to_one_node_like_eager(name, dispatch, device, monkeypatch):
+    if dispatch == "reference":
+        monkeypatch.setattr(liger_kernels._utils, "INTERPRET", False)
+        device = "cpu"
+    fn, inputs = _standalone_op_cases(device)[name]
+    _assert_compiles_to_one_node_like_eager(name, fn, inputs)
 
 
 @pytest.mark.parametrize("dispatch", ["triton", "reference"])
@@ -330,26 +334,11 @@ def test_standalone_op_compiles_to_one_node_like_eager(name, dispatch, device, m
     ids=["fused_moe", "multi_token_attention_sparse_grouped"],
 )
 def test_op_variants_compile_to_one_node_like_eager(name, fn, shapes, dispatch, device, monkeypatch):
-    """Variants of the standalone cases: fullgraph=True, the op as one node, eager's values and gradients."""
+    """Variants of the standalone cases, checked the same way."""
     if dispatch == "reference":
         monkeypatch.setattr(liger_kernels._utils, "INTERPRET", False)
         device = "cpu"
-    inputs = [torch.randn(*shape, device=device) for shape in shapes]
-
-    def step(f, cotangent=None):
-        leaves = [t.detach().clone().requires_grad_() for t in inputs]
-        out = f(*leaves)
-        cotangent = torch.randn_like(out) if cotangent is None else cotangent
-        return out.detach(), torch.autograd.grad(out, leaves, cotangent), cotangent
-
-    out_ref, grads_ref, cotangent = step(fn)
-    backend = RecordingBackend()
-    out, grads, _ = step(torch.compile(fn, backend=backend, fullgraph=True), cotangent)
-    assert len(backend.graphs) == 1
-    assert backend.liger_ops() == {name}
-    assert_model_close(out, out_ref, torch.float32, "output")
-    for i, (grad, grad_ref) in enumerate(zip(grads, grads_ref)):
-        assert_model_close(grad, grad_ref, torch.float32, f"grad of input {i}")
+    _assert_compiles_to_one_node_like_eager(name, fn, [torch.randn(*shape, device=device) for shape in shapes])
 
 
 def test_explain_finds_no_graph_break_in_standalone_ops(device):
