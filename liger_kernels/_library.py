@@ -63,6 +63,11 @@ def absent(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(0)
 
 
+def fake_grad(like: torch.Tensor, needed: bool) -> torch.Tensor:
+    """A backward op's fake output for the gradient of `like`: its shape if asked for, else `absent`."""
+    return like.new_empty(like.shape) if needed else absent(like)
+
+
 # The dispatch keys lifted by _recording_autograd.
 _AUTOGRAD_KEYS = tuple(
     getattr(torch._C.DispatchKey, name)

@@ -147,7 +147,7 @@ def _fused_add_rms_norm_op(
 
 def _fused_add_rms_norm_backward_fake(dy, dnew_residual, new_residual, weight, rstd, eps, offset,
                                       casting_mode, compute_dw):
-    dw = weight.new_empty(weight.shape) if compute_dw else _library.absent(weight)
+    dw = _library.fake_grad(weight, compute_dw)
     return new_residual.new_empty(new_residual.shape), dw
 
 

@@ -518,7 +518,7 @@ def _fused_linear_cross_entropy_fake(x, weight, bias, target, ce_weight, num_ite
     return (
         x.new_empty(loss_shape, dtype=torch.float32),
         x.new_empty(loss_shape, dtype=torch.float32),
-        x.new_empty(x.shape) if need_dx else _library.absent(x),
+        _library.fake_grad(x, need_dx),
         weight.new_empty(weight.shape, dtype=dw_dtype) if need_dw else _library.absent(x),
         weight.new_empty(weight.shape[0], dtype=torch.float32) if need_db else _library.absent(x),
         x.new_empty((), dtype=torch.float32) if compute_accuracy else _library.absent(x),

@@ -422,7 +422,7 @@ def _fused_linear_jsd_fake(xs, ws, xt, wt, label, beta, ignore_index, temperatur
     dw_dtype = torch.float32 if accum_fp32 else ws.dtype
     return (
         xs.new_empty((), dtype=torch.float32),
-        xs.new_empty(xs.shape) if need_dx else _library.absent(xs),
+        _library.fake_grad(xs, need_dx),
         ws.new_empty(ws.shape, dtype=dw_dtype) if need_dw else _library.absent(xs),
     )
 

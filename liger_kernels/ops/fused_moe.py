@@ -565,8 +565,8 @@ def _fused_moe_experts_op(
 def _fused_moe_experts_backward_fake(dout, hidden, top_k_index, top_k_weights, gate_up_weight, down_weight, gu,
                                      compute_dh, compute_dweights, compute_dgu, compute_ddown):
     return (
-        hidden.new_empty(hidden.shape) if compute_dh else _library.absent(hidden),
-        top_k_weights.new_empty(top_k_weights.shape) if compute_dweights else _library.absent(top_k_weights),
+        _library.fake_grad(hidden, compute_dh),
+        _library.fake_grad(top_k_weights, compute_dweights),
         gate_up_weight.new_empty(gate_up_weight.shape) if compute_dgu else _library.absent(hidden),
         down_weight.new_empty(down_weight.shape) if compute_ddown else _library.absent(hidden),
     )

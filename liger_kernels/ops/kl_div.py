@@ -235,8 +235,8 @@ def _kl_div_op(
 
 def _kl_div_backward_fake(grad, input, target, reduction, log_target, eps, compute_dx, compute_dt):
     return (
-        input.new_empty(input.shape) if compute_dx else _library.absent(input),
-        target.new_empty(target.shape) if compute_dt else _library.absent(target),
+        _library.fake_grad(input, compute_dx),
+        _library.fake_grad(target, compute_dt),
     )
 
 

@@ -410,8 +410,8 @@ def _modulated_rms_norm_op(
 def _modulated_rms_norm_backward_fake(dy, x, weight, scale, rstd, eps, offset, casting_mode,
                                       compute_dw, compute_ds, compute_db):
     dw = weight.new_empty(weight.shape) if compute_dw else _library.absent(x)
-    ds = scale.new_empty(scale.shape) if compute_ds else _library.absent(scale)
-    db = scale.new_empty(scale.shape) if compute_db else _library.absent(scale)
+    ds = _library.fake_grad(scale, compute_ds)
+    db = _library.fake_grad(scale, compute_db)
     return x.new_empty(x.shape), dw, ds, db
 
 

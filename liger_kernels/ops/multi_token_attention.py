@@ -251,8 +251,8 @@ def _multi_token_attention_backward_fake(
     dout, saved, weight, bias, stride, padding, dilation, groups, sparse, compute_ds, compute_dw, compute_db
 ):
     return (
-        saved.new_empty(saved.shape) if compute_ds else _library.absent(saved),
-        weight.new_empty(weight.shape) if compute_dw else _library.absent(weight),
+        _library.fake_grad(saved, compute_ds),
+        _library.fake_grad(weight, compute_dw),
         bias.new_empty(bias.shape) if compute_db else _library.absent(weight),
     )
 

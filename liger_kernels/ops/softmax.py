@@ -206,14 +206,19 @@ def _softmax_backward_op(dy: torch.Tensor, y: torch.Tensor, dim: int) -> torch.T
     return from_last_dim_rows(_softmax_backward(last_dim_rows(dy, dim), last_dim_rows(y, dim)), y, dim)
 
 
-def _softmax_setup(ctx, inputs, output):
-    ctx.dim = inputs[1]
-    ctx.save_for_backward(output)
+def register_autograd_from_output(op, backward_op) -> None:
+    """Autograd of an op (x, dim) -> y whose gradient needs only y: dx = backward_op(dy, y, dim)
+    (softmax, sparsemax)."""
+
+    def setup(ctx, inputs, output):
+        ctx.dim = inputs[1]
+        ctx.save_for_backward(output)
+
+    def grad(ctx, dy):
+        (y,) = ctx.saved_tensors
+        return backward_op(dy, y, ctx.dim), None
+
+    op.register_autograd(grad, setup_context=setup)
 
 
-def _softmax_grad(ctx, dy):
-    (y,) = ctx.saved_tensors
-    return _softmax_backward_op(dy, y, ctx.dim), None
-
-
-_softmax_op.register_autograd(_softmax_grad, setup_context=_softmax_setup)
+register_autograd_from_output(_softmax_op, _softmax_backward_op)

@@ -32,7 +32,13 @@ from liger_kernels._utils import (
     use_triton,
 )
 from liger_kernels.ops._tiles import as_rows
-from liger_kernels.ops.softmax import apply_over_rows, check_dim, from_last_dim_rows, last_dim_rows
+from liger_kernels.ops.softmax import (
+    apply_over_rows,
+    check_dim,
+    from_last_dim_rows,
+    last_dim_rows,
+    register_autograd_from_output,
+)
 
 # Bisection halvings: the bracket [-1, 0] shrinks to 2^-30, below fp32 resolution of tau.
 _BISECTIONS = 30
@@ -200,14 +206,4 @@ def _sparsemax_backward_op(dy: torch.Tensor, y: torch.Tensor, dim: int) -> torch
     return from_last_dim_rows(_sparsemax_backward(last_dim_rows(dy, dim), last_dim_rows(y, dim)), y, dim)
 
 
-def _sparsemax_setup(ctx, inputs, output):
-    ctx.dim = inputs[1]
-    ctx.save_for_backward(output)
-
-
-def _sparsemax_grad(ctx, dy):
-    (y,) = ctx.saved_tensors
-    return _sparsemax_backward_op(dy, y, ctx.dim), None
-
-
-_sparsemax_op.register_autograd(_sparsemax_grad, setup_context=_sparsemax_setup)
+register_autograd_from_output(_sparsemax_op, _sparsemax_backward_op)

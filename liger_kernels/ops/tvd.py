@@ -223,8 +223,8 @@ def _tvd_op(
 
 def _tvd_backward_fake(grad, p, q, reduction, label, ignore_index, compute_dp, compute_dq):
     return (
-        p.new_empty(p.shape) if compute_dp else _library.absent(p),
-        q.new_empty(q.shape) if compute_dq else _library.absent(q),
+        _library.fake_grad(p, compute_dp),
+        _library.fake_grad(q, compute_dq),
     )
 
 
