@@ -28,6 +28,12 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 or rows.shape[-1] == 1 else rows.contiguous()
 
 
+def from_rows(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The rows y (M, N') an autograd Function computed from `as_rows(x)`, back in x's leading shape
+    (..., N'). Done outside the Function: a view made inside one could not be modified in place."""
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
+
+
 def tile_config(n_rows: int, n_cols: int):
     """(grid, BLOCK_M, BLOCK_N, num_warps) of a 2-D tile grid over an (n_rows, n_cols) tensor."""
     block_n = min(triton.next_power_of_2(n_cols), _TILE_ELEMENTS)

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from liger_kernels import _library
 from liger_kernels._utils import check_float, check_same_device, new_output, num_programs_for_rows, use_triton
-from liger_kernels.ops._tiles import as_rows, tile_config, tile_offsets
+from liger_kernels.ops._tiles import as_rows, from_rows, tile_config, tile_offsets
 
 
 @triton.jit
@@ -171,9 +171,8 @@ def dyt(
         return _dyt_op(x, alpha, weight, bias)
     if not use_triton(x, alpha, weight, bias) or x.numel() == 0:
         return dyt_reference(x, alpha, weight, bias)
-    # Rows in, rows out, reshaped here: a view made inside the Function could not be modified in place.
     y = DyTFunction.apply(as_rows(x), alpha, weight.contiguous(), bias.contiguous() if bias is not None else None)
-    return y if x.dim() == 2 else y.view(x.shape)
+    return from_rows(y, x)
 
 
 # ---- torch.library ops: what torch.compile records (see liger_kernels/_library.py) ---------------

@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 
 from liger_kernels import _library, _utils
+from liger_kernels.ops._tiles import as_rows, from_rows
 from liger_kernels.ops.rms_norm import (
-    as_rows,
     check_rms_norm_args,
     rms_norm_backward,
     rms_norm_forward,
@@ -106,13 +106,10 @@ def fused_add_rms_norm(
         return y, new_residual
     if not triton_path or x.numel() == 0:
         return fused_add_rms_norm_reference(x, residual, weight, eps, offset, casting_mode)
-    # Rows in, rows out, reshaped here: a view made inside the Function could not be modified in place.
     y, new_residual = FusedAddRMSNormFunction.apply(
         as_rows(x), as_rows(residual), weight, float(eps), float(offset), casting_mode, bool(in_place)
     )
-    if x.dim() != 2:
-        y, new_residual = y.view(x.shape), new_residual.view(x.shape)
-    return y, new_residual
+    return from_rows(y, x), from_rows(new_residual, x)
 
 
 # ---- torch.library ops: what torch.compile records (see liger_kernels/_library.py) ---------------

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from liger_kernels import _library
 from liger_kernels._utils import check_float, check_same_device, use_triton
-from liger_kernels.ops._tiles import as_rows
+from liger_kernels.ops._tiles import as_rows, from_rows
 from liger_kernels.ops.glu import (
     _GELU_ERF,
     _GELU_TANH,
@@ -125,7 +125,5 @@ def gated_down_proj(
 
 
 def _gated_down_proj(a, b, weight, bias, act: int) -> torch.Tensor:
-    # Rows in, rows out, reshaped here: a view made inside the Function could not be modified in place
-    # (F.linear of a 3-D input returns one).
-    y = GatedDownProjFunction.apply(as_rows(a), as_rows(b), weight, bias, act)
-    return y if a.dim() == 2 else y.view(*a.shape[:-1], y.shape[-1])
+    # (F.linear of a 3-D input returns a view: the Function gets rows.)
+    return from_rows(GatedDownProjFunction.apply(as_rows(a), as_rows(b), weight, bias, act), a)

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from liger_kernels import _library, _utils
-from liger_kernels.ops._tiles import as_rows
+from liger_kernels.ops._tiles import as_rows, from_rows
 from liger_kernels.ops.rms_norm import backward_config, sum_partials, tile_config, tile_rows
 
 
@@ -259,9 +259,7 @@ def layer_norm(
         return _layer_norm_op(x, weight, bias, float(eps))[0]
     if not triton_path or x.numel() == 0:
         return layer_norm_reference(x, weight, bias, eps)
-    # Rows in, rows out, reshaped here: a view made inside the Function could not be modified in place.
-    y = LayerNormFunction.apply(as_rows(x), weight, bias, float(eps))
-    return y if x.dim() == 2 else y.view(x.shape)
+    return from_rows(LayerNormFunction.apply(as_rows(x), weight, bias, float(eps)), x)
 
 
 # ---- torch.library ops: what torch.compile records (see liger_kernels/_library.py) ---------------

@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from liger_kernels import _library, _utils
+from liger_kernels.ops._tiles import as_rows, from_rows
 from liger_kernels.ops.rms_norm import (
     _CAST_CODES,
     CASTING_MODES,
@@ -52,7 +53,6 @@ from liger_kernels.ops.rms_norm import (
     _rms_norm_rows,
     _rms_norm_rows_backward,
     _round,
-    as_rows,
     backward_config,
     check_rms_norm_args,
     rms_norm_apply,
@@ -372,10 +372,9 @@ def modulated_rms_norm(
         return _modulated_rms_norm_op(x, weight, scale, shift, float(eps), float(offset), casting_mode)[0]
     if not triton_path or x.numel() == 0:
         return modulated_rms_norm_reference(x, weight, scale, shift, eps, offset, casting_mode)
-    # Rows in, rows out, reshaped here: a view made inside the Function could not be modified in place.
     y = ModulatedRMSNormFunction.apply(as_rows(x), weight, scale, shift, groups, float(eps), float(offset),
                                        casting_mode)
-    return y if x.dim() == 2 else y.view(x.shape)
+    return from_rows(y, x)
 
 
 # ---- torch.library ops: what torch.compile records (see liger_kernels/_library.py) ---------------

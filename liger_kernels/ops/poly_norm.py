@@ -33,7 +33,7 @@ from liger_kernels._utils import (
     num_programs_for_rows,
     use_triton,
 )
-from liger_kernels.ops._tiles import as_rows
+from liger_kernels.ops._tiles import as_rows, from_rows
 from liger_kernels.ops.rms_norm import tile_config, tile_rows
 
 
@@ -190,9 +190,7 @@ def poly_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: fl
         return _poly_norm_op(x, weight, bias, float(eps))[0]
     if not triton_path or x.numel() == 0:
         return poly_norm_reference(x, weight, bias, eps)
-    # Rows in, rows out, reshaped here: a view made inside the Function could not be modified in place.
-    y = PolyNormFunction.apply(as_rows(x), weight.contiguous(), bias, float(eps))
-    return y if x.dim() == 2 else y.view(x.shape)
+    return from_rows(PolyNormFunction.apply(as_rows(x), weight.contiguous(), bias, float(eps)), x)
 
 
 # ---- torch.library ops: what torch.compile records (see liger_kernels/_library.py) ---------------

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from liger_kernels import _library, _utils
-from liger_kernels.ops._tiles import as_rows
+from liger_kernels.ops._tiles import as_rows, from_rows
 
 CASTING_MODES = ("llama", "gemma", "none")
 # Values of the kernels' constexpr CAST.
@@ -498,9 +498,8 @@ def rms_norm(
         return _rms_norm_op(x, weight, float(eps), float(offset), casting_mode)[0]
     if not triton_path or x.numel() == 0:
         return rms_norm_reference(x, weight, eps, offset, casting_mode)
-    # Rows in, rows out, reshaped here: a view made inside the Function could not be modified in place.
     y = RMSNormFunction.apply(as_rows(x), weight, float(eps), float(offset), casting_mode, bool(in_place))
-    return y if x.dim() == 2 else y.view(x.shape)
+    return from_rows(y, x)
 
 
 # ---- torch.library ops: what torch.compile records (see liger_kernels/_library.py) ---------------

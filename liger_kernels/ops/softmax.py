@@ -18,7 +18,7 @@ import triton.language as tl
 
 from liger_kernels import _library
 from liger_kernels._utils import check_float, new_output, row_launch_config, use_triton
-from liger_kernels.ops._tiles import as_rows
+from liger_kernels.ops._tiles import as_rows, from_rows
 
 # Widest row kept whole in registers (and the column block of the looping kernels). The launch knob
 # to tune on the GPU; the tests lower it to exercise the looping path on small rows.
@@ -168,11 +168,9 @@ def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 
 def apply_over_rows(function, x: torch.Tensor, dim: int) -> torch.Tensor:
-    """`function` (an autograd Function of rows) over x with `dim` moved last. Rows in, rows out,
-    reshaped here: a view made inside the Function could not be modified in place."""
+    """`function` (an autograd Function of rows) over x with `dim` moved last (see `from_rows`)."""
     last = x.movedim(dim, -1)
-    y = function.apply(as_rows(last))
-    return (y if last.dim() == 2 else y.view(last.shape)).movedim(-1, dim)
+    return from_rows(function.apply(as_rows(last)), last).movedim(-1, dim)
 
 
 # ---- torch.library ops: what torch.compile records (see liger_kernels/_library.py) ---------------
