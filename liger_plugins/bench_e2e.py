@@ -103,33 +103,62 @@ def run_one(family: str, setup: str, batch: int, seq: int, steps: int, warmup: i
                 device=device, losses=losses)
 
 
-def run_all(families, setups, batch, seq, steps, warmup, out_dir) -> list[dict]:
+def run_all(families, setups, batch, seq, steps, warmup, out_dir, rounds: int = 1) -> list[dict]:
+    """Each setup in its own process, `rounds` times, the order reversed every other round: the GPU's
+    clocks drop as it heats up, so a setup that always ran last would be measured on a slower GPU.
+    A setup's tokens/s is the median over its rounds (each a median of `steps` steps)."""
     results = []
     for family in families:
-        for setup in setups:
-            if SETUPS[setup][0] == "liger_kernel" and not _has_liger_kernel():
-                print(f"skip {family}/{setup}: liger_kernel is not installed", flush=True)
-                continue
-            cmd = [sys.executable, "-m", "liger_plugins.bench_e2e", "--one", setup, "--family", family,
-                   "--batch", str(batch), "--seq", str(seq), "--steps", str(steps), "--warmup", str(warmup)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-            if proc.returncode != 0 or not lines:
-                tail = (proc.stderr or proc.stdout)[-1500:]
-                print(f"FAILED {family}/{setup}:\n{tail}", flush=True)
-                results.append(dict(family=family, setup=setup, error=tail))
-                continue
-            result = json.loads(lines[-1])
-            results.append(result)
-            peak = f"{result['peak_gib']:6.2f} GiB" if result["peak_gib"] is not None else "n/a (CPU)"
-            print(f"{family:6s} {setup:18s} {result['tokens_per_s'] / 1e3:7.1f} k tok/s  "
-                  f"{result['step_ms']:7.1f} ms/step  peak {peak}", flush=True)
+        runs: dict[str, list[dict]] = {s: [] for s in setups}
+        for r in range(rounds):
+            for setup in (setups if r % 2 == 0 else setups[::-1]):
+                if SETUPS[setup][0] == "liger_kernel" and not _has_liger_kernel():
+                    if r == 0:
+                        print(f"skip {family}/{setup}: liger_kernel is not installed", flush=True)
+                    continue
+                run = _run_subprocess(family, setup, batch, seq, steps, warmup)
+                runs[setup].append(run)
+                if "error" in run:
+                    print(f"FAILED {family}/{setup}:\n{run['error']}", flush=True)
+                    continue
+                peak = f"{run['peak_gib']:6.2f} GiB" if run["peak_gib"] is not None else "n/a (CPU)"
+                print(f"{family:6s} {setup:18s} {run['tokens_per_s'] / 1e3:7.1f} k tok/s  "
+                      f"{run['step_ms']:7.1f} ms/step  peak {peak}", flush=True)
+        results += [_merge_rounds(family, setup, runs[setup]) for setup in setups if runs[setup]]
+    if rounds > 1:
+        for r in results:
+            if "error" not in r:
+                print(f"{r['family']:6s} {r['setup']:18s} {r['tokens_per_s'] / 1e3:7.1f} k tok/s (median of "
+                      f"{len(r['rounds_tokens_per_s'])} rounds)", flush=True)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "e2e.json"), "w") as f:
             json.dump(dict(environment=_environment(), results=results), f, indent=1)
         _plot(results, os.path.join(out_dir, "e2e.png"))
     return results
+
+
+def _run_subprocess(family, setup, batch, seq, steps, warmup) -> dict:
+    cmd = [sys.executable, "-m", "liger_plugins.bench_e2e", "--one", setup, "--family", family,
+           "--batch", str(batch), "--seq", str(seq), "--steps", str(steps), "--warmup", str(warmup)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return dict(family=family, setup=setup, error=(proc.stderr or proc.stdout)[-1500:])
+    return json.loads(lines[-1])
+
+
+def _merge_rounds(family, setup, runs: list[dict]) -> dict:
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return runs[-1]
+    if len(runs) == 1:
+        return ok[0]
+    step_ms = statistics.median(r["step_ms"] for r in ok)
+    peaks = [r["peak_gib"] for r in ok if r["peak_gib"] is not None]
+    return dict(ok[0], step_ms=step_ms, tokens_per_s=ok[0]["batch"] * ok[0]["seq"] / (step_ms / 1e3),
+                peak_gib=max(peaks) if peaks else None,
+                rounds_tokens_per_s=[r["tokens_per_s"] for r in ok], failed_rounds=len(runs) - len(ok))
 
 
 def _has_liger_kernel() -> bool:
@@ -181,6 +210,7 @@ def main(argv=None):
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1, help="run every setup this many times, alternating order")
     parser.add_argument("--out", default="docs/e2e")
     args = parser.parse_args(argv)
     if args.one:
@@ -190,7 +220,8 @@ def main(argv=None):
     unknown = [s for s in setups if s not in SETUPS]
     if unknown:
         parser.error(f"unknown setups {unknown}; choose from {sorted(SETUPS)}")
-    run_all(args.families.split(","), setups, args.batch, args.seq, args.steps, args.warmup, args.out)
+    run_all(args.families.split(","), setups, args.batch, args.seq, args.steps, args.warmup, args.out,
+            args.rounds)
     return 0
 
 

@@ -27,3 +27,23 @@ def test_tiny_setups_train_and_agree(reference_dispatch):
 def test_unknown_setup_is_refused():
     with pytest.raises(SystemExit):
         bench_e2e.main(["--setups", "hf_eager,nonsense", "--families", "tiny"])
+
+
+def test_rounds_alternate_order_and_take_the_median(monkeypatch, tmp_path):
+    order = []
+    step_ms = {"hf_eager": iter([300.0, 310.0, 290.0]), "ours": iter([250.0, 270.0, 260.0])}
+
+    def fake_run(family, setup, batch, seq, steps, warmup):  # stands in for the subprocess
+        order.append(setup)
+        ms = next(step_ms[setup])
+        return dict(family=family, setup=setup, batch=batch, seq=seq, step_ms=ms,
+                    tokens_per_s=batch * seq / (ms / 1e3), peak_gib=ms / 100, losses=[1.0])
+
+    monkeypatch.setattr(bench_e2e, "_run_subprocess", fake_run)
+    results = bench_e2e.run_all(["tiny"], ["hf_eager", "ours"], 2, 32, 2, 1, str(tmp_path), rounds=3)
+    assert order == ["hf_eager", "ours", "ours", "hf_eager", "hf_eager", "ours"]
+    by_setup = {r["setup"]: r for r in results}
+    assert by_setup["hf_eager"]["step_ms"] == 300.0 and by_setup["ours"]["step_ms"] == 260.0
+    assert by_setup["ours"]["tokens_per_s"] == pytest.approx(64 / 0.26)
+    assert by_setup["hf_eager"]["peak_gib"] == 3.1 and len(by_setup["ours"]["rounds_tokens_per_s"]) == 3
+    assert (tmp_path / "e2e.json").exists()
