@@ -36,6 +36,8 @@ SETUPS = {
     "hf_eager": ("none", False, False),
     "hf_eager_ckpt": ("none", True, False),
     "hf_compile": ("none", False, True),
+    # compiled, only our causal-mask decision (no kernels): what of ours_compile's gain is attention
+    "hf_compile_causal": ("causal_mask_only", False, True),
     "liger_kernel": ("liger_kernel", False, False),
     "liger_kernel_ckpt": ("liger_kernel", True, False),
     "ours": ("ours", False, False),
@@ -61,10 +63,12 @@ def run_one(family: str, setup: str, batch: int, seq: int, steps: int, warmup: i
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
-    if patcher == "ours":
+    if patcher in ("ours", "causal_mask_only"):
         from liger_plugins.patching import apply_liger
 
-        apply_liger(model)
+        kernels = patcher == "ours"
+        apply_liger(model, rope=kernels, rms_norm=kernels, swiglu=kernels, fused_linear_cross_entropy=kernels,
+                    layer_norm=kernels)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -93,7 +97,7 @@ def run_one(family: str, setup: str, batch: int, seq: int, steps: int, warmup: i
         times.append(time.perf_counter() - start)
         losses.append(float(loss))
     median = statistics.median(times)
-    if patcher == "ours":  # leave the process as it was (rope is patched per modeling module)
+    if patcher in ("ours", "causal_mask_only"):  # leave the process as it was (module-level patches)
         from liger_plugins.patching import unpatch
 
         unpatch(model)

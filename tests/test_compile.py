@@ -71,6 +71,16 @@ class RecordingBackend:
         self.graphs.append(gm)
         return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
 
+    def sdpa_calls(self):
+        """(attn_mask given?, is_causal) of every scaled_dot_product_attention call in the graphs."""
+        return [
+            (node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None) is not None,
+             node.kwargs.get("is_causal", False))
+            for gm in self.graphs
+            for node in gm.graph.nodes
+            if "scaled_dot_product_attention" in str(node.target)
+        ]
+
     def liger_ops(self):
         """Names of the liger custom ops called in the recorded graphs."""
         return {
@@ -117,6 +127,64 @@ def test_patched_model_compiles_to_one_graph_like_eager(patched, model_type):
     assert len(backend.graphs) == 1  # no graph break anywhere in the model
     assert backend.liger_ops() == PATCHED_OPS
     assert_same_step(compiled, eager)
+
+
+def test_compiled_attention_is_causal_without_a_mask(patched):
+    from transformers import masking_utils
+
+    model = patched("llama")
+    ids, labels = model_batch(model)
+    eager = train_step(model, ids, labels)
+    backend = RecordingBackend()
+    compiled = train_step(model, ids, labels, torch.compile(model, backend=backend))
+    layers = model.config.num_hidden_layers
+    assert backend.sdpa_calls() == [(False, True)] * layers  # no (B, 1, T, T) mask materialized
+    assert_same_step(compiled, eager)
+
+    # a padding mask keeps transformers' own decision (a materialized mask), with the same values
+    torch._dynamo.reset()
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    backend = RecordingBackend()
+    loss = torch.compile(model, backend=backend)(input_ids=ids, labels=labels, attention_mask=mask).loss
+    assert backend.sdpa_calls() == [(True, False)] * layers
+    assert_model_close(loss, model(input_ids=ids, labels=labels, attention_mask=mask).loss, torch.float32, "loss")
+
+    # reverted with the last patch that holds it
+    assert masking_utils._ignore_causal_mask_sdpa.__name__ == "_ignore_causal_mask_sdpa"
+    assert hasattr(masking_utils._ignore_causal_mask_sdpa, "__liger_original__")
+    unpatch(model)
+    assert not hasattr(masking_utils._ignore_causal_mask_sdpa, "__liger_original__")
+
+
+def test_causal_mask_decision_under_compile():
+    # transformers 5.17 (the H200's) refuses to skip the mask whenever Dynamo traces; 5.25 with
+    # torch >= 2.14 decides as in eager. The replacement must skip it exactly where it is the plain
+    # causal mask, and leave every other case to the original.
+    from liger_plugins.patching.forwards import make_causal_mask_decision
+
+    calls = []
+
+    def refuses_while_tracing(padding_mask, q_length, kv_length, q_offset, kv_offset, local_attention_size=None):
+        calls.append((q_length, kv_length))
+        return not torch.compiler.is_compiling() and padding_mask is None and q_length == kv_length
+
+    decide = make_causal_mask_decision(refuses_while_tracing)
+
+    def compiled(*args, grad=True):
+        torch._dynamo.reset()
+        with torch.set_grad_enabled(grad):
+            return torch.compile(lambda x: x + 1 if decide(*args) else x - 1, backend="eager", fullgraph=True)(
+                torch.zeros(()))
+
+    assert compiled(None, 8, 8, 0, 0) == 1 and calls == []  # skipped by the replacement
+    assert decide(None, 8, 8, 0, 0) and calls == [(8, 8)]  # eager: the original decides
+    calls.clear()
+    padding = torch.ones(2, 8, dtype=torch.bool)
+    for args, grad in [((padding, 8, 8, 0, 0), True), ((None, 1, 8, 7, 0), True), ((None, 8, 8, 0, 0, 4), True),
+                       ((None, 8, 8, 0, 0), False), ((None, 8, 8, torch.tensor(0), 0), True)]:
+        assert compiled(*args, grad=grad) == -1, args  # the original's answer while tracing
+    assert len(calls) == 5
 
 
 def test_explain_finds_no_graph_break_in_our_code(patched):

@@ -90,9 +90,10 @@ DW_TRITON_MAX_ROWS = 0
 DW_CONFIG = (64, 128, 64, 4, 3)
 
 
-def chunk_rows(n_rows: int, n_classes: int, element_size: int) -> int:
-    """Automatic rows per chunk: about CHUNK_BYTES of logits, a multiple of MIN_CHUNK_ROWS."""
-    rows = CHUNK_BYTES // (n_classes * element_size)
+def chunk_rows(n_rows: int, n_classes: int, element_size: int, chunk_bytes: int | None = None) -> int:
+    """Automatic rows per chunk: about `chunk_bytes` (default CHUNK_BYTES) of logits, a multiple of
+    MIN_CHUNK_ROWS."""
+    rows = (CHUNK_BYTES if chunk_bytes is None else chunk_bytes) // (n_classes * element_size)
     rows = max(MIN_CHUNK_ROWS, rows // MIN_CHUNK_ROWS * MIN_CHUNK_ROWS)
     return max(1, min(rows, n_rows))
 

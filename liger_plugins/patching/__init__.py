@@ -26,6 +26,9 @@ Kernels (keyword flags of `apply_liger` and `AutoLigerKernelForCausalLM`):
 - fused_moe (off by default): MoE experts' whole forward on the fused MoE kernel (grouped GEMMs, no
   per-expert Python loop) where they are SiLU-gated in transformers' default 3-D layout; the others
   keep their forward. Off by default until it is benchmarked against transformers' grouped_mm experts.
+- causal_sdpa_under_compile: under torch.compile, SDPA attention with no padding mask runs with
+  is_causal=True instead of a materialized causal mask, as transformers already decides in eager mode
+  (see forwards.make_causal_mask_decision); module level, for every architecture, like rope.
 
 Supported model types: `SUPPORTED_MODEL_TYPES`; anything else raises ValueError listing them.
 Patch before wrapping the model (FSDP, DeepSpeed, accelerate device maps): class level before
@@ -68,12 +71,14 @@ def apply_liger(
     fused_linear_cross_entropy: bool = True,
     layer_norm: bool = True,
     fused_moe: bool = False,
+    causal_sdpa_under_compile: bool = True,
     verbose: bool = False,
 ) -> PatchSummary:
     """Patch a model type (str: class level) or a built model (instance level; a PEFT model is
     unwrapped to its base model). Returns what was patched; logged on "liger_plugins.patching"
     (INFO with verbose=True, else DEBUG). Idempotent: what is already patched stays as it is."""
-    options = KernelOptions(rope, rms_norm, swiglu, cross_entropy, fused_linear_cross_entropy, layer_norm, fused_moe)
+    options = KernelOptions(rope, rms_norm, swiglu, cross_entropy, fused_linear_cross_entropy, layer_norm, fused_moe,
+                            causal_sdpa_under_compile)
     if isinstance(model_or_model_type, str):
         summary = patch.patch_classes(get_traits(model_or_model_type), options)
     elif isinstance(model_or_model_type, nn.Module):

@@ -10,6 +10,8 @@ replace sub-modules (LoRA on gate_proj) keep working.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -227,6 +229,44 @@ def make_llama4_rope(original):
 
 
 ROTARY_FACTORIES = {"rope": make_rotary, "mrope": make_mrope, "llama4_rope": make_llama4_rope}
+
+
+_CAUSAL_MASK_DECISION_ARGUMENTS = ("padding_mask", "q_length", "kv_length", "q_offset", "kv_offset")
+
+
+def takes_causal_mask_decision_arguments(fn) -> bool:
+    return tuple(inspect.signature(fn).parameters)[:5] == _CAUSAL_MASK_DECISION_ARGUMENTS
+
+
+def make_causal_mask_decision(original):
+    """transformers' `masking_utils._ignore_causal_mask_sdpa`, which decides whether SDPA may run with
+    is_causal=True instead of a materialized (B, 1, T, T) causal mask, taking that decision also while
+    torch.compile traces a training forward.
+
+    transformers refuses to skip the mask whenever Dynamo traces (before torch 2.14 it cannot tell
+    torch.compile from torch.export, where a baked-in is_causal would be wrong for later decode
+    shapes), so a compiled model attends through a materialized mask: its SDPA backward took 3x as
+    long on an H100 (41.7 vs 13.6 ms per step in docs/e2e/h100_run6). The mask is skipped here only
+    where it is exactly the causal mask whatever the values: no padding mask given, queries and keys
+    of the same length from position 0, no local window, under torch.compile with autograd recording
+    (training; exported inference graphs run without grad). Anything else is the original's decision.
+    """
+
+    def _ignore_causal_mask_sdpa(padding_mask, q_length, kv_length, q_offset, kv_offset,
+                                 local_attention_size=None, *args, **kwargs):
+        if (
+            padding_mask is None
+            and torch.compiler.is_compiling()
+            and torch.is_grad_enabled()
+            and not isinstance(q_offset, torch.Tensor)
+            and q_offset == 0
+            and q_length == kv_length
+            and (local_attention_size is None or kv_length < local_attention_size)
+        ):
+            return True
+        return original(padding_mask, q_length, kv_length, q_offset, kv_offset, local_attention_size, *args, **kwargs)
+
+    return mark(_ignore_causal_mask_sdpa, original, "_ignore_causal_mask_sdpa")
 
 
 def shift_targets(labels, shift_labels, ignore_index: int):

@@ -8,7 +8,8 @@ layout the traits expect, and refuses (ValueError naming the module) before touc
 The rotary function is a module-level function of the modeling module (`apply_rotary_pos_emb`, or the
 one the traits name), called by the attention by name: it can only be replaced for the whole module.
 An instance-level patch therefore switches rope on for every model of that architecture in the process
-until the last patch holding it (class level or instance) is reverted.
+until the last patch holding it (class level or instance) is reverted. The same holds for transformers'
+`masking_utils._ignore_causal_mask_sdpa` (`causal_sdpa_under_compile`), shared by all architectures.
 
 Every replaced attribute is recorded with its original, so `unpatch` restores exactly what was there.
 Patching what is already patched is a no-op (reported as such in the summary).
@@ -44,6 +45,9 @@ class KernelOptions:
     fused_linear_cross_entropy: bool = True
     layer_norm: bool = True
     fused_moe: bool = False  # whole MoE experts forwards on the fused MoE kernel (opt-in: see forwards.py)
+    # under torch.compile, SDPA without a padding mask runs is_causal=True, not a materialized mask
+    # (transformers' eager-mode decision, see forwards.make_causal_mask_decision)
+    causal_sdpa_under_compile: bool = True
 
     def __post_init__(self):
         if self.cross_entropy and self.fused_linear_cross_entropy:
@@ -115,6 +119,8 @@ def patch_classes(traits: ArchitectureTraits, options: KernelOptions) -> PatchSu
                f"cross_entropy: {traits.causal_lm}.loss_function", wrap=staticmethod)
     if options.rope:
         _patch_rope(traits, ("class", traits.model_type), summary)
+    if options.causal_sdpa_under_compile:
+        _patch_causal_mask_decision(("class", traits.model_type), summary)
     return summary
 
 
@@ -207,6 +213,8 @@ def patch_instance(model: nn.Module, traits: ArchitectureTraits, options: Kernel
     if options.rope:
         for part in parts:
             _patch_rope(part, ("instance", id(model)), summary)
+    if options.causal_sdpa_under_compile:
+        _patch_causal_mask_decision(("instance", id(model)), summary)
     return summary
 
 
@@ -379,8 +387,25 @@ def _patch_rope(traits: ArchitectureTraits, holder, summary: PatchSummary) -> No
         names = " / ".join(spec.function for spec in traits.rope)
         summary.skipped.append(f"rope: {module.__name__} has no {names} (this transformers version has no hook)")
         return
-    key = (module.__name__, spec.function)
     label = f"rope: {module.__name__}.{spec.function} (module level, {spec.kernel} kernel)"
+    _patch_function(module, spec.function, forwards.ROTARY_FACTORIES[spec.kernel], holder, label, summary)
+
+
+def _patch_causal_mask_decision(holder, summary: PatchSummary) -> None:
+    from transformers import masking_utils
+
+    name = "_ignore_causal_mask_sdpa"
+    original = getattr(masking_utils, name, None)
+    label = f"causal_sdpa_under_compile: transformers.masking_utils.{name} (module level)"
+    if original is None or not forwards.takes_causal_mask_decision_arguments(original):
+        summary.skipped.append(f"{label}: this transformers version has no such function of the expected arguments")
+        return
+    _patch_function(masking_utils, name, forwards.make_causal_mask_decision, holder, label, summary)
+
+
+def _patch_function(module: types.ModuleType, name: str, make, holder, label: str, summary: PatchSummary) -> None:
+    """Replace `module.name` by `make(original)` for `holder`, or only add the holder if already replaced."""
+    key = (module.__name__, name)
     if key in _FUNCTION_PATCHES:
         holders = _FUNCTION_PATCHES[key][1]
         # An instance holds the function too only if no class-level patch does (as for its modules).
@@ -388,9 +413,9 @@ def _patch_rope(traits: ArchitectureTraits, holder, summary: PatchSummary) -> No
             holders.add(holder)
         summary.skipped.append(f"{label}: already patched")
         return
-    original = getattr(module, spec.function)
+    original = getattr(module, name)
     _FUNCTION_PATCHES[key] = [original, {holder}]
-    setattr(module, spec.function, forwards.ROTARY_FACTORIES[spec.kernel](original))
+    setattr(module, name, make(original))
     summary.patched.append(label)
 
 

@@ -31,6 +31,12 @@ def batch(vocab_size: int, batch_size: int = 2, seq: int = 8, seed: int = 1):
     return ids, labels
 
 
+def kernel_patches(summary) -> list[str]:
+    """The summary's patched items that put a kernel in, without the shared module-level causal-mask
+    decision (`causal_sdpa_under_compile`: reported once per process, by the first patch that installs it)."""
+    return [item for item in summary.patched if not item.startswith("causal_sdpa_under_compile:")]
+
+
 def expected_kinds(model_type: str) -> set[str]:
     """The kernel flags whose patches apply_liger must report for `model_type`, from its traits."""
     traits = get_traits(model_type)

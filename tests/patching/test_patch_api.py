@@ -9,7 +9,7 @@ import logging
 
 import pytest
 import torch
-from patching_helpers import batch, tiny_config
+from patching_helpers import batch, kernel_patches, tiny_config
 from tolerances import assert_model_close
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -146,7 +146,7 @@ def test_class_level_patch_then_build(build, reference_dispatch):
     out_ref, grads_ref = _loss_and_grads(reference, input_ids=ids, labels=labels)
 
     summary = apply_liger("llama")
-    assert summary.level == "class" and len(summary.patched) == 4, str(summary)
+    assert summary.level == "class" and len(kernel_patches(summary)) == 4, str(summary)
     assert all(is_liger(cls.__dict__[attr]) for cls, attr in LLAMA_CLASS_ATTRS)
     assert apply_liger("llama").patched == []  # idempotent
     model = build("llama")
@@ -224,6 +224,24 @@ def test_fused_forward_arguments(build):
         model(ids, input_ids=ids, labels=labels)
     with pytest.raises(ValueError, match="labels must cover exactly the kept positions"):
         model(input_ids=ids, labels=labels, logits_to_keep=2)
+
+
+def test_fused_loss_chunks_by_the_model_budget(build, reference_dispatch, monkeypatch):
+    from liger_kernels import functional as LF
+    from liger_plugins.patching import fused_forward
+
+    reference, model = build("llama"), build("llama")
+    apply_liger(model, rope=False)
+    seen = []
+    fused = LF.fused_linear_cross_entropy
+    monkeypatch.setattr(LF, "fused_linear_cross_entropy", lambda *a, **kw: seen.append(kw["chunk_size"]) or fused(*a, **kw))
+    ids, labels = batch(model.config.vocab_size, batch_size=4, seq=40)  # 160 rows (the last of each sequence ignored)
+    vocab = model.config.vocab_size
+    monkeypatch.setattr(fused_forward, "MODEL_LOSS_CHUNK_BYTES", 64 * vocab * 4)  # 64 rows of fp32 logits
+    _assert_same_training(model, reference, input_ids=ids, labels=labels)
+    monkeypatch.setattr(fused_forward, "MODEL_LOSS_CHUNK_BYTES", 10**9)
+    _assert_same_training(model, reference, input_ids=ids, labels=labels)
+    assert seen == [64, 160]
 
 
 def test_patched_forward_keeps_the_signature(build):

@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from patching_helpers import TINY
+from patching_helpers import TINY, kernel_patches
 from patching_helpers import batch as text_batch
 from tolerances import assert_model_close
 from torch import nn
@@ -158,7 +158,7 @@ def _expected_kinds(model):
 def test_loss_gradients_and_logits_match(build_mm, name):
     reference, model = build_mm(name), build_mm(name)
     summary = apply_liger(model)
-    assert {item.split(":")[0] for item in summary.patched} == _expected_kinds(model), str(summary)
+    assert {item.split(":")[0] for item in kernel_patches(summary)} == _expected_kinds(model), str(summary)
     for path, module in model.named_modules():  # the whole vision tower too
         if type(module) is nn.LayerNorm:
             assert is_liger(module.forward), path
@@ -285,7 +285,7 @@ def test_llama4_vision_and_language_parts_match(build_mm):
     and language model, wired as its forward wires them, train as the unpatched ones do."""
     reference, model = build_mm("llama4"), build_mm("llama4")
     summary = apply_liger(model)
-    assert {item.split(":")[0] for item in summary.patched} == _expected_kinds(model), str(summary)
+    assert {item.split(":")[0] for item in kernel_patches(summary)} == _expected_kinds(model), str(summary)
     assert "loss: the model is not a Llama4ForCausalLM" in summary.skipped, str(summary)
     assert is_liger(modeling_llama4.apply_rotary_emb)
     assert all(is_liger(m.forward) for m in model.modules() if type(m) is nn.LayerNorm)
