@@ -28,7 +28,7 @@ from tests.tolerances import assert_model_close
 
 FAMILIES = ["llama", "qwen3", "gemma2"]
 # The kernels a default patch of these families puts into the training graph.
-PATCHED_OPS = {"rms_norm", "rope", "glu", "fused_linear_cross_entropy"}
+PATCHED_OPS = {"rms_norm", "rope", "gated_down_proj", "fused_linear_cross_entropy"}
 
 
 @pytest.fixture(autouse=True)
@@ -270,6 +270,8 @@ def _opcheck_cases(device):
         ),
         "layer_norm": lambda: (ops.layer_norm, (_r(3, 8), _r(8), _r(8), 1e-5)),
         "glu": lambda: (ops.glu, (_r(3, 8), _r(3, 8), 1)),
+        "gated_down_proj": lambda: (ops.gated_down_proj, (_r(2, 3, 8), _r(2, 3, 8), _r(5, 8), _r(5), 0)),
+        "gated_down_proj_no_bias": lambda: (ops.gated_down_proj, (_r(3, 8), _r(3, 8), _r(5, 8), None, 2)),
         "rope": lambda: (
             ops.rope,
             (_r(2, 4, 3, 8), _r(2, 2, 3, 8), _r(1, 3, 8, grad=False), _r(1, 3, 8, grad=False), 1, False),
@@ -349,6 +351,8 @@ def _standalone_op_cases(device):
         "group_norm": (lambda x, w, b: LF.group_norm(x, 2, w, b), (_r(2, 4, 3), _r(4), _r(4))),
         "poly_norm": (LF.poly_norm, (_r(3, 8), _r(3), _r(1))),
         "modulated_rms_norm": (LF.modulated_rms_norm, (_r(2, 3, 8), _r(8), _r(2, 1, 8), _r(2, 1, 8))),
+        "gated_down_proj": (lambda a, b, w, bias: LF.gated_down_proj(a, b, w, bias, "gelu_tanh"),
+                            (_r(2, 3, 8), _r(2, 3, 8), _r(5, 8), _r(5))),
         "multi_token_attention": (
             lambda s, w, b: LF.multi_token_attention(s, w, b, padding=1), (_r(2, 3, 5, 5), _r(3, 3, 3, 3), _r(3))
         ),
