@@ -46,7 +46,10 @@ SETUPS = {
 }
 
 
-def run_one(family: str, setup: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
+def training_step(family: str, setup: str, batch: int, seq: int):
+    """(model, step) for one setup: the model of `family` built (seed 0) and patched as `setup` says,
+    and `step()`, one forward + backward + AdamW step on fixed random tokens, returning the loss.
+    Shared by this benchmark, scripts/profile_e2e.py and scripts/memory_peak.py."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -75,7 +78,6 @@ def run_one(family: str, setup: str, batch: int, seq: int, steps: int, warmup: i
     forward = torch.compile(model) if compiled else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
     ids = torch.randint(0, config.vocab_size, (batch, seq), device=device)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def step():
         loss = forward(input_ids=ids, labels=ids).loss
@@ -84,6 +86,23 @@ def run_one(family: str, setup: str, batch: int, seq: int, steps: int, warmup: i
         optimizer.zero_grad(set_to_none=True)
         return loss
 
+    return model, step
+
+
+def release(model, setup: str) -> None:
+    """Undo our patch of `model` (module-level patches would otherwise outlive it in the process)."""
+    if SETUPS[setup][0] in ("ours", "causal_mask_only"):
+        from liger_plugins.patching import unpatch
+
+        unpatch(model)
+
+
+def run_one(family: str, setup: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
+    import torch
+
+    model, step = training_step(family, setup, batch, seq)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(warmup):
         step()
     sync()
@@ -97,10 +116,7 @@ def run_one(family: str, setup: str, batch: int, seq: int, steps: int, warmup: i
         times.append(time.perf_counter() - start)
         losses.append(float(loss))
     median = statistics.median(times)
-    if patcher in ("ours", "causal_mask_only"):  # leave the process as it was (module-level patches)
-        from liger_plugins.patching import unpatch
-
-        unpatch(model)
+    release(model, setup)
     return dict(family=family, setup=setup, batch=batch, seq=seq, steps=steps,
                 step_ms=median * 1e3, tokens_per_s=batch * seq / median,
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,

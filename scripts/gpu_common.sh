@@ -11,3 +11,9 @@ run_tests() {  # name, seconds, pytest args...: one timeout per file, the log in
     > "$OUT/t_$name.log" 2>&1
   echo "$name rc=$? $(tail -1 "$OUT/t_$name.log")"
 }
+
+collect_tests() {  # names...: the run_tests logs of those names into $OUT/cuda_tests.log; print the failures
+  local name
+  for name in "$@"; do echo "#### $name"; cat "$OUT/t_$name.log"; rm -f "$OUT/t_$name.log"; done > "$OUT/cuda_tests.log"
+  grep -E "^FAILED|^ERROR" "$OUT/cuda_tests.log" | head -30
+}

@@ -29,8 +29,6 @@ r = run_one('llama', 'ours', 8, 2048, 10, 3); r['setup'] = '$1'; print(json.dump
   run_tests modrms 90 tests/ops/test_modulated_rms_norm.py
   run_tests inplace 60 tests/ops/test_inplace_outputs.py
   run_tests losses 90 tests/losses/test_kto_grpo.py tests/losses/test_distillation.py
-  for f in modrms inplace losses; do echo "#### $f"; cat "$OUT/t_$f.log"; done > "$OUT/cuda_tests.log"
-  rm -f "$OUT"/t_*.log
-  grep -E "^FAILED|^ERROR" "$OUT/cuda_tests.log" | head -30
+  collect_tests modrms inplace losses
   echo "== done in ${SECONDS} s"
 } 2>&1 | tee "$OUT/log"

@@ -13,9 +13,7 @@ source "$(dirname "$0")/gpu_common.sh"
   run_tests modrms 90 tests/ops/test_modulated_rms_norm.py
   run_tests inplace 60 tests/ops/test_inplace_outputs.py
   run_tests losses 90 tests/losses/test_kto_grpo.py tests/losses/test_distillation.py
-  for f in modrms inplace losses; do echo "#### $f"; cat "$OUT/t_$f.log"; done > "$OUT/cuda_tests.log"
-  rm -f "$OUT"/t_*.log
-  grep -E "^FAILED|^ERROR" "$OUT/cuda_tests.log" | head -30
+  collect_tests modrms inplace losses
   echo "== 2. bench"
   export PYTHONPATH=/tmp/site:$PWD
   timeout 120 python3 -m liger_plugins.cli bench --quick --ops modulated_rms_norm,swiglu,fused_add_rms_norm,softmax \

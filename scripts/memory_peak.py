@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from liger_plugins.bench_e2e import FAMILIES, SETUPS
+from liger_plugins.bench_e2e import FAMILIES, release, training_step
 
 
 def _where(frames) -> str:
@@ -26,30 +26,7 @@ def _where(frames) -> str:
 
 
 def peak_of_step(setup: str, family: str, batch: int, seq: int) -> dict:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    patcher, checkpointing, compiled = SETUPS[setup]
-    spec = dict(FAMILIES[family])
-    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    if patcher == "ours":
-        from liger_plugins.patching import apply_liger
-
-        apply_liger(model)
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    forward = torch.compile(model) if compiled else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
-    ids = torch.randint(0, config.vocab_size, (batch, seq), device="cuda")
-
-    def step():
-        forward(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    model, step = training_step(family, setup, batch, seq)
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -78,7 +55,7 @@ def peak_of_step(setup: str, family: str, batch: int, seq: int) -> dict:
         g[0] += e["size"]
         g[1] += 1
     top = sorted(groups.items(), key=lambda kv: -kv[1][0])[:25]
-    # which phase was the peak in: the allocation that reached it
+    release(model, setup)
     return {"setup": setup, "allocated_before_step_gib": before / 2**30,
             "max_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
             "peak_above_before_gib": peak / 2**30, "peak_reached_by": _where(events[peak_index].get("frames", [])),

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from liger_plugins.bench_e2e import FAMILIES, SETUPS
+from liger_plugins.bench_e2e import FAMILIES, release, training_step
 
 FAMILY_PATTERNS = [  # first match wins; names as the CUDA profiler reports them
     ("attention", r"flash|fmha|attention|sdpa|cudnn.*(mha|attn)"),
@@ -38,33 +38,7 @@ def family(name: str) -> str:
 
 
 def profile(setup: str, family_name: str, batch: int, seq: int, steps: int) -> dict:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    patcher, checkpointing, compiled = SETUPS[setup]
-    if patcher not in ("none", "ours"):
-        raise SystemExit(f"profile supports the setups with or without our patch, not {setup}")
-    spec = dict(FAMILIES[family_name])
-    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    if patcher == "ours":
-        from liger_plugins.patching import apply_liger
-
-        apply_liger(model)
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
-    ids = torch.randint(0, config.vocab_size, (batch, seq), device="cuda")
-
-    forward = torch.compile(model) if compiled else model
-
-    def step():
-        forward(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    model, step = training_step(family_name, setup, batch, seq)  # any setup, Liger-Kernel's too
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -88,10 +62,7 @@ def profile(setup: str, family_name: str, batch: int, seq: int, steps: int) -> d
         per_kernel[evt.name] = (fam, prev + ms)
     total = sum(per_family.values())
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1][1])[:25]
-    if patcher == "ours":
-        from liger_plugins.patching import unpatch
-
-        unpatch(model)
+    release(model, setup)
     return {"setup": setup, "family": family_name, "batch": batch, "seq": seq, "steps": steps,
             "wall_ms_per_step": wall_ms, "gpu_ms_per_step": total, "ms_per_step_by_family": dict(sorted(per_family.items(), key=lambda kv: -kv[1])),
             "top_kernels_ms_per_step": [{"name": k[:120], "family": f, "ms": ms} for k, (f, ms) in top]}
