@@ -6,6 +6,8 @@ import torch
 
 import liger_kernels._utils
 from liger_kernels.ops.llama4_rope import llama4_rope, llama4_rope_reference
+from tests.ops.test_rope import _qk as rope_qk
+from tests.ops.test_rope import check_rotation
 from tests.tolerances import DTYPES, assert_close
 
 
@@ -19,34 +21,12 @@ def _freqs_cis(batch, seq_len, dim, device, scaling=1.0):
 
 def _qk(batch, seq_len, n_heads, dim, transposed, device, dtype):
     """(B, T, H, D); `transposed` makes it a non-contiguous view of a (B, H, T, D) tensor."""
-    if transposed:
-        return torch.randn(batch, n_heads, seq_len, dim, device=device).to(dtype).transpose(1, 2)
-    return torch.randn(batch, seq_len, n_heads, dim, device=device).to(dtype)
+    return rope_qk(batch, seq_len, n_heads, dim, 2, transposed, device, dtype)
 
 
 def _check(q, k, freqs_cis, dtype):
     """Forward and both gradients of the public op vs the reference on float64 copies."""
-    q = q.detach().requires_grad_()
-    k = k.detach().requires_grad_()
-    q_before, k_before = q.detach().clone(), k.detach().clone()
-    q_out, k_out = llama4_rope(q, k, freqs_cis)
-    grad_q = torch.randn_like(q_out)
-    grad_k = torch.randn_like(k_out)
-    ((q_out * grad_q).sum() + (k_out * grad_k).sum()).backward()
-
-    q64 = q.detach().double().requires_grad_()
-    k64 = k.detach().double().requires_grad_()
-    f64 = freqs_cis.to(torch.complex128) if freqs_cis.is_complex() else freqs_cis.double()
-    q64_out, k64_out = llama4_rope_reference(q64, k64, f64)
-    ((q64_out * grad_q.double()).sum() + (k64_out * grad_k.double()).sum()).backward()
-
-    assert q_out.dtype == q.dtype and q_out.shape == q.shape and k_out.shape == k.shape
-    assert_close(q_out, q64_out, dtype, name="q_out")
-    assert_close(k_out, k64_out, dtype, name="k_out")
-    assert_close(q.grad, q64.grad, dtype, name="dq")
-    assert_close(k.grad, k64.grad, dtype, name="dk")
-    assert torch.equal(q.detach(), q_before) and torch.equal(k.detach(), k_before)
-    return q_out, k_out
+    return check_rotation(llama4_rope, llama4_rope_reference, q, k, (freqs_cis,), dtype)
 
 
 # (batch, seq, q heads, kv heads, head_dim, freqs batch is B, transposed views, freqs form)

@@ -26,7 +26,7 @@ def _hf_cos_sin(position_ids, dim, device):
 def _check(q, k, cos, sin, section, unsqueeze_dim, dtype):
     return check_rotation(
         lambda *t: mrope(*t, section, unsqueeze_dim), lambda *t: mrope_reference(*t, section, unsqueeze_dim),
-        q, k, cos, sin, dtype,
+        q, k, (cos, sin), dtype,
     )
 
 

@@ -28,20 +28,21 @@ def _qk(batch, seq_len, n_heads, dim, unsqueeze_dim, transposed, device, dtype):
     return torch.randn(batch, seq_len, n_heads, dim, device=device).to(dtype)
 
 
-def check_rotation(apply, reference, q, k, cos, sin, dtype):
-    """Forward and both gradients of apply(q, k, cos, sin) vs reference(...) on float64 copies (the RoPE
-    variants' tests use it too)."""
+def check_rotation(apply, reference, q, k, tables, dtype):
+    """Forward and both gradients of apply(q, k, *tables) vs reference(...) on float64 copies (complex
+    tables in complex128); the RoPE variants' tests (M-RoPE, Llama-4) use it too."""
     q = q.detach().requires_grad_()
     k = k.detach().requires_grad_()
     q_before, k_before = q.detach().clone(), k.detach().clone()
-    q_embed, k_embed = apply(q, k, cos, sin)
+    q_embed, k_embed = apply(q, k, *tables)
     grad_q = torch.randn_like(q_embed)
     grad_k = torch.randn_like(k_embed)
     ((q_embed * grad_q).sum() + (k_embed * grad_k).sum()).backward()
 
     q64 = q.detach().double().requires_grad_()
     k64 = k.detach().double().requires_grad_()
-    q64_embed, k64_embed = reference(q64, k64, cos.double(), sin.double())
+    tables64 = [t.to(torch.complex128) if t.is_complex() else t.double() for t in tables]
+    q64_embed, k64_embed = reference(q64, k64, *tables64)
     ((q64_embed * grad_q.double()).sum() + (k64_embed * grad_k.double()).sum()).backward()
 
     assert q_embed.dtype == q.dtype and q_embed.shape == q.shape and k_embed.shape == k.shape
@@ -55,7 +56,7 @@ def check_rotation(apply, reference, q, k, cos, sin, dtype):
 
 def _check(q, k, cos, sin, unsqueeze_dim, dtype):
     return check_rotation(
-        lambda *t: rope(*t, unsqueeze_dim), lambda *t: rope_reference(*t, unsqueeze_dim), q, k, cos, sin, dtype
+        lambda *t: rope(*t, unsqueeze_dim), lambda *t: rope_reference(*t, unsqueeze_dim), q, k, (cos, sin), dtype
     )
 
 
