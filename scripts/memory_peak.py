@@ -21,7 +21,9 @@ from liger_plugins.bench_e2e import FAMILIES, release, training_step
 
 
 def _where(frames) -> str:
-    picked = [f for f in frames if "/torch/" not in f["filename"]][:3]  # Inductor's generated code is in /tmp
+    # torch's own Python is skipped (not transformers', also under a venv in /opt/torch); Inductor's
+    # generated code lives in /tmp and is kept
+    picked = [f for f in frames if "site-packages/torch/" not in f["filename"]][:3]
     return " <- ".join(f"{Path(f['filename']).name}:{f['line']}:{f['name']}" for f in picked) or "?"
 
 
