@@ -19,6 +19,7 @@ import inspect
 from pathlib import Path
 
 START = "<!-- support-table:start -->"
+NO_HEAD = "— (vision encoder: no language-model head)"
 END = "<!-- support-table:end -->"
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -74,7 +75,8 @@ def _architectures_table() -> list[str]:
         t = TRAITS[model_type]
         notes = (("final logit softcap", t.softcap_config), ("logit scale", t.logit_scale), ("router aux loss", t.moe))
         loss_notes = [note for note, on in notes if on]
-        causal_lm = f"`{t.causal_lm}`" + (f" ({', '.join(loss_notes)})" if loss_notes else "")
+        causal_lm = (f"`{t.causal_lm}`" + (f" ({', '.join(loss_notes)})" if loss_notes else "")
+                     if t.causal_lm else NO_HEAD)
         rope = " or ".join(f"`{r.function}`" + (f" ({r.kernel})" if r.kernel != "rope" else "")
                            for r in t.rope) or "— (no kernel fits)"
         if t.sub_configs:  # a wrapper: its language model is patched as its own architecture

@@ -188,10 +188,15 @@ def make_rotary(original):
     """Module-level `apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)` on the rope kernel.
 
     A rotary dimension smaller than the head (Phi3's partial_rotary_factor) rotates the leading
-    channels and passes the rest through, as Phi3's own function does.
+    channels and passes the rest through, as Phi3's own function does. Pixtral's call, (T, D) tables
+    with unsqueeze_dim=0, is the same rotation with the tables broadcast over the batch.
     """
 
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        if cos.dim() == 2 and unsqueeze_dim == 0 and q.dim() == 4:
+            # Pixtral: (T, D) tables unsqueezed to (1, T, D) against (B, H, T, D) q/k: the same
+            # broadcast as (1, T, D) tables with unsqueeze_dim=1
+            cos, sin, unsqueeze_dim = cos[None], sin[None], 1
         rot = cos.shape[-1]
         if cos.dim() != 3 or rot > q.shape[-1] or rot % 2:
             return original(q, k, cos, sin, unsqueeze_dim)

@@ -107,15 +107,18 @@ def patch_classes(traits: ArchitectureTraits, options: KernelOptions) -> PatchSu
             f"{sub}: that sub-model's architecture is known only from a built model's config: patch the "
             "built model, or its model type too"
         )
-    causal_lm = traits.cls(traits.causal_lm)
-    if options.fused_linear_cross_entropy:
+    if traits.causal_lm is None:
+        if options.fused_linear_cross_entropy or options.cross_entropy:
+            summary.skipped.append(_NO_HEAD.format(traits.model_type))
+    elif options.fused_linear_cross_entropy:
+        causal_lm = traits.cls(traits.causal_lm)
         if computes_default_loss(causal_lm.forward):
             rebind(causal_lm, "forward", lambda orig: make_causal_lm_forward(traits, orig),
                    f"fused_linear_cross_entropy: {traits.causal_lm}.forward")
         else:
             summary.skipped.append(_OWN_LOSS.format(traits.causal_lm))
-    if options.cross_entropy:
-        rebind(causal_lm, "_loss_function", lambda orig: forwards.causal_lm_cross_entropy,
+    if options.cross_entropy and traits.causal_lm is not None:
+        rebind(traits.cls(traits.causal_lm), "_loss_function", lambda orig: forwards.causal_lm_cross_entropy,
                f"cross_entropy: {traits.causal_lm}.loss_function", wrap=staticmethod)
     if options.rope:
         _patch_rope(traits, ("class", traits.model_type), summary)
@@ -151,8 +154,7 @@ def patch_instance(model: nn.Module, traits: ArchitectureTraits, options: Kernel
     if traits.torch_layer_norm and options.layer_norm:
         plan.append(("layer_norm", "torch_layer_norm", nn.LayerNorm, "forward",
                      forwards.make_layer_norm_forward, traits))
-    causal_lm = traits.cls(traits.causal_lm)
-    is_causal_lm = isinstance(model, causal_lm)
+    is_causal_lm = traits.causal_lm is not None and isinstance(model, traits.cls(traits.causal_lm))
 
     # 1. Decide and validate everything before changing anything.
     todo = []  # (module, attr, replacement, label)
@@ -196,6 +198,8 @@ def patch_instance(model: nn.Module, traits: ArchitectureTraits, options: Kernel
         _check_causal_lm(model, traits)
         loss_todo = _causal_lm_plan(model, traits, options, summary, already)
         todo += loss_todo
+    elif (options.fused_linear_cross_entropy or options.cross_entropy) and traits.causal_lm is None:
+        summary.skipped.append(_NO_HEAD.format(traits.model_type))
     elif options.fused_linear_cross_entropy or options.cross_entropy:
         summary.skipped.append(f"loss: the model is not a {traits.causal_lm}")
 
@@ -289,6 +293,7 @@ _OWN_LOSS = (
     "fused_linear_cross_entropy: {}.forward computes its own loss, not with transformers' loss_function "
     "(kept the original)"
 )
+_NO_HEAD = "loss: model type {!r} has no language-model head (a vision encoder): nothing to fuse"
 
 
 def _plain_layer_norm(module: nn.Module) -> bool:

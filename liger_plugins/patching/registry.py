@@ -34,6 +34,7 @@ and how they compute, read from the module's source for transformers 5.x:
 - moe: the causal LM adds the router load-balancing loss (`load_balancing_loss_func` of the module).
 - causal_lm may also be a `*ForConditionalGeneration` class (vision-language models): the same
   `base model -> lm_head` shape, its text settings (vocab, softcap, MoE) read from `config.get_text_config()`.
+  None for a model type without a language-model head (Pixtral's vision encoder): no loss to patch.
 - sub_configs: config attributes (e.g. "text_config") naming sub-models of another registered
   architecture (Llava's language model may be Llama, Mistral, Qwen2...): patching a built model also
   applies that architecture's module patches (norms, MLPs, experts, rope); class level cannot know it.
@@ -84,7 +85,7 @@ _MROPE = (RopeSpec("apply_multimodal_rotary_pos_emb", "mrope"), RopeSpec("apply_
 class ArchitectureTraits:
     model_type: str
     module: str
-    causal_lm: str
+    causal_lm: str | None
     norms: dict[str, NormSpec] = field(default_factory=dict)
     layer_norms: dict[str, float] = field(default_factory=dict)
     mlps: dict[str, MLPSpec] = field(default_factory=dict)
@@ -470,6 +471,14 @@ TRAITS: dict[str, ArchitectureTraits] = {
             sub_configs=("text_config",),
             torch_layer_norm=True,  # CLIP / SigLIP vision towers
             unpatched=("CLIPMLP / SiglipMLP (not gated)", "Pixtral's 2-D rotary"),
+        ),
+        ArchitectureTraits(
+            model_type="pixtral",  # PixtralVisionModel on its own (inside Llava it is patched with llava)
+            module=_modeling("pixtral"),
+            causal_lm=None,  # a vision encoder: no language-model head, no loss
+            norms={"PixtralRMSNorm": _LLAMA_NOT_IN_PLACE},  # ln_pre's output is the first residual
+            mlps={"PixtralMLP": _SPLIT},
+            rope=_ROTATE_HALF,  # rotate-half on (patches, head_dim) tables of its 2-D positions
         ),
         ArchitectureTraits(
             model_type="internvl",

@@ -16,13 +16,15 @@ from tolerances import assert_model_close
 import transformers
 from packaging.version import Version
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
 from transformers.models.llama import modeling_llama
 from transformers.models.llama4 import modeling_llama4
 from transformers.models.mistral import modeling_mistral
 from transformers.models.pixtral import modeling_pixtral
 
 from liger_plugins.patching import TRAITS, AutoLigerKernelForCausalLM, apply_liger, get_traits, unpatch
+from liger_kernels import functional as LF
+from liger_kernels.ops.rope import rope
 from liger_plugins.patching.forwards import is_liger
 from liger_plugins.patching.fused_forward import computes_default_loss
 
@@ -353,3 +355,48 @@ def test_gemma4_audio_tower_norm_outputs_modified_in_place():
         unpatch("gemma4")
     assert_model_close(out, reference(features, attention_mask=mask).last_hidden_state, FP32, "audio output")
     _assert_grads_close(model, reference)
+
+
+def test_pixtral_vision_encoder_alone(monkeypatch):
+    """Pixtral's vision encoder as its own model type (no language-model head): norms, gated MLPs and
+    its rotate-half rotary on (patches, head_dim) tables of 2-D positions; outputs and gradients match."""
+    config = AutoConfig.for_model(**json.loads((MULTIMODAL / "llava_pixtral.json").read_text())["vision_config"])
+    pixels = torch.rand(2, 3, 16, 12, generator=torch.Generator().manual_seed(3))  # 4 x 3 patches
+    sizes = torch.tensor([[16, 12], [8, 12]])
+
+    def run(model):
+        model.zero_grad(set_to_none=True)
+        out = model(pixels.clone(), image_sizes=sizes).last_hidden_state
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        return out.detach()
+
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(AutoModel.from_config(config))
+    reference, model = models
+    original_rope = modeling_pixtral.apply_rotary_pos_emb
+    summary = apply_liger(model)
+    try:
+        assert set(kernel_patches(summary)) == {
+            "rms_norm: PixtralRMSNorm.forward (5 modules)", "swiglu: PixtralMLP.forward (2 modules)",
+            "rope: transformers.models.pixtral.modeling_pixtral.apply_rotary_pos_emb (module level, rope kernel)",
+        }, str(summary)
+        assert "loss: model type 'pixtral' has no language-model head (a vision encoder): nothing to fuse" in summary.skipped
+        expected = run(reference)  # the rope patch is module level: the reference runs it too
+        rope_calls = []
+        monkeypatch.setattr(LF, "rope", lambda *a: rope_calls.append(a[4]) or rope(*a))
+        assert_model_close(run(model), expected, FP32, "last_hidden_state")
+        assert rope_calls == [1, 1]  # both layers, on the (1, patches, head_dim) tables
+        _assert_grads_close(model, reference)
+    finally:
+        unpatch(model)
+    assert modeling_pixtral.apply_rotary_pos_emb is original_rope
+    assert_model_close(expected, run(reference), FP32, "rope kernel vs transformers' rotary")
+
+    apply_liger("pixtral")  # class level: the same classes
+    try:
+        assert is_liger(modeling_pixtral.PixtralRMSNorm.forward) and is_liger(modeling_pixtral.apply_rotary_pos_emb)
+    finally:
+        unpatch("pixtral")
+    assert not is_liger(modeling_pixtral.PixtralRMSNorm.forward)
