@@ -44,6 +44,8 @@ SETUPS = {
     "ours_ckpt": ("ours", True, False),
     "ours_compile": ("ours", False, True),
 }
+# The patchers that call our apply_liger (and must unpatch after).
+_OUR_PATCHERS = ("ours", "causal_mask_only")
 
 
 def training_step(family: str, setup: str, batch: int, seq: int):
@@ -66,7 +68,7 @@ def training_step(family: str, setup: str, batch: int, seq: int):
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
-    if patcher in ("ours", "causal_mask_only"):
+    if patcher in _OUR_PATCHERS:
         from liger_plugins.patching import apply_liger
 
         kernels = patcher == "ours"
@@ -91,7 +93,7 @@ def training_step(family: str, setup: str, batch: int, seq: int):
 
 def release(model, setup: str) -> None:
     """Undo our patch of `model` (module-level patches would otherwise outlive it in the process)."""
-    if SETUPS[setup][0] in ("ours", "causal_mask_only"):
+    if SETUPS[setup][0] in _OUR_PATCHERS:
         from liger_plugins.patching import unpatch
 
         unpatch(model)

@@ -52,7 +52,7 @@ class GatedDownProjFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, weight, bias, act: int):
         """a, b: rows (M, I) with unit column stride; y (M, H)."""
-        y = F.linear(_glu_forward(a, b, act), weight, bias)  # c is freed here
+        y = _forward_rows(a, b, weight, bias, act)
         ctx.save_for_backward(a, b, weight)
         ctx.act = act
         ctx.has_bias = bias is not None
@@ -65,6 +65,11 @@ class GatedDownProjFunction(torch.autograd.Function):
         grad_a, grad_b, grad_w, grad_bias = _backward(dy, a, b, weight, ctx.act, need_a or need_b, need_w,
                                                       need_bias and ctx.has_bias)
         return grad_a, grad_b, grad_w, grad_bias, None
+
+
+def _forward_rows(a, b, weight, bias, act: int) -> torch.Tensor:
+    """y (M, H) of rows a, b (M, I); c = f(a) * b is freed on return (recomputed by `_backward`)."""
+    return F.linear(_glu_forward(a, b, act), weight, bias)
 
 
 def _backward(dy, a, b, weight, act: int, need_ab: bool, need_w: bool, need_bias: bool):
@@ -158,8 +163,7 @@ def _gated_down_proj_op(
     """(f(a) * b) @ weight.T + bias for the activation code `act`."""
     if not use_triton(a, b):
         return gated_down_proj_reference(a, b, weight, bias, _ACTIVATION_NAMES[act]).contiguous()
-    y = F.linear(_glu_forward(a, b, act).reshape(-1, a.shape[-1]), weight, bias)
-    return y.reshape(*a.shape[:-1], weight.shape[0])
+    return _forward_rows(as_rows(a), as_rows(b), weight, bias, act).reshape(*a.shape[:-1], weight.shape[0])
 
 
 def _fake_backward(dy, a, b, weight, act, need_ab, need_w, need_bias):

@@ -110,16 +110,17 @@ def patch_classes(traits: ArchitectureTraits, options: KernelOptions) -> PatchSu
     if traits.causal_lm is None:
         if options.fused_linear_cross_entropy or options.cross_entropy:
             summary.skipped.append(_NO_HEAD.format(traits.model_type))
-    elif options.fused_linear_cross_entropy:
+    else:
         causal_lm = traits.cls(traits.causal_lm)
-        if computes_default_loss(causal_lm.forward):
-            rebind(causal_lm, "forward", lambda orig: make_causal_lm_forward(traits, orig),
-                   f"fused_linear_cross_entropy: {traits.causal_lm}.forward")
-        else:
-            summary.skipped.append(_OWN_LOSS.format(traits.causal_lm))
-    if options.cross_entropy and traits.causal_lm is not None:
-        rebind(traits.cls(traits.causal_lm), "_loss_function", lambda orig: forwards.causal_lm_cross_entropy,
-               f"cross_entropy: {traits.causal_lm}.loss_function", wrap=staticmethod)
+        if options.fused_linear_cross_entropy:
+            if computes_default_loss(causal_lm.forward):
+                rebind(causal_lm, "forward", lambda orig: make_causal_lm_forward(traits, orig),
+                       f"fused_linear_cross_entropy: {traits.causal_lm}.forward")
+            else:
+                summary.skipped.append(_OWN_LOSS.format(traits.causal_lm))
+        if options.cross_entropy:
+            rebind(causal_lm, "_loss_function", lambda orig: forwards.causal_lm_cross_entropy,
+                   f"cross_entropy: {traits.causal_lm}.loss_function", wrap=staticmethod)
     if options.rope:
         _patch_rope(traits, ("class", traits.model_type), summary)
     if options.causal_sdpa_under_compile:
@@ -198,10 +199,9 @@ def patch_instance(model: nn.Module, traits: ArchitectureTraits, options: Kernel
         _check_causal_lm(model, traits)
         loss_todo = _causal_lm_plan(model, traits, options, summary, already)
         todo += loss_todo
-    elif (options.fused_linear_cross_entropy or options.cross_entropy) and traits.causal_lm is None:
-        summary.skipped.append(_NO_HEAD.format(traits.model_type))
     elif options.fused_linear_cross_entropy or options.cross_entropy:
-        summary.skipped.append(f"loss: the model is not a {traits.causal_lm}")
+        summary.skipped.append(_NO_HEAD.format(traits.model_type) if traits.causal_lm is None
+                               else f"loss: the model is not a {traits.causal_lm}")
 
     # 2. Apply.
     records = model.__dict__.setdefault("_liger_patches", [])
