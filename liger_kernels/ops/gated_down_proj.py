@@ -3,12 +3,12 @@
 In a Llama-style MLP, `down_proj(act(gate) * up)` keeps three (tokens x intermediate) tensors for the
 backward: a = gate and b = up (for the activation's gradient) and c = f(a) * b (for the weight
 gradient of down_proj). They are the largest activations of a decoder layer. This op keeps a, b and
-W only and recomputes c in the backward with the forward kernel of `glu.py` (one more read of a and b
-and one write of c): a third less MLP activation memory, e.g. 4 GiB on the ANCHORS.md 1.2 B Llama at
-8 x 2048 tokens, for about 1 % more step time.
+W only and recomputes c in the backward: the glu backward kernel of `glu.py`, which reads a and b
+anyway, also writes c (one more write of c). A third less MLP activation memory, e.g. 4 GiB on the
+ANCHORS.md 1.2 B Llama at 8 x 2048 tokens.
 
-    backward:  c = f(a) * b  (recomputed);  dW = dy^T c;  dbias = sum(dy);  dc = dy W;
-               (da, db) = glu backward(dc, a, b)
+    backward:  dc = dy W;  (da, db, c = f(a) * b) = glu backward(dc, a, b), da over dc's buffer;
+               dW = dy^T c;  dbias = sum(dy)
 
 f is silu ("silu"), tanh-approximated gelu ("gelu_tanh") or exact gelu ("gelu"). The matrix products
 are torch's (cuBLAS), in the inputs' dtype. Under autocast the inputs are cast as `F.linear` would.
@@ -34,6 +34,7 @@ from liger_kernels.ops.glu import (
     _SILU,
     _check_glu_inputs,
     _glu_backward,
+    _glu_backward_and_output,
     _glu_forward,
     geglu,
     swiglu,
@@ -76,14 +77,15 @@ def _backward(dy, a, b, weight, act: int, need_ab: bool, need_w: bool, need_bias
     """(da, db, dW, dbias) of rows a, b (M, I) and dy (..., H); None for what is not asked for."""
     dy2 = dy.reshape(-1, dy.shape[-1])
     grad_w = grad_bias = grad_a = grad_b = None
-    if need_w:
-        c = _glu_forward(a, b, act)
-        grad_w = dy2.t().mm(c.reshape(-1, c.shape[-1]))
-        del c
     if need_bias:
         grad_bias = dy2.sum(0, dtype=torch.float32).to(dy.dtype)
-    if need_ab:
+    if need_ab and need_w:  # one pass recomputes c while it writes da (over dc) and db
+        grad_a, grad_b, c = _glu_backward_and_output(dy2.matmul(weight), a, b, act)
+        grad_w = dy2.t().mm(c)
+    elif need_ab:
         grad_a, grad_b = _glu_backward(dy2.matmul(weight), a, b, act)
+    elif need_w:
+        grad_w = dy2.t().mm(_glu_forward(a, b, act))
     return grad_a, grad_b, grad_w, grad_bias
 
 

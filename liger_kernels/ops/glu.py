@@ -80,6 +80,7 @@ def _glu_backward_kernel(
     b_ptr,
     da_ptr,
     db_ptr,
+    c_ptr,
     dc_stride,
     a_stride,
     b_stride,
@@ -87,9 +88,11 @@ def _glu_backward_kernel(
     n_rows,
     n_cols,
     ACT: tl.constexpr,
+    WRITE_C: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    # da may be dc's own buffer: each element is read before it is written, by the same program.
     rows, cols, mask = tile_offsets(n_rows, n_cols, BLOCK_M, BLOCK_N)
     dc = tl.load(dc_ptr + rows * dc_stride + cols, mask=mask, other=0.0).to(tl.float32)
     a = tl.load(a_ptr + rows * a_stride + cols, mask=mask, other=0.0).to(tl.float32)
@@ -98,6 +101,8 @@ def _glu_backward_kernel(
     out = rows * out_stride + cols
     tl.store(da_ptr + out, (dc * b * df).to(da_ptr.dtype.element_ty), mask=mask)
     tl.store(db_ptr + out, (dc * f).to(db_ptr.dtype.element_ty), mask=mask)
+    if WRITE_C:  # the forward's f(a) * b again, while a and b are in registers anyway
+        tl.store(c_ptr + out, (f * b).to(c_ptr.dtype.element_ty), mask=mask)
 
 
 def _glu_forward(a: torch.Tensor, b: torch.Tensor, act: int, out_shape=None) -> torch.Tensor:
@@ -127,8 +132,9 @@ def _glu_forward(a: torch.Tensor, b: torch.Tensor, act: int, out_shape=None) -> 
     return out
 
 
-def _launch_glu_backward(dc2, a2, b2, da2, db2, act: int) -> None:
-    """Write the gradients of (M, I) rows into da2, db2: (M, I) with unit column stride and one row stride."""
+def _launch_glu_backward(dc2, a2, b2, da2, db2, act: int, c2=None) -> None:
+    """Write the gradients of (M, I) rows into da2, db2 (and f(a) * b into c2 if given): (M, I) with unit
+    column stride and one row stride. da2 may be dc2 itself."""
     n_rows, n_cols = a2.shape
     if n_rows * n_cols == 0:
         return
@@ -139,6 +145,7 @@ def _launch_glu_backward(dc2, a2, b2, da2, db2, act: int) -> None:
         b2,
         da2,
         db2,
+        da2 if c2 is None else c2,
         dc2.stride(0),
         a2.stride(0),
         b2.stride(0),
@@ -146,6 +153,7 @@ def _launch_glu_backward(dc2, a2, b2, da2, db2, act: int) -> None:
         n_rows,
         n_cols,
         ACT=act,
+        WRITE_C=c2 is not None,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         num_warps=num_warps,
@@ -158,6 +166,15 @@ def _glu_backward(dc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, act: int):
     db = new_output(a2.shape, b.dtype, b.device)
     _launch_glu_backward(as_rows(dc), a2, as_rows(b), da, db, act)
     return da.view(a.shape), db.view(b.shape)
+
+
+def _glu_backward_and_output(dc2: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor, act: int):
+    """(da, db, c = f(a) * b) of (M, I) rows in one pass; da is written over dc2, which must be a
+    contiguous tensor of the caller's own (nothing else may read it afterwards)."""
+    db = new_output(a2.shape, b2.dtype, b2.device)
+    c = new_output(a2.shape, a2.dtype, a2.device)
+    _launch_glu_backward(dc2, a2, b2, dc2, db, act, c2=c)
+    return dc2, db, c
 
 
 class GLUFunction(torch.autograd.Function):

@@ -41,6 +41,24 @@ def test_matches_float64(activation, dtype, shape, out_features, bias, device):
     _check(*_inputs(shape, out_features, dtype, device, bias), activation, dtype)
 
 
+@pytest.mark.parametrize("needs", [("weight",), ("a", "b"), ("b",), ("a", "b", "weight")])
+def test_only_the_gradients_asked_for(needs, device):
+    # The backward has one path per need: (da, db) alone, dW alone (c recomputed on its own), or both
+    # (c written by the glu backward pass, da over dc's buffer).
+    leaves = dict(zip(("a", "b", "weight"), _inputs((5, 37), 11, torch.float32, device, False)[:3]))
+    for name, t in leaves.items():
+        t.requires_grad_(name in needs)
+    grad = torch.randn(5, 11, device=device)
+    gated_down_proj(leaves["a"], leaves["b"], leaves["weight"]).backward(grad)
+    leaves64 = {n: t.detach().double().requires_grad_() for n, t in leaves.items()}
+    gated_down_proj_reference(leaves64["a"], leaves64["b"], leaves64["weight"]).backward(grad.double())
+    for name, t in leaves.items():
+        if name in needs:
+            assert_close(t.grad, leaves64[name].grad, torch.float32, reduction=True, name=f"grad {name}")
+        else:
+            assert t.grad is None
+
+
 def test_halves_of_a_fused_projection(device):
     # Phi-3 style: gate and up are the two halves of one (.., 2I) tensor (strided views, no copy).
     gate_up = torch.randn(3, 4, 2 * 24, device=device).requires_grad_()
