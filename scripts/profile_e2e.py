@@ -37,7 +37,21 @@ def family(name: str) -> str:
     return "other"
 
 
-def profile(setup: str, family_name: str, batch: int, seq: int, steps: int) -> dict:
+def top_ops(step, steps: int, n: int = 40) -> list[dict]:
+    """The torch ops (with their input shapes) whose own kernels take the most GPU time per step: which
+    matrix product runs at what rate, what a copy or cat kernel belongs to."""
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    rows = [e for e in prof.key_averages(group_by_input_shape=True) if e.self_device_time_total > 0]
+    rows.sort(key=lambda e: -e.self_device_time_total)
+    return [{"op": e.key, "shapes": str(e.input_shapes)[:160], "calls_per_step": e.count / steps,
+             "ms": e.self_device_time_total / 1e3 / steps} for e in rows[:n]]
+
+
+def profile(setup: str, family_name: str, batch: int, seq: int, steps: int, ops: bool = False) -> dict:
     model, step = training_step(family_name, setup, batch, seq)  # any setup, Liger-Kernel's too
     for _ in range(3):
         step()
@@ -62,8 +76,9 @@ def profile(setup: str, family_name: str, batch: int, seq: int, steps: int) -> d
         per_kernel[evt.name] = (fam, prev + ms)
     total = sum(per_family.values())
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1][1])[:25]
+    op_rows = top_ops(step, steps) if ops else []
     release(model, setup)
-    return {"setup": setup, "family": family_name, "batch": batch, "seq": seq, "steps": steps,
+    return {"top_ops_ms_per_step": op_rows, "setup": setup, "family": family_name, "batch": batch, "seq": seq, "steps": steps,
             "wall_ms_per_step": wall_ms, "gpu_ms_per_step": total, "ms_per_step_by_family": dict(sorted(per_family.items(), key=lambda kv: -kv[1])),
             "top_kernels_ms_per_step": [{"name": k[:120], "family": f, "ms": ms} for k, (f, ms) in top]}
 
@@ -75,17 +90,20 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--ops", action="store_true", help="also the top torch ops with their input shapes")
     parser.add_argument("--out", default="docs/e2e/profile.json")
     args = parser.parse_args(argv)
     results = []
     for setup in args.setups.split(","):
-        r = profile(setup, args.family, args.batch, args.seq, args.steps)
+        r = profile(setup, args.family, args.batch, args.seq, args.steps, args.ops)
         results.append(r)
         fams = ", ".join(f"{k} {v:.1f}" for k, v in r["ms_per_step_by_family"].items())
         print(f"{setup}: {r['wall_ms_per_step']:.1f} wall ms/step, {r['gpu_ms_per_step']:.1f} GPU ms/step: {fams}",
               flush=True)
         for k in r["top_kernels_ms_per_step"][:14]:
             print(f"    {k['ms']:7.2f} ms  {k['family']:20s} {k['name'][:90]}", flush=True)
+        for o in r["top_ops_ms_per_step"]:
+            print(f"    {o['ms']:7.2f} ms  {o['calls_per_step']:5.0f}x {o['op']:28s} {o['shapes'][:100]}", flush=True)
         torch.cuda.empty_cache()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
