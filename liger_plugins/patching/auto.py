@@ -5,8 +5,8 @@ class level before building the model.
     model = AutoLigerKernelForCausalLM.from_config(config)
 
 The kernel flags of `apply_liger` (rope, rms_norm, swiglu, cross_entropy, fused_linear_cross_entropy,
-layer_norm, fused_moe, causal_sdpa_under_compile) are taken out of the keyword arguments; everything else goes to transformers. The patch is
-class level, so it stays on for that model type afterwards (`unpatch(model_type)` reverts it).
+layer_norm, fused_moe, causal_sdpa_under_compile, fused_add_rms_norm) are taken out of the keyword
+arguments; everything else goes to transformers. The patch is class level, so it stays on for that model type afterwards (`unpatch(model_type)` reverts it).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 _KERNEL_FLAGS = (
     "rope", "rms_norm", "swiglu", "cross_entropy", "fused_linear_cross_entropy", "layer_norm", "fused_moe",
-    "causal_sdpa_under_compile",
+    "causal_sdpa_under_compile", "fused_add_rms_norm",
 )
 # from_pretrained arguments that also locate the config.
 _CONFIG_LOCATION_KWARGS = (

@@ -10,13 +10,15 @@ replace sub-modules (LoRA on gate_proj) keep working.
 
 from __future__ import annotations
 
+import ast
 import inspect
+import textwrap
 
 import torch
 from torch import nn
 
 from liger_kernels import functional as LF
-from liger_plugins.patching.registry import MLPSpec, NormSpec
+from liger_plugins.patching.registry import ArchitectureTraits, MLPSpec, NormSpec
 
 
 def mark(fn, original, name: str):
@@ -89,16 +91,19 @@ def _geglu_erf(a, b):
     return LF.geglu(a, b, approximate="none")
 
 
+def _weight_readable(module: nn.Module) -> bool:
+    """No hooks (accelerate offload, ZeRO-3 gathering, user hooks) and a full local `weight` (not a
+    ZeRO-3 partition or a sharded DTensor): a forward may read the weight instead of calling the module."""
+    if module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"):
+        return False
+    weight = getattr(module, "weight", None)
+    return type(weight) in (nn.Parameter, torch.Tensor) and not hasattr(weight, "ds_id")
+
+
 def plain_linear(module: nn.Module) -> bool:
     """True if calling `module(x)` is exactly `F.linear(x, module.weight, module.bias)` and nothing else:
-    a plain nn.Linear (not a PEFT/quantized layer), no hooks (accelerate offload, ZeRO-3 gathering,
-    user hooks) and a full local weight (not a ZeRO-3 partition or a sharded DTensor). Only then may a
-    forward read the weight directly instead of calling the module."""
-    if type(module) is not nn.Linear or module._forward_hooks or module._forward_pre_hooks:
-        return False
-    if hasattr(module, "_hf_hook") or hasattr(module.weight, "ds_id"):
-        return False
-    return type(module.weight) in (nn.Parameter, torch.Tensor)
+    a plain nn.Linear (not a PEFT/quantized layer) whose weight may be read directly."""
+    return type(module) is nn.Linear and _weight_readable(module)
 
 
 def _down_projection(self, gate, up, activation):
@@ -128,6 +133,78 @@ def make_mlp_forward(spec: MLPSpec, original):
             return _down_projection(self, gate, up, activation)
 
     return mark(forward, original, "gated_mlp_forward")
+
+
+# The statements of the pre-norm decoder layer forward that make_decoder_layer_forward re-implements
+# (None: the attention call, checked separately). Comments, docstrings and decorators do not count.
+_PRENORM_LAYER = (
+    "residual = hidden_states",
+    "hidden_states = self.input_layernorm(hidden_states)",
+    None,
+    "hidden_states = residual + hidden_states",
+    "residual = hidden_states",
+    "hidden_states = self.post_attention_layernorm(hidden_states)",
+    "hidden_states = self.mlp(hidden_states)",
+    "hidden_states = residual + hidden_states",
+    "return hidden_states",
+)
+
+
+def prenorm_layer_mismatch(cls: type) -> str | None:
+    """Why `cls.forward` is not the plain pre-norm layer (so replacing it would change what it computes),
+    or None. The attention call must be `hidden_states, _ = self.self_attn(hidden_states=hidden_states,
+    name=name, ..., **kwargs)` passing every other parameter of the forward by its own name: then calling
+    the attention with the layer's keyword arguments is the same call."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(cls.forward))))
+    except (OSError, TypeError, SyntaxError):
+        return "its forward's source is not available to check"
+    func = tree.body[0]
+    body = [st for st in func.body if not (isinstance(st, ast.Expr) and isinstance(st.value, ast.Constant))]
+    if len(body) != len(_PRENORM_LAYER):
+        return f"its forward has {len(body)} statements, not the {len(_PRENORM_LAYER)} of a plain pre-norm layer"
+    for statement, expected in zip(body, _PRENORM_LAYER):
+        if expected is not None and ast.unparse(statement) != expected:
+            return f"its forward runs {ast.unparse(statement)!r} where a plain pre-norm layer runs {expected!r}"
+    attention, args = body[2], func.args
+    call = attention.value if isinstance(attention, ast.Assign) else None
+    passes_through = (
+        isinstance(call, ast.Call)
+        and ast.unparse(attention.targets[0]) in ("hidden_states, _", "(hidden_states, _)")
+        and ast.unparse(call.func) == "self.self_attn"
+        and not call.args
+        and [a.arg for a in args.args[:2]] == ["self", "hidden_states"]
+        and args.vararg is None
+        and args.kwarg is not None
+        and all(isinstance(k.value, ast.Name) and k.value.id == (k.arg or args.kwarg.arg) for k in call.keywords)
+        and {k.arg for k in call.keywords} == {a.arg for a in args.args[2:] + args.kwonlyargs} | {"hidden_states", None}
+    )
+    if not passes_through:
+        return f"its attention call {ast.unparse(attention)!r} does not pass the layer's arguments through unchanged"
+    return None
+
+
+def make_decoder_layer_forward(traits: ArchitectureTraits, original):
+    """The pre-norm decoder layer with `residual + attention` and post_attention_layernorm as one fused
+    add + RMSNorm (forward and backward one kernel each; the same values as the add then the norm)."""
+    specs = {traits.cls(name): spec for name, spec in traits.norms.items()}
+
+    def forward(self, hidden_states, *args, **kwargs):
+        norm = self.post_attention_layernorm
+        spec = specs.get(type(norm))
+        own_forward = norm.__dict__.get("forward")
+        weight = getattr(norm, "weight", None)
+        if (args or spec is None or not _weight_readable(norm) or weight.dim() != 1
+                or (own_forward is not None and not is_liger(own_forward))):
+            return original(self, hidden_states, *args, **kwargs)
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
+        hidden_states, residual = LF.fused_add_rms_norm(
+            hidden_states, residual, weight, norm_eps(norm), spec.offset, spec.casting_mode, spec.in_place
+        )
+        return residual + self.mlp(hidden_states)
+
+    return mark(forward, original, "prenorm_decoder_layer_forward")
 
 
 def make_apply_gate(original):

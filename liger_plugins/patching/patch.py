@@ -48,6 +48,8 @@ class KernelOptions:
     # under torch.compile, SDPA without a padding mask runs is_causal=True, not a materialized mask
     # (transformers' eager-mode decision, see forwards.make_causal_mask_decision)
     causal_sdpa_under_compile: bool = True
+    # pre-norm decoder layers: the attention's residual add and the post-attention RMSNorm as one kernel
+    fused_add_rms_norm: bool = True
 
     def __post_init__(self):
         if self.cross_entropy and self.fused_linear_cross_entropy:
@@ -95,6 +97,10 @@ def patch_classes(traits: ArchitectureTraits, options: KernelOptions) -> PatchSu
         cls = traits.cls(name)
         if not hasattr(cls, attr):
             summary.skipped.append(f"{kind}: {name} (this transformers version has no {attr} hook)")
+            continue
+        mismatch = _class_mismatch(role, cls)
+        if mismatch:
+            summary.skipped.append(f"{kind}: {name}: {mismatch} (kept the original)")
             continue
         rebind(cls, attr, make, f"{kind}: {name}.{attr}")
     if traits.torch_layer_norm and options.layer_norm:
@@ -286,7 +292,17 @@ def _module_patch_plan(traits: ArchitectureTraits, options: KernelOptions):
         plan += [("swiglu", "experts", n, "_apply_gate", forwards.make_apply_gate) for n in traits.experts]
     if options.fused_moe:
         plan += [("fused_moe", "fused_experts", n, "forward", forwards.make_experts_forward) for n in traits.experts]
+    if options.fused_add_rms_norm:
+        make = lambda orig: forwards.make_decoder_layer_forward(traits, orig)  # noqa: E731
+        plan += [("fused_add_rms_norm", "decoder_layer", n, "forward", make) for n in traits.decoder_layers]
     return plan
+
+
+def _class_mismatch(role: str, cls: type) -> str | None:
+    """Why this transformers version's class does not compute what the replacement re-implements."""
+    if role == "decoder_layer" and not forwards.is_liger(cls.__dict__.get("forward")):
+        return forwards.prenorm_layer_mismatch(cls)
+    return None
 
 
 _OWN_LOSS = (
@@ -337,6 +353,12 @@ def _check_module(role: str, module: nn.Module, traits: ArchitectureTraits) -> s
         if out % 2:
             return f"gate_up_proj has an odd out_features {out}; expected [gate; up] halves"
         return None
+    if role == "decoder_layer":
+        missing = [n for n in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+                   if not isinstance(getattr(module, n, None), nn.Module)]
+        if missing:
+            return f"expected sub-modules input_layernorm, self_attn, post_attention_layernorm, mlp; missing {', '.join(missing)}"
+        return None
     if role in ("experts", "fused_experts"):
         weight = getattr(module, "gate_up_proj", None)
         if not isinstance(weight, nn.Parameter) or len(_shape(weight)) != 3 or _shape(weight)[1] % 2:
@@ -355,6 +377,8 @@ def _unsupported(role: str, module: nn.Module, traits: ArchitectureTraits) -> st
     """Why the kernel does not compute this (well-formed) module, or None if it does."""
     if role == "fused_experts":
         return forwards.fused_experts_mismatch(module)
+    if role == "decoder_layer":
+        return _class_mismatch(role, type(module))
     if role == "mlp":
         act = getattr(module, _mlp_spec(module, traits).act_attr)
     elif role == "experts":

@@ -17,6 +17,11 @@ and how they compute, read from the module's source for transformers 5.x:
   (Phi3/GLM4 gate_up_proj whose first half is the gate), and the attribute holding the activation.
   The activation decides the kernel at call time (silu -> swiglu, gelu tanh -> geglu tanh,
   gelu erf -> geglu none); any other activation runs the original forward.
+- decoder_layers: decoder layer classes whose forward is the plain pre-norm layer (`residual +
+  self_attn(input_layernorm(h))`, then `post_attention_layernorm`, `residual + mlp(...)`): with the
+  `fused_add_rms_norm` flag the attention's residual add and the post-attention RMSNorm run as one
+  kernel each way. The installed forward's statements are checked against that structure before it
+  is replaced (forwards.prenorm_layer_mismatch), so a transformers version that changes it keeps its own.
 - experts: MoE expert classes with 3-D `gate_up_proj` weights; their `_apply_gate(gate_up_out)` hook
   (used by transformers' grouped_mm/batched_mm expert implementations) gets the fused activation, and
   with the opt-in `fused_moe` flag their whole `forward(hidden_states, top_k_index, top_k_weights)`
@@ -89,6 +94,7 @@ class ArchitectureTraits:
     norms: dict[str, NormSpec] = field(default_factory=dict)
     layer_norms: dict[str, float] = field(default_factory=dict)
     mlps: dict[str, MLPSpec] = field(default_factory=dict)
+    decoder_layers: tuple[str, ...] = ()
     experts: tuple[str, ...] = ()
     rope: tuple[RopeSpec, ...] = _ROTATE_HALF
     softcap_config: str | None = None
@@ -147,14 +153,17 @@ def _modeling(name: str) -> str:
     return f"transformers.models.{name}.modeling_{name}"
 
 
-def _dense(model_type: str, prefix: str, norm: NormSpec = _LLAMA, module: str | None = None, **extra):
-    """Traits of a dense model whose classes follow the `<Prefix>RMSNorm / <Prefix>MLP` naming."""
+def _dense(model_type: str, prefix: str, norm: NormSpec = _LLAMA, module: str | None = None,
+           prenorm_layer: bool = False, **extra):
+    """Traits of a dense model whose classes follow the `<Prefix>RMSNorm / <Prefix>MLP` naming;
+    `prenorm_layer`: its `<Prefix>DecoderLayer` is the plain pre-norm layer (see decoder_layers)."""
     return ArchitectureTraits(
         model_type=model_type,
         module=_modeling(module or model_type),
         causal_lm=f"{prefix}ForCausalLM",
         norms={f"{prefix}RMSNorm": norm},
         mlps={f"{prefix}MLP": extra.pop("mlp", _SPLIT)},
+        decoder_layers=(f"{prefix}DecoderLayer",) if prenorm_layer else (),
         **extra,
     )
 
@@ -162,13 +171,13 @@ def _dense(model_type: str, prefix: str, norm: NormSpec = _LLAMA, module: str | 
 TRAITS: dict[str, ArchitectureTraits] = {
     t.model_type: t
     for t in [
-        _dense("llama", "Llama"),
-        _dense("mistral", "Mistral"),
-        _dense("ministral", "Ministral"),
-        _dense("qwen2", "Qwen2"),
-        _dense("qwen3", "Qwen3"),  # the same class also serves as q_norm/k_norm over head_dim
-        _dense("smollm3", "SmolLM3"),
-        _dense("gemma", "Gemma", _GEMMA),
+        _dense("llama", "Llama", prenorm_layer=True),
+        _dense("mistral", "Mistral", prenorm_layer=True),
+        _dense("ministral", "Ministral", prenorm_layer=True),
+        _dense("qwen2", "Qwen2", prenorm_layer=True),
+        _dense("qwen3", "Qwen3", prenorm_layer=True),  # the same class also serves as q_norm/k_norm over head_dim
+        _dense("smollm3", "SmolLM3", prenorm_layer=True),
+        _dense("gemma", "Gemma", _GEMMA, prenorm_layer=True),
         _dense("gemma2", "Gemma2", _GEMMA_NOT_IN_PLACE, softcap_config="final_logit_softcapping"),
         _dense("gemma3_text", "Gemma3", _GEMMA_NOT_IN_PLACE, module="gemma3",
                softcap_config="final_logit_softcapping"),
@@ -191,6 +200,7 @@ TRAITS: dict[str, ArchitectureTraits] = {
             causal_lm="Qwen3MoeForCausalLM",
             norms={"Qwen3MoeRMSNorm": _LLAMA},
             mlps={"Qwen3MoeMLP": _SPLIT},  # dense layers (mlp_only_layers)
+            decoder_layers=("Qwen3MoeDecoderLayer",),
             experts=("Qwen3MoeExperts",),
             moe=True,
         ),
@@ -268,13 +278,14 @@ TRAITS: dict[str, ArchitectureTraits] = {
                 "FalconH1Mixer Mamba-2 layers with their FalconH1RMSNormGated",
             ),
         ),
-        _dense("hunyuan_v1_dense", "HunYuanDenseV1"),  # also the per-head query/key_layernorm
+        _dense("hunyuan_v1_dense", "HunYuanDenseV1", prenorm_layer=True),  # also the per-head query/key_layernorm
         ArchitectureTraits(
             model_type="hunyuan_v1_moe",
             module=_modeling("hunyuan_v1_moe"),
             causal_lm="HunYuanMoEV1ForCausalLM",
             norms={"HunYuanMoEV1RMSNorm": _LLAMA},
             mlps={"HunYuanMoEV1MLP": _SPLIT},  # the shared MLP
+            decoder_layers=("HunYuanMoEV1DecoderLayer",),
             experts=("HunYuanMoEV1Experts",),  # no router aux loss in its causal LM
         ),
         _dense("exaone4", "Exaone4", _LLAMA_NOT_IN_PLACE),  # post-sublayer norms feed the residual add
@@ -349,6 +360,7 @@ TRAITS: dict[str, ArchitectureTraits] = {
             causal_lm="Qwen3VLForConditionalGeneration",
             norms={"Qwen3VLTextRMSNorm": _LLAMA},  # also the per-head q_norm/k_norm
             mlps={"Qwen3VLTextMLP": _SPLIT},
+            decoder_layers=("Qwen3VLTextDecoderLayer",),
             rope=_ROTATE_HALF,  # sections interleaved by the rotary embedding
             torch_layer_norm=True,  # vision blocks and patch mergers
             unpatched=("Qwen3VLVisionMLP (not gated)", _VISION_ROPE),
@@ -359,6 +371,7 @@ TRAITS: dict[str, ArchitectureTraits] = {
             causal_lm="Qwen3VLMoeForConditionalGeneration",
             norms={"Qwen3VLMoeTextRMSNorm": _LLAMA},
             mlps={"Qwen3VLMoeTextMLP": _SPLIT},
+            decoder_layers=("Qwen3VLMoeTextDecoderLayer",),
             experts=("Qwen3VLMoeTextExperts",),
             moe=True,
             rope=_ROTATE_HALF,  # sections interleaved by the rotary embedding
@@ -382,6 +395,7 @@ TRAITS: dict[str, ArchitectureTraits] = {
             causal_lm="Glm4vMoeForConditionalGeneration",
             norms={"Glm4vMoeTextRMSNorm": _LLAMA, "Glm4vMoeRMSNorm": _LLAMA_NOT_IN_PLACE},  # text, vision
             mlps={"Glm4vMoeTextMLP": _SPLIT, "Glm4vMoeisionMlp": _SPLIT},  # (sic: transformers' name)
+            decoder_layers=("Glm4vMoeTextDecoderLayer",),
             experts=("Glm4vMoeTextExperts",),
             moe=True,
             rope=(),

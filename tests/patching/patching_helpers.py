@@ -45,4 +45,5 @@ def expected_kinds(model_type: str) -> set[str]:
     kinds |= {"layer_norm"} if traits.layer_norms else set()
     kinds |= {"swiglu"} if traits.mlps or traits.experts else set()
     kinds |= {"rope"} if traits.rope else set()
+    kinds |= {"fused_add_rms_norm"} if traits.decoder_layers else set()
     return kinds

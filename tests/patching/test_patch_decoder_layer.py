@@ -1,0 +1,104 @@
+"""fused_add_rms_norm in pre-norm decoder layers: the residual add and post_attention_layernorm as one
+kernel, only where the installed layer forward is the structure the replacement re-implements."""
+
+import pytest
+import torch
+from patching_helpers import batch
+from tolerances import assert_model_close
+from transformers.models.llama import modeling_llama
+from transformers.models.phi3 import modeling_phi3
+
+from liger_kernels import functional as LF
+from liger_plugins.patching import apply_liger
+from liger_plugins.patching.forwards import is_liger, prenorm_layer_mismatch
+
+FP32 = torch.float32
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """How many times the patched layers called the fused add + RMSNorm op."""
+    calls = []
+    original = LF.fused_add_rms_norm
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(LF, "fused_add_rms_norm", counting)
+    return calls
+
+
+def _loss_and_grads(model, ids, labels):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=labels)
+    out.loss.backward()
+    return out.loss, {n: p.grad for n, p in model.named_parameters()}
+
+
+def _assert_same(model, reference, ids, labels):
+    loss, grads = _loss_and_grads(model, ids, labels)
+    loss_ref, grads_ref = _loss_and_grads(reference, ids, labels)
+    assert_model_close(loss, loss_ref, FP32, "loss")
+    for name, grad in grads_ref.items():
+        assert_model_close(grads[name], grad, FP32, name)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma"])
+def test_one_fused_add_norm_per_layer_same_training(build, fused_calls, model_type):
+    # Only this patch (the norms' own forwards stay transformers'): Gemma's offset-1 norm included.
+    reference, model = build(model_type), build(model_type)
+    summary = apply_liger(model, rope=False, rms_norm=False, swiglu=False, fused_linear_cross_entropy=False)
+    assert any(item.startswith("fused_add_rms_norm:") for item in summary.patched), str(summary)
+    ids, labels = batch(model.config.vocab_size)
+    _assert_same(model, reference, ids, labels)
+    assert len(fused_calls) == model.config.num_hidden_layers
+
+
+def test_layers_of_another_structure_keep_their_forward(build, monkeypatch, fused_calls):
+    assert prenorm_layer_mismatch(modeling_llama.LlamaDecoderLayer) is None
+    assert "resid_attn_dropout" in prenorm_layer_mismatch(modeling_phi3.Phi3DecoderLayer)
+
+    original = modeling_llama.LlamaDecoderLayer.forward
+
+    def scaled_residual(self, hidden_states, **kwargs):  # e.g. a version that scales the residual branch
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
+        hidden_states = residual + 0.5 * hidden_states
+        residual = hidden_states
+        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+        return residual + hidden_states
+
+    monkeypatch.setattr(modeling_llama.LlamaDecoderLayer, "forward", scaled_residual)
+    reason = prenorm_layer_mismatch(modeling_llama.LlamaDecoderLayer)
+    assert reason is not None and "statements" in reason
+    model = build("llama")
+    summary = apply_liger(model)
+    assert not any(item.startswith("fused_add_rms_norm") for item in summary.patched), str(summary)
+    assert any(item.startswith("fused_add_rms_norm") and "statements" in item for item in summary.skipped)
+    assert not any(is_liger(layer.__dict__.get("forward")) for layer in model.model.layers)
+    model(**dict(zip(("input_ids", "labels"), batch(model.config.vocab_size)))).loss.backward()
+    assert not fused_calls
+    monkeypatch.setattr(modeling_llama.LlamaDecoderLayer, "forward", original)
+    summary = apply_liger("llama")  # class level: the same check
+    assert any(item.startswith("fused_add_rms_norm") for item in summary.patched), str(summary)
+
+
+def test_hooked_norm_or_positional_arguments_run_the_original(build, fused_calls):
+    reference, model = build("llama"), build("llama")
+    apply_liger(model, rope=False, rms_norm=False, swiglu=False, fused_linear_cross_entropy=False)
+    seen = []
+    model.model.layers[0].post_attention_layernorm.register_forward_hook(lambda *args: seen.append(1))
+    ids, labels = batch(model.config.vocab_size)
+    _assert_same(model, reference, ids, labels)
+    assert len(seen) == 1  # the hook ran: layer 0 called its norm module
+    assert len(fused_calls) == model.config.num_hidden_layers - 1
+
+    # A positional argument after hidden_states: the original forward takes it.
+    layer, layer_ref = model.model.layers[1], reference.model.layers[1]
+    h = torch.randn(2, 5, model.config.hidden_size)
+    cos_sin = model.model.rotary_emb(h, torch.arange(5)[None])
+    fused_calls.clear()
+    out = layer(h, None, position_embeddings=cos_sin)
+    assert not fused_calls
+    torch.testing.assert_close(out, layer_ref(h, None, position_embeddings=cos_sin))
