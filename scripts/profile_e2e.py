@@ -37,6 +37,21 @@ def family(name: str) -> str:
     return "other"
 
 
+def idle_gaps(spans, n: int = 8):
+    """GPU time with no kernel running between the first and last kernel (ms, all steps), and the
+    largest such gaps with the kernels around them: where the host, not the GPU, set the pace."""
+    spans.sort()
+    idle, gaps, busy_until, last = 0.0, [], None, ""
+    for start, end, name in spans:
+        if busy_until is not None and start > busy_until:
+            gap = (start - busy_until) / 1e3
+            idle += gap
+            gaps.append({"ms": gap, "after": last[:80], "before": name[:80]})
+        if busy_until is None or end > busy_until:
+            busy_until, last = end, name
+    return idle, sorted(gaps, key=lambda g: -g["ms"])[:n]
+
+
 def top_ops(step, steps: int, n: int = 40) -> list[dict]:
     """The torch ops (with their input shapes) whose own kernels take the most GPU time per step: which
     matrix product runs at what rate, what a copy or cat kernel belongs to."""
@@ -65,10 +80,11 @@ def profile(setup: str, family_name: str, batch: int, seq: int, steps: int, ops:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
-    per_family, per_kernel = {}, {}
+    per_family, per_kernel, spans = {}, {}, []
     for evt in prof.events():  # device-side events only: kernels and memcpy/memset, each once
         if evt.device_type != torch.autograd.DeviceType.CUDA:
             continue
+        spans.append((evt.time_range.start, evt.time_range.end, evt.name))
         ms = evt.time_range.elapsed_us() / 1e3 / steps
         fam = family(evt.name)
         per_family[fam] = per_family.get(fam, 0.0) + ms
@@ -76,9 +92,10 @@ def profile(setup: str, family_name: str, batch: int, seq: int, steps: int, ops:
         per_kernel[evt.name] = (fam, prev + ms)
     total = sum(per_family.values())
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1][1])[:25]
+    idle_ms, gaps = idle_gaps(spans)
     op_rows = top_ops(step, steps) if ops else []
     release(model, setup)
-    return {"top_ops_ms_per_step": op_rows, "setup": setup, "family": family_name, "batch": batch, "seq": seq, "steps": steps,
+    return {"top_ops_ms_per_step": op_rows, "gpu_idle_ms_per_step": idle_ms / steps, "largest_idle_gaps": gaps, "setup": setup, "family": family_name, "batch": batch, "seq": seq, "steps": steps,
             "wall_ms_per_step": wall_ms, "gpu_ms_per_step": total, "ms_per_step_by_family": dict(sorted(per_family.items(), key=lambda kv: -kv[1])),
             "top_kernels_ms_per_step": [{"name": k[:120], "family": f, "ms": ms} for k, (f, ms) in top]}
 
@@ -102,6 +119,9 @@ def main(argv=None):
               flush=True)
         for k in r["top_kernels_ms_per_step"][:14]:
             print(f"    {k['ms']:7.2f} ms  {k['family']:20s} {k['name'][:90]}", flush=True)
+        print(f"    GPU idle {r['gpu_idle_ms_per_step']:.1f} ms/step; largest gaps:", flush=True)
+        for g in r["largest_idle_gaps"]:
+            print(f"    {g['ms']:7.2f} ms  after {g['after'][:50]}  before {g['before'][:50]}", flush=True)
         for o in r["top_ops_ms_per_step"]:
             print(f"    {o['ms']:7.2f} ms  {o['calls_per_step']:5.0f}x {o['op']:28s} {o['shapes'][:100]}", flush=True)
         torch.cuda.empty_cache()
