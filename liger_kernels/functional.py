@@ -4,6 +4,8 @@ Signatures (the contract every op file implements):
 - rms_norm(x, weight, eps=1e-6, offset=0.0, casting_mode="llama", in_place=False) -> y
 - fused_add_rms_norm(x, residual, weight, eps=1e-6, offset=0.0, casting_mode="llama", in_place=False)
       -> (y, new_residual)            new_residual = x + residual, y = rms_norm(new_residual)
+- rms_norm_with_residual(x, weight, eps=1e-6, offset=0.0, casting_mode="llama", in_place=False)
+      -> (rms_norm(x), x)             the two gradients added inside the norm's backward kernel
 - layer_norm(x, weight, bias=None, eps=1e-5) -> y
 - rope(q, k, cos, sin, unsqueeze_dim=1) -> (q_embed, k_embed)   Hugging Face rotate-half layout
 - mrope(q, k, cos, sin, mrope_section, unsqueeze_dim=1) -> (q_embed, k_embed)   Qwen2-VL multimodal RoPE,
@@ -48,7 +50,7 @@ Signatures (the contract every op file implements):
 """
 
 from liger_kernels.ops.cross_entropy import cross_entropy
-from liger_kernels.ops.fused_add_rms_norm import fused_add_rms_norm
+from liger_kernels.ops.fused_add_rms_norm import fused_add_rms_norm, rms_norm_with_residual
 from liger_kernels.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
 from liger_kernels.ops.fused_linear_jsd import fused_linear_jsd
 from liger_kernels.ops.gated_down_proj import gated_down_proj
@@ -74,6 +76,7 @@ from liger_kernels.ops.multi_token_attention import multi_token_attention
 __all__ = [
     "cross_entropy",
     "fused_add_rms_norm",
+    "rms_norm_with_residual",
     "fused_linear_cross_entropy",
     "fused_linear_jsd",
     "gated_down_proj",

@@ -25,6 +25,7 @@ from liger_kernels import _library, _utils
 from liger_kernels.ops._tiles import as_rows, from_rows
 from liger_kernels.ops.rms_norm import (
     check_rms_norm_args,
+    rms_norm,
     rms_norm_backward,
     rms_norm_forward,
     rms_norm_reference,
@@ -34,11 +35,12 @@ from liger_kernels.ops.rms_norm import (
 class FusedAddRMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, residual2, weight, eps, offset, casting_mode, in_place):
-        """x2, residual2: rows (M, H) with unit column stride; y and new_residual (M, H)."""
+        """x2, residual2: rows (M, H) with unit column stride; y and new_residual (M, H). Without
+        residual2, new_residual is x2 itself (rms_norm_with_residual)."""
         y, rstd, new_residual = rms_norm_forward(x2, weight, eps, offset, casting_mode, residual=residual2)
         ctx.save_for_backward(new_residual, weight, rstd)
         ctx.offset, ctx.casting_mode, ctx.in_place = offset, casting_mode, in_place
-        ctx.x_dtype, ctx.residual_dtype = x2.dtype, residual2.dtype
+        ctx.x_dtype, ctx.residual_dtype = x2.dtype, None if residual2 is None else residual2.dtype
         # Absent gradients stay None instead of being materialized as zeros (no wasted pass).
         ctx.set_materialize_grads(False)
         return y, new_residual
@@ -62,7 +64,8 @@ class FusedAddRMSNormFunction(torch.autograd.Function):
             )
         if dx is None:
             return None, None, None, None, None, None, None
-        return dx.to(ctx.x_dtype), dx.to(ctx.residual_dtype), dw, None, None, None, None
+        dresidual = None if ctx.residual_dtype is None else dx.to(ctx.residual_dtype)
+        return dx.to(ctx.x_dtype), dresidual, dw, None, None, None, None
 
 
 def fused_add_rms_norm_reference(
@@ -110,6 +113,30 @@ def fused_add_rms_norm(
         as_rows(x), as_rows(residual), weight, float(eps), float(offset), casting_mode, bool(in_place)
     )
     return from_rows(y, x), from_rows(new_residual, x)
+
+
+def rms_norm_with_residual(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    offset: float = 0.0,
+    casting_mode: str = "llama",
+    in_place: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x), x): a decoder layer's input goes to its norm and, unchanged, to the residual stream.
+    The values are rms_norm's; the backward adds the residual stream's gradient to the norm's input
+    gradient inside the norm's backward kernel (the fused_add_rms_norm backward), instead of autograd
+    adding the two afterwards. Under torch.compile (which fuses such adds itself) and on CPU it is
+    (rms_norm(x), x) as written."""
+    triton_path = _utils.use_triton(x, weight)
+    check_rms_norm_args(x, weight, casting_mode, triton_path)
+    _utils.check_same_device(x=x, weight=weight)
+    if _library.compiling() or not triton_path or x.numel() == 0:
+        return rms_norm(x, weight, eps, offset, casting_mode), x
+    y, residual = FusedAddRMSNormFunction.apply(
+        as_rows(x), None, weight, float(eps), float(offset), casting_mode, bool(in_place)
+    )
+    return from_rows(y, x), from_rows(residual, x)
 
 
 # ---- torch.library ops: what torch.compile records (see liger_kernels/_library.py) ---------------

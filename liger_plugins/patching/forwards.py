@@ -185,22 +185,36 @@ def prenorm_layer_mismatch(cls: type) -> str | None:
 
 
 def make_decoder_layer_forward(traits: ArchitectureTraits, original):
-    """The pre-norm decoder layer with `residual + attention` and post_attention_layernorm as one fused
-    add + RMSNorm (forward and backward one kernel each; the same values as the add then the norm)."""
+    """The pre-norm decoder layer with its two residual joins in the norms' kernels: the layer input
+    goes through `rms_norm_with_residual` (its two gradients added in the norm's backward kernel) and
+    `residual + attention` with post_attention_layernorm is one fused add + RMSNorm (one kernel each
+    way). The same values as the layer's forward; two bf16 adds and their gradient adds fewer."""
     specs = {traits.cls(name): spec for name, spec in traits.norms.items()}
 
-    def forward(self, hidden_states, *args, **kwargs):
-        norm = self.post_attention_layernorm
+    def fusable(norm):
+        """The norm's NormSpec if the kernel may compute it from its weight, else None."""
         spec = specs.get(type(norm))
         own_forward = norm.__dict__.get("forward")
-        weight = getattr(norm, "weight", None)
-        if (args or spec is None or not _weight_readable(norm) or weight.dim() != 1
-                or (own_forward is not None and not is_liger(own_forward))):
+        if spec is None or not _weight_readable(norm) or norm.weight.dim() != 1:
+            return None
+        return None if own_forward is not None and not is_liger(own_forward) else spec
+
+    def forward(self, hidden_states, *args, **kwargs):
+        first, second = self.input_layernorm, self.post_attention_layernorm
+        first_spec, second_spec = fusable(first), fusable(second)
+        if args or second_spec is None:
             return original(self, hidden_states, *args, **kwargs)
-        residual = hidden_states
-        hidden_states, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
+        if first_spec is None:
+            residual, normed = hidden_states, first(hidden_states)
+        else:
+            normed, residual = LF.rms_norm_with_residual(
+                hidden_states, first.weight, norm_eps(first), first_spec.offset, first_spec.casting_mode,
+                first_spec.in_place,
+            )
+        hidden_states, _ = self.self_attn(hidden_states=normed, **kwargs)
         hidden_states, residual = LF.fused_add_rms_norm(
-            hidden_states, residual, weight, norm_eps(norm), spec.offset, spec.casting_mode, spec.in_place
+            hidden_states, residual, second.weight, norm_eps(second), second_spec.offset,
+            second_spec.casting_mode, second_spec.in_place,
         )
         return residual + self.mlp(hidden_states)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import liger_kernels._utils
-from liger_kernels.ops.fused_add_rms_norm import fused_add_rms_norm
+from liger_kernels.ops.fused_add_rms_norm import fused_add_rms_norm, rms_norm_with_residual
 from liger_kernels.ops.rms_norm import rms_norm_reference
 from tests.tolerances import DTYPES, assert_close
 
@@ -123,6 +123,36 @@ def test_in_place_backward(device):
     for got, want in zip(grads, expected):
         assert torch.equal(got, want)
     assert torch.equal(buffer, grads[0])  # dx was written into dy's buffer
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden, used", [(1, "both"), (1000, "both"), (4097, "both"), (100, "y_only"),
+                                          (100, "residual_only")])
+def test_rms_norm_with_residual(mode, dtype, hidden, used, device):
+    # (rms_norm(x), x): x's gradient is the norm's input gradient plus the residual stream's.
+    x = torch.randn(5, 1, hidden, device=device).to(dtype).requires_grad_()
+    weight = (1 + 0.5 * torch.randn(hidden, device=device)).to(dtype).requires_grad_()
+    dy = torch.randn(x.shape, device=device).to(dtype) if used != "residual_only" else None
+    dres = torch.randn(x.shape, device=device).to(dtype) if used != "y_only" else None
+    y, residual = rms_norm_with_residual(x, weight, 1e-6, OFFSETS[mode], mode, in_place=True)
+    assert torch.equal(residual, x)
+    outs = [(t, g) for t, g in ((y, dy), (residual, dres)) if g is not None]
+    torch.autograd.backward([t for t, _ in outs], [g.clone() for _, g in outs])
+
+    x64, w64 = (t.detach().double().cpu().requires_grad_() for t in (x, weight))
+    y64 = rms_norm_reference(x64, w64, 1e-6, OFFSETS[mode], mode)
+    outs64 = [(t, g) for t, g in ((y64, dy), (x64 * 1, dres)) if g is not None]
+    torch.autograd.backward([t for t, _ in outs64], [g.double().cpu() for _, g in outs64])
+    assert y.dtype == (torch.promote_types(dtype, weight.dtype) if mode == "llama" else dtype)
+    assert_close(y, y64, dtype, name=f"{mode} y")
+    assert x.grad.dtype == dtype
+    assert_close(x.grad, x64.grad, dtype, name="dx")
+    if dy is None:
+        assert weight.grad is None
+    else:
+        expected = _expected_dweight(x, dy, w64.grad, mode, 1e-6)
+        assert_close(weight.grad, expected, dtype, reduction=True, name="dweight")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

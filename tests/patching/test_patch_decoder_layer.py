@@ -1,5 +1,6 @@
-"""fused_add_rms_norm in pre-norm decoder layers: the residual add and post_attention_layernorm as one
-kernel, only where the installed layer forward is the structure the replacement re-implements."""
+"""fused_add_rms_norm in pre-norm decoder layers: the residual joins in the norms' kernels (the layer
+input's two gradients in input_layernorm's backward; `residual + attention` and post_attention_layernorm
+as one kernel), only where the installed layer forward is the structure the replacement re-implements."""
 
 import pytest
 import torch
@@ -17,15 +18,14 @@ FP32 = torch.float32
 
 @pytest.fixture
 def fused_calls(monkeypatch):
-    """How many times the patched layers called the fused add + RMSNorm op."""
+    """The names of the residual-joining ops the patched layers called, in order."""
     calls = []
-    original = LF.fused_add_rms_norm
+    for name in ("fused_add_rms_norm", "rms_norm_with_residual"):
+        def counting(*args, _original=getattr(LF, name), _name=name, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
 
-    def counting(*args, **kwargs):
-        calls.append(args[0].shape)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(LF, "fused_add_rms_norm", counting)
+        monkeypatch.setattr(LF, name, counting)
     return calls
 
 
@@ -52,7 +52,7 @@ def test_one_fused_add_norm_per_layer_same_training(build, fused_calls, model_ty
     assert any(item.startswith("fused_add_rms_norm:") for item in summary.patched), str(summary)
     ids, labels = batch(model.config.vocab_size)
     _assert_same(model, reference, ids, labels)
-    assert len(fused_calls) == model.config.num_hidden_layers
+    assert fused_calls == ["rms_norm_with_residual", "fused_add_rms_norm"] * model.config.num_hidden_layers
 
 
 def test_layers_of_another_structure_keep_their_forward(build, monkeypatch, fused_calls):
@@ -85,17 +85,19 @@ def test_layers_of_another_structure_keep_their_forward(build, monkeypatch, fuse
 
 
 def test_hooked_norm_or_positional_arguments_run_the_original(build, fused_calls):
-    reference, model = build("llama"), build("llama")
+    reference, model = build("llama", num_hidden_layers=3), build("llama", num_hidden_layers=3)
     apply_liger(model, rope=False, rms_norm=False, swiglu=False, fused_linear_cross_entropy=False)
     seen = []
-    model.model.layers[0].post_attention_layernorm.register_forward_hook(lambda *args: seen.append(1))
+    model.model.layers[0].post_attention_layernorm.register_forward_hook(lambda *args: seen.append("post"))
+    model.model.layers[1].input_layernorm.register_forward_hook(lambda *args: seen.append("input"))
     ids, labels = batch(model.config.vocab_size)
     _assert_same(model, reference, ids, labels)
-    assert len(seen) == 1  # the hook ran: layer 0 called its norm module
-    assert len(fused_calls) == model.config.num_hidden_layers - 1
+    assert seen == ["post", "input"]  # the hooks ran: those norms were called as modules
+    # layer 0: the original forward; layer 1: its input norm as a module, then the fused add + norm
+    assert fused_calls == ["fused_add_rms_norm", "rms_norm_with_residual", "fused_add_rms_norm"]
 
     # A positional argument after hidden_states: the original forward takes it.
-    layer, layer_ref = model.model.layers[1], reference.model.layers[1]
+    layer, layer_ref = model.model.layers[2], reference.model.layers[2]
     h = torch.randn(2, 5, model.config.hidden_size)
     cos_sin = model.model.rotary_emb(h, torch.arange(5)[None])
     fused_calls.clear()
