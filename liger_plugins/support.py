@@ -82,6 +82,8 @@ def _architectures_table() -> list[str]:
         if t.sub_configs:  # a wrapper: its language model is patched as its own architecture
             rope = f"the {', '.join(t.sub_configs)} architecture's (built model)"
         norms = ", ".join(f"`{name}`{_norm_flavour(spec)}" for name, spec in t.norms.items()) or "—"
+        if t.decoder_layers:
+            norms += f"; residual joins in the norm kernels: {_names(t.decoder_layers)}"
         mlps = ", ".join(f"`{name}`" + (" (fused gate_up)" if spec.layout == "fused" else "")
                          for name, spec in t.mlps.items()) or "—"
         layer_norms = [f"`{name}`" + (f" (weight + {offset:g})" if offset else "")
@@ -114,7 +116,8 @@ def render_support_table() -> str:
         "architecture (`text_config.model_type`). RoPE: the module-level function replaced (and its kernel",
         "where not `rope`); \"or\": the first one the installed transformers defines. MoE experts: their",
         "gate activation (`swiglu` flag); with `fused_moe=True` (opt-in) their whole forward runs the fused",
-        "MoE kernel.",
+        "MoE kernel. \"Residual joins in the norm kernels\": pre-norm decoder layers whose residual adds run in",
+        "the RMSNorm kernels (`fused_add_rms_norm` flag).",
         "",
         *_architectures_table(),
     ]
