@@ -184,6 +184,20 @@ def prenorm_layer_mismatch(cls: type) -> str | None:
     return None
 
 
+def _checkpoints_in_forward() -> bool:
+    """Whether transformers checkpoints a GradientCheckpointingLayer inside its class's `forward` (newer
+    versions wrap it when the class is created) rather than in `__call__` (5.17). Then a replaced forward
+    would drop the checkpointing: the replacement hands checkpointed calls to the original."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:
+        return False
+    return "__call__" not in GradientCheckpointingLayer.__dict__
+
+
+_CHECKPOINTS_IN_FORWARD = _checkpoints_in_forward()
+
+
 def make_decoder_layer_forward(traits: ArchitectureTraits, original):
     """The pre-norm decoder layer with its two residual joins in the norms' kernels: the layer input
     goes through `rms_norm_with_residual` (its two gradients added in the norm's backward kernel) and
@@ -202,7 +216,9 @@ def make_decoder_layer_forward(traits: ArchitectureTraits, original):
     def forward(self, hidden_states, *args, **kwargs):
         first, second = self.input_layernorm, self.post_attention_layernorm
         first_spec, second_spec = fusable(first), fusable(second)
-        if args or second_spec is None:
+        checkpointed_by_forward = (_CHECKPOINTS_IN_FORWARD and getattr(self, "gradient_checkpointing", False)
+                                   and self.training and torch.is_grad_enabled())
+        if args or second_spec is None or checkpointed_by_forward:
             return original(self, hidden_states, *args, **kwargs)
         if first_spec is None:
             residual, normed = hidden_states, first(hidden_states)

@@ -5,7 +5,9 @@ and the model uses transformers' default causal-LM loss. Then the logits are nev
 the final hidden states (sliced by `logits_to_keep`) go straight into
 `liger_kernels.functional.fused_linear_cross_entropy` with the lm_head weight, the architecture's
 softcap / logit scale, `ignore_index` and `num_items_in_batch` (gradient accumulation: summed loss
-divided by the item count), and the returned output has `logits=None`.
+divided by the item count), and the returned output has `logits=None`. Unless the caller passes
+`use_cache`, the base model then runs with `use_cache=False` (a loss needs no KV cache; building one
+copies every layer's keys and values), so the output's cache is None.
 
 Everything else -- no labels, evaluation under `torch.no_grad()` (HF Trainer's prediction step, so
 metrics and `prediction_loss_only` see real logits), a custom `loss_function` -- runs the model's
@@ -152,7 +154,13 @@ def _fused_loss_forward(self, traits: ArchitectureTraits, aux_loss_fn, kwargs: d
         return_dict = getattr(self.config, "return_dict", True)
 
     # Like the original: every remaining argument goes to the base model (it ignores the loss kwargs).
-    outputs = base_model(self)(**kwargs)
+    decoder = base_model(self)
+    if "use_cache" not in kwargs and _takes_use_cache(decoder):
+        # A training loss needs no KV cache, and building one copies every layer's keys and values
+        # (transformers' DynamicLayer.update concatenates onto an empty tensor): 3.6 ms of the 1.2 B
+        # Llama step on the H100. Passing use_cache=True explicitly still returns a cache.
+        kwargs["use_cache"] = False
+    outputs = decoder(**kwargs)
     hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
     loss = causal_lm_loss_from_hidden(
         self,
@@ -191,6 +199,16 @@ def _fused_loss_forward(self, traits: ArchitectureTraits, aux_loss_fn, kwargs: d
 
 
 _DEFAULT_OUTPUT_FIELDS = {cls: _output_fields(cls) for cls in (CausalLMOutputWithPast, MoeCausalLMOutputWithPast)}
+
+
+_TAKES_USE_CACHE: dict[type, bool] = {}
+
+
+def _takes_use_cache(decoder: nn.Module) -> bool:
+    cls = type(decoder)
+    if cls not in _TAKES_USE_CACHE:
+        _TAKES_USE_CACHE[cls] = "use_cache" in inspect.signature(cls.forward).parameters
+    return _TAKES_USE_CACHE[cls]
 
 
 def base_model(model: nn.Module) -> nn.Module | None:

@@ -219,8 +219,13 @@ def test_fused_forward_arguments(build):
     # positional arguments and return_dict=False
     out_ref = reference(ids, None, None, None, None, labels, return_dict=False)
     out = model(ids, None, None, None, None, labels, return_dict=False)
-    assert isinstance(out, tuple) and len(out) == len(out_ref) - 1  # no logits
+    assert isinstance(out, tuple) and len(out) == len(out_ref) - 2  # no logits, no KV cache
     assert_model_close(out[0], out_ref[0], FP32, "loss")
+    # A training loss builds no KV cache unless the caller asks for one.
+    assert model(input_ids=ids, labels=labels).past_key_values is None
+    assert reference(input_ids=ids, labels=labels).past_key_values is not None
+    cached = model(input_ids=ids, labels=labels, use_cache=True).past_key_values
+    assert cached is not None and cached.get_seq_length() == ids.shape[1]
     with pytest.raises(TypeError, match="multiple values for argument 'input_ids'"):
         model(ids, input_ids=ids, labels=labels)
     with pytest.raises(ValueError, match="labels must cover exactly the kept positions"):

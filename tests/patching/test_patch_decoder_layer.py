@@ -104,3 +104,25 @@ def test_hooked_norm_or_positional_arguments_run_the_original(build, fused_calls
     out = layer(h, None, position_embeddings=cos_sin)
     assert not fused_calls
     torch.testing.assert_close(out, layer_ref(h, None, position_embeddings=cos_sin))
+
+
+def test_gradient_checkpointing_still_recomputes_the_layers(build, fused_calls):
+    # transformers after 5.17 checkpoints inside the layer class's forward: a replaced forward must hand
+    # checkpointed calls to it, or checkpointing would silently stop (all activations kept).
+    reference, model = build("llama"), build("llama")
+    apply_liger(model, rope=False, rms_norm=False, swiglu=False, fused_linear_cross_entropy=False)
+    for m in (model, reference):
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.train()
+    attention_calls = []
+    for layer in model.model.layers:
+        layer.self_attn.register_forward_hook(lambda *args: attention_calls.append(1))
+    ids, labels = batch(model.config.vocab_size)
+    _assert_same(model, reference, ids, labels)
+    assert len(attention_calls) == 2 * model.config.num_hidden_layers  # forward, then the recompute
+    model.gradient_checkpointing_disable()
+    attention_calls.clear()
+    fused_calls.clear()
+    _assert_same(model, reference, ids, labels)
+    assert len(attention_calls) == model.config.num_hidden_layers
+    assert fused_calls == ["rms_norm_with_residual", "fused_add_rms_norm"] * model.config.num_hidden_layers

@@ -356,9 +356,11 @@ from liger_plugins import hf
 from liger_plugins.patching import unpatch
 from liger_plugins.patching.forwards import is_liger
 
+from integrations._common import COUNTED_AS
+
 calls = {"rms_norm": 0, "fused_linear_cross_entropy": 0}
-for name in calls:
-    def spy(*args, _original=getattr(LF, name), _name=name, **kwargs):
+for name in (*calls, *(alias for alias, kernel in COUNTED_AS.items() if kernel in calls)):
+    def spy(*args, _original=getattr(LF, name), _name=COUNTED_AS.get(name, name), **kwargs):
         calls[_name] += 1
         return _original(*args, **kwargs)
     setattr(LF, name, spy)
