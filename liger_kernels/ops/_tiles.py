@@ -34,11 +34,12 @@ def from_rows(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
 
-def tile_config(n_rows: int, n_cols: int):
-    """(grid, BLOCK_M, BLOCK_N, num_warps) of a 2-D tile grid over an (n_rows, n_cols) tensor."""
-    block_n = min(triton.next_power_of_2(n_cols), _TILE_ELEMENTS)
-    block_m = max(1, min(_TILE_ELEMENTS // block_n, triton.next_power_of_2(n_rows)))
-    num_warps = max(1, min(8, block_m * block_n // 256))
+def tile_config(n_rows: int, n_cols: int, tile_elements: int = _TILE_ELEMENTS, max_warps: int = 8):
+    """(grid, BLOCK_M, BLOCK_N, num_warps) of a 2-D tile grid over an (n_rows, n_cols) tensor, tiles of
+    about `tile_elements` (a power of two)."""
+    block_n = min(triton.next_power_of_2(n_cols), tile_elements)
+    block_m = max(1, min(tile_elements // block_n, triton.next_power_of_2(n_rows)))
+    num_warps = max(1, min(max_warps, block_m * block_n // 256))
     grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
     return grid, block_m, block_n, num_warps
 

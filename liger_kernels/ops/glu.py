@@ -30,6 +30,11 @@ _SILU, _GELU_TANH, _GELU_ERF = 0, 1, 2
 _GELU_ACTIVATIONS = {"tanh": _GELU_TANH, "none": _GELU_ERF}
 
 
+# (elements per tile, most warps) of the glu kernels' 2-D tile grid (ops/_tiles.py); read at every
+# call (scripts/glu_tile_sweep.py times others on a GPU).
+GLU_TILES = (2048, 8)
+
+
 @triton.jit
 def _activation(a, ACT: tl.constexpr):
     """(f(a), f'(a)) in fp32; the forward kernel drops f'(a), which the compiler then never computes."""
@@ -114,7 +119,7 @@ def _glu_forward(a: torch.Tensor, b: torch.Tensor, act: int, out_shape=None) -> 
     out = new_output(a.shape if out_shape is None else out_shape, a.dtype, a.device)
     c = out.view(n_rows, n_cols)
     if c.numel():
-        grid, block_m, block_n, num_warps = tile_config(n_rows, n_cols)
+        grid, block_m, block_n, num_warps = tile_config(n_rows, n_cols, *GLU_TILES)
         _glu_forward_kernel[grid](
             a2,
             b2,
@@ -138,7 +143,7 @@ def _launch_glu_backward(dc2, a2, b2, da2, db2, act: int, c2=None) -> None:
     n_rows, n_cols = a2.shape
     if n_rows * n_cols == 0:
         return
-    grid, block_m, block_n, num_warps = tile_config(n_rows, n_cols)
+    grid, block_m, block_n, num_warps = tile_config(n_rows, n_cols, *GLU_TILES)
     _glu_backward_kernel[grid](
         dc2,
         a2,
