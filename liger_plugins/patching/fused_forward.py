@@ -5,9 +5,10 @@ and the model uses transformers' default causal-LM loss. Then the logits are nev
 the final hidden states (sliced by `logits_to_keep`) go straight into
 `liger_kernels.functional.fused_linear_cross_entropy` with the lm_head weight, the architecture's
 softcap / logit scale, `ignore_index` and `num_items_in_batch` (gradient accumulation: summed loss
-divided by the item count), and the returned output has `logits=None`. Unless the caller passes
-`use_cache`, the base model then runs with `use_cache=False` (a loss needs no KV cache; building one
-copies every layer's keys and values), so the output's cache is None.
+divided by the item count), and the returned output has `logits=None`. Where the caller passes neither
+`use_cache` nor `position_ids` (eager mode), the base model then runs with `use_cache=False` (a loss
+needs no KV cache; building one copies every layer's keys and values), so the output's cache is None;
+see `_skip_kv_cache` for why only there.
 
 Everything else -- no labels, evaluation under `torch.no_grad()` (HF Trainer's prediction step, so
 metrics and `prediction_loss_only` see real logits), a custom `loss_function` -- runs the model's
@@ -155,10 +156,7 @@ def _fused_loss_forward(self, traits: ArchitectureTraits, aux_loss_fn, kwargs: d
 
     # Like the original: every remaining argument goes to the base model (it ignores the loss kwargs).
     decoder = base_model(self)
-    if "use_cache" not in kwargs and _takes_use_cache(decoder):
-        # A training loss needs no KV cache, and building one copies every layer's keys and values
-        # (transformers' DynamicLayer.update concatenates onto an empty tensor): 3.6 ms of the 1.2 B
-        # Llama step on the H100. Passing use_cache=True explicitly still returns a cache.
+    if _skip_kv_cache(decoder, kwargs):
         kwargs["use_cache"] = False
     outputs = decoder(**kwargs)
     hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
@@ -204,7 +202,19 @@ _DEFAULT_OUTPUT_FIELDS = {cls: _output_fields(cls) for cls in (CausalLMOutputWit
 _TAKES_USE_CACHE: dict[type, bool] = {}
 
 
-def _takes_use_cache(decoder: nn.Module) -> bool:
+def _skip_kv_cache(decoder: nn.Module, kwargs: dict) -> bool:
+    """Whether the loss path may run the base model with use_cache=False where the caller left it unset.
+
+    A training loss needs no KV cache, and building one copies every layer's keys and values
+    (transformers' DynamicLayer.update concatenates onto an empty tensor): 32 copies, 3.6 ms of the
+    1.2 B Llama step on the H100 (docs/e2e/h100_run9). Without a cache, transformers looks for packed
+    sequences in `position_ids` when no attention_mask is given, so this is done only where that
+    changes nothing: no position_ids passed (the model's own are 0..T-1, never packed; eager mode
+    checks that with one host sync at mask creation) and not under torch.compile (where the check
+    cannot run and transformers would materialize a mask instead of SDPA's is_causal).
+    """
+    if "use_cache" in kwargs or kwargs.get("position_ids") is not None or torch.compiler.is_compiling():
+        return False
     cls = type(decoder)
     if cls not in _TAKES_USE_CACHE:
         _TAKES_USE_CACHE[cls] = "use_cache" in inspect.signature(cls.forward).parameters

@@ -221,11 +221,15 @@ def test_fused_forward_arguments(build):
     out = model(ids, None, None, None, None, labels, return_dict=False)
     assert isinstance(out, tuple) and len(out) == len(out_ref) - 2  # no logits, no KV cache
     assert_model_close(out[0], out_ref[0], FP32, "loss")
-    # A training loss builds no KV cache unless the caller asks for one.
+    # A training loss builds no KV cache unless the caller asks for one, or passes position_ids (which
+    # transformers would then search for packed sequences: the cache decides whether it does).
     assert model(input_ids=ids, labels=labels).past_key_values is None
     assert reference(input_ids=ids, labels=labels).past_key_values is not None
     cached = model(input_ids=ids, labels=labels, use_cache=True).past_key_values
     assert cached is not None and cached.get_seq_length() == ids.shape[1]
+    packed = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]] * 2)
+    out, out_ref = _assert_same_training(model, reference, input_ids=ids, labels=labels, position_ids=packed)
+    assert out.past_key_values is not None
     with pytest.raises(TypeError, match="multiple values for argument 'input_ids'"):
         model(ids, input_ids=ids, labels=labels)
     with pytest.raises(ValueError, match="labels must cover exactly the kept positions"):
