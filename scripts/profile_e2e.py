@@ -95,9 +95,12 @@ def profile(setup: str, family_name: str, batch: int, seq: int, steps: int, ops:
     idle_ms, gaps = idle_gaps(spans)
     op_rows = top_ops(step, steps) if ops else []
     release(model, setup)
-    return {"top_ops_ms_per_step": op_rows, "gpu_idle_ms_per_step": idle_ms / steps, "largest_idle_gaps": gaps, "setup": setup, "family": family_name, "batch": batch, "seq": seq, "steps": steps,
-            "wall_ms_per_step": wall_ms, "gpu_ms_per_step": total, "ms_per_step_by_family": dict(sorted(per_family.items(), key=lambda kv: -kv[1])),
-            "top_kernels_ms_per_step": [{"name": k[:120], "family": f, "ms": ms} for k, (f, ms) in top]}
+    return {"setup": setup, "family": family_name, "batch": batch, "seq": seq, "steps": steps,
+            "wall_ms_per_step": wall_ms, "gpu_ms_per_step": total,
+            "ms_per_step_by_family": dict(sorted(per_family.items(), key=lambda kv: -kv[1])),
+            "gpu_idle_ms_per_step": idle_ms / steps, "largest_idle_gaps": gaps,
+            "top_kernels_ms_per_step": [{"name": k[:120], "family": f, "ms": ms} for k, (f, ms) in top],
+            "top_ops_ms_per_step": op_rows}
 
 
 def main(argv=None):

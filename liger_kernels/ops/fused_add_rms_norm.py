@@ -128,11 +128,10 @@ def rms_norm_with_residual(
     gradient inside the norm's backward kernel (the fused_add_rms_norm backward), instead of autograd
     adding the two afterwards. Under torch.compile (which fuses such adds itself) and on CPU it is
     (rms_norm(x), x) as written."""
-    triton_path = _utils.use_triton(x, weight)
-    check_rms_norm_args(x, weight, casting_mode, triton_path)
+    if _library.compiling() or not _utils.use_triton(x, weight) or x.numel() == 0:
+        return rms_norm(x, weight, eps, offset, casting_mode), x  # (rms_norm checks the arguments)
+    check_rms_norm_args(x, weight, casting_mode, True)
     _utils.check_same_device(x=x, weight=weight)
-    if _library.compiling() or not triton_path or x.numel() == 0:
-        return rms_norm(x, weight, eps, offset, casting_mode), x
     y, residual = FusedAddRMSNormFunction.apply(
         as_rows(x), None, weight, float(eps), float(offset), casting_mode, bool(in_place)
     )

@@ -6,7 +6,8 @@ class level before building the model.
 
 The kernel flags of `apply_liger` (rope, rms_norm, swiglu, cross_entropy, fused_linear_cross_entropy,
 layer_norm, fused_moe, causal_sdpa_under_compile, fused_add_rms_norm) are taken out of the keyword
-arguments; everything else goes to transformers. The patch is class level, so it stays on for that model type afterwards (`unpatch(model_type)` reverts it).
+arguments; everything else goes to transformers. The patch is class level, so it stays on for that
+model type afterwards (`unpatch(model_type)` reverts it).
 """
 
 from __future__ import annotations

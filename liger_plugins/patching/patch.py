@@ -48,7 +48,7 @@ class KernelOptions:
     # under torch.compile, SDPA without a padding mask runs is_causal=True, not a materialized mask
     # (transformers' eager-mode decision, see forwards.make_causal_mask_decision)
     causal_sdpa_under_compile: bool = True
-    # pre-norm decoder layers: the attention's residual add and the post-attention RMSNorm as one kernel
+    # pre-norm decoder layers: their residual joins run in the RMSNorm kernels (forwards.make_decoder_layer_forward)
     fused_add_rms_norm: bool = True
 
     def __post_init__(self):
@@ -354,11 +354,9 @@ def _check_module(role: str, module: nn.Module, traits: ArchitectureTraits) -> s
             return f"gate_up_proj has an odd out_features {out}; expected [gate; up] halves"
         return None
     if role == "decoder_layer":
-        missing = [n for n in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
-                   if not isinstance(getattr(module, n, None), nn.Module)]
-        if missing:
-            return f"expected sub-modules input_layernorm, self_attn, post_attention_layernorm, mlp; missing {', '.join(missing)}"
-        return None
+        names = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+        missing = [n for n in names if not isinstance(getattr(module, n, None), nn.Module)]
+        return f"expected sub-modules {', '.join(names)}; missing {', '.join(missing)}" if missing else None
     if role in ("experts", "fused_experts"):
         weight = getattr(module, "gate_up_proj", None)
         if not isinstance(weight, nn.Parameter) or len(_shape(weight)) != 3 or _shape(weight)[1] % 2:
