@@ -29,9 +29,10 @@ Kernels (keyword flags of `apply_liger` and `AutoLigerKernelForCausalLM`):
 - causal_sdpa_under_compile: under torch.compile, SDPA attention with no padding mask runs with
   is_causal=True instead of a materialized causal mask, as transformers already decides in eager mode
   (see forwards.make_causal_mask_decision); module level, for every architecture, like rope.
-- fused_add_rms_norm: in pre-norm decoder layers (Llama, Mistral, Qwen2/3, Gemma...; registry
-  `decoder_layers`), `residual + attention output` and post_attention_layernorm run as one kernel
-  forward and one backward (the same values; one bf16 add and its gradient add fewer per layer).
+- fused_add_rms_norm (default: the value of rms_norm): in pre-norm decoder layers (Llama, Mistral,
+  Qwen2/3, Gemma...; registry `decoder_layers`), `residual + attention output` and
+  post_attention_layernorm run as one kernel each way, and the layer input's two gradients are added in
+  input_layernorm's backward kernel (the same values; two bf16 adds and their gradient adds fewer).
 
 Supported model types: `SUPPORTED_MODEL_TYPES`; anything else raises ValueError listing them.
 Patch before wrapping the model (FSDP, DeepSpeed, accelerate device maps): class level before
@@ -75,12 +76,14 @@ def apply_liger(
     layer_norm: bool = True,
     fused_moe: bool = False,
     causal_sdpa_under_compile: bool = True,
-    fused_add_rms_norm: bool = True,
+    fused_add_rms_norm: bool | None = None,
     verbose: bool = False,
 ) -> PatchSummary:
     """Patch a model type (str: class level) or a built model (instance level; a PEFT model is
     unwrapped to its base model). Returns what was patched; logged on "liger_plugins.patching"
     (INFO with verbose=True, else DEBUG). Idempotent: what is already patched stays as it is."""
+    if fused_add_rms_norm is None:  # the decoder layers' norms are RMSNorms: on and off with them
+        fused_add_rms_norm = rms_norm
     options = KernelOptions(rope, rms_norm, swiglu, cross_entropy, fused_linear_cross_entropy, layer_norm, fused_moe,
                             causal_sdpa_under_compile, fused_add_rms_norm)
     if isinstance(model_or_model_type, str):

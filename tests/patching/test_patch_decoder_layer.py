@@ -48,7 +48,8 @@ def _assert_same(model, reference, ids, labels):
 def test_one_fused_add_norm_per_layer_same_training(build, fused_calls, model_type):
     # Only this patch (the norms' own forwards stay transformers'): Gemma's offset-1 norm included.
     reference, model = build(model_type), build(model_type)
-    summary = apply_liger(model, rope=False, rms_norm=False, swiglu=False, fused_linear_cross_entropy=False)
+    summary = apply_liger(model, rope=False, rms_norm=False, swiglu=False, fused_linear_cross_entropy=False,
+                          fused_add_rms_norm=True)
     assert any(item.startswith("fused_add_rms_norm:") for item in summary.patched), str(summary)
     ids, labels = batch(model.config.vocab_size)
     _assert_same(model, reference, ids, labels)
@@ -86,7 +87,8 @@ def test_layers_of_another_structure_keep_their_forward(build, monkeypatch, fuse
 
 def test_hooked_norm_or_positional_arguments_run_the_original(build, fused_calls):
     reference, model = build("llama", num_hidden_layers=3), build("llama", num_hidden_layers=3)
-    apply_liger(model, rope=False, rms_norm=False, swiglu=False, fused_linear_cross_entropy=False)
+    apply_liger(model, rope=False, rms_norm=False, swiglu=False, fused_linear_cross_entropy=False,
+                fused_add_rms_norm=True)
     seen = []
     model.model.layers[0].post_attention_layernorm.register_forward_hook(lambda *args: seen.append("post"))
     model.model.layers[1].input_layernorm.register_forward_hook(lambda *args: seen.append("input"))
@@ -110,7 +112,8 @@ def test_gradient_checkpointing_still_recomputes_the_layers(build, fused_calls):
     # transformers after 5.17 checkpoints inside the layer class's forward: a replaced forward must hand
     # checkpointed calls to it, or checkpointing would silently stop (all activations kept).
     reference, model = build("llama"), build("llama")
-    apply_liger(model, rope=False, rms_norm=False, swiglu=False, fused_linear_cross_entropy=False)
+    apply_liger(model, rope=False, rms_norm=False, swiglu=False, fused_linear_cross_entropy=False,
+                fused_add_rms_norm=True)
     for m in (model, reference):
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         m.train()
@@ -126,3 +129,13 @@ def test_gradient_checkpointing_still_recomputes_the_layers(build, fused_calls):
     _assert_same(model, reference, ids, labels)
     assert len(attention_calls) == model.config.num_hidden_layers
     assert fused_calls == ["rms_norm_with_residual", "fused_add_rms_norm"] * model.config.num_hidden_layers
+
+
+def test_follows_the_rms_norm_flag_unless_given(build):
+    def kinds(**flags):
+        summary = apply_liger(build("llama"), **flags)
+        return {item.split(":")[0] for item in summary.patched}
+
+    assert "fused_add_rms_norm" not in kinds(rms_norm=False)  # "no RMSNorm kernel" means none
+    assert "fused_add_rms_norm" in kinds(rms_norm=False, fused_add_rms_norm=True)
+    assert "fused_add_rms_norm" not in kinds(fused_add_rms_norm=False)
