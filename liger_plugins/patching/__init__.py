@@ -82,8 +82,6 @@ def apply_liger(
     """Patch a model type (str: class level) or a built model (instance level; a PEFT model is
     unwrapped to its base model). Returns what was patched; logged on "liger_plugins.patching"
     (INFO with verbose=True, else DEBUG). Idempotent: what is already patched stays as it is."""
-    if fused_add_rms_norm is None:  # the decoder layers' norms are RMSNorms: on and off with them
-        fused_add_rms_norm = rms_norm
     options = KernelOptions(rope, rms_norm, swiglu, cross_entropy, fused_linear_cross_entropy, layer_norm, fused_moe,
                             causal_sdpa_under_compile, fused_add_rms_norm)
     if isinstance(model_or_model_type, str):

@@ -11,6 +11,7 @@ replace sub-modules (LoRA on gate_proj) keep working.
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import textwrap
 
@@ -155,8 +156,14 @@ def prenorm_layer_mismatch(cls: type) -> str | None:
     or None. The attention call must be `hidden_states, _ = self.self_attn(hidden_states=hidden_states,
     name=name, ..., **kwargs)` passing every other parameter of the forward by its own name: then calling
     the attention with the layer's keyword arguments is the same call."""
+    return _prenorm_forward_mismatch(cls.forward)
+
+
+@functools.lru_cache(maxsize=None)
+def _prenorm_forward_mismatch(forward) -> str | None:
+    """prenorm_layer_mismatch of one forward function, parsed once (an instance patch asks per layer)."""
     try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(cls.forward))))
+        tree = ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(forward))))
     except (OSError, TypeError, SyntaxError):
         return "its forward's source is not available to check"
     func = tree.body[0]

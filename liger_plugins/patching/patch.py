@@ -48,10 +48,13 @@ class KernelOptions:
     # under torch.compile, SDPA without a padding mask runs is_causal=True, not a materialized mask
     # (transformers' eager-mode decision, see forwards.make_causal_mask_decision)
     causal_sdpa_under_compile: bool = True
-    # pre-norm decoder layers: their residual joins run in the RMSNorm kernels (forwards.make_decoder_layer_forward)
-    fused_add_rms_norm: bool = True
+    # pre-norm decoder layers: their residual joins run in the RMSNorm kernels (forwards.make_decoder_layer_forward);
+    # None: the value of rms_norm (those norms are RMSNorms: a config without the RMSNorm kernel gets none)
+    fused_add_rms_norm: bool | None = None
 
     def __post_init__(self):
+        if self.fused_add_rms_norm is None:
+            object.__setattr__(self, "fused_add_rms_norm", self.rms_norm)
         if self.cross_entropy and self.fused_linear_cross_entropy:
             raise ValueError(
                 "cross_entropy=True and fused_linear_cross_entropy=True are exclusive: the fused loss "
