@@ -31,7 +31,10 @@ FAMILIES = {
                  num_key_value_heads=2, intermediate_size=128, vocab_size=512,
                  tie_word_embeddings=False, max_position_embeddings=256),
 }
-# setup name -> (what patches the model, gradient checkpointing, torch.compile)
+# setup name -> (what patches the model, gradient checkpointing, torch.compile[, optimizer]). The
+# optimizer is torch's foreach AdamW (ANCHORS.md) unless a setup names another: "liger_adamw" is
+# liger_kernels.optim.AdamW (the same numbers in one pass), "torch_fused_adamw" torch's fused=True
+# kernel (other roundings), the same optimizer change open to a Liger-Kernel user.
 SETUPS = {
     "hf_eager": ("none", False, False),
     "hf_eager_ckpt": ("none", True, False),
@@ -43,6 +46,10 @@ SETUPS = {
     "ours": ("ours", False, False),
     "ours_ckpt": ("ours", True, False),
     "ours_compile": ("ours", False, True),
+    "ours_adamw": ("ours", False, False, "liger_adamw"),
+    "ours_ckpt_adamw": ("ours", True, False, "liger_adamw"),
+    "liger_kernel_fused_adamw": ("liger_kernel", False, False, "torch_fused_adamw"),
+    "liger_kernel_ckpt_fused_adamw": ("liger_kernel", True, False, "torch_fused_adamw"),
 }
 # The patchers that call our apply_liger (and must unpatch after).
 _OUR_PATCHERS = ("ours", "causal_mask_only")
@@ -55,7 +62,7 @@ def training_step(family: str, setup: str, batch: int, seq: int):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    patcher, checkpointing, compiled = SETUPS[setup]
+    patcher, checkpointing, compiled, optimizer_name = (SETUPS[setup] + ("torch_foreach_adamw",))[:4]
     spec = dict(FAMILIES[family])
     config = AutoConfig.for_model(spec.pop("model_type"), **spec)
     config._attn_implementation = "sdpa"
@@ -78,7 +85,13 @@ def training_step(family: str, setup: str, batch: int, seq: int):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     forward = torch.compile(model) if compiled else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+    if optimizer_name == "liger_adamw":
+        from liger_kernels.optim import AdamW
+
+        optimizer = AdamW(model.parameters(), lr=1e-5)
+    else:
+        fused = optimizer_name == "torch_fused_adamw"
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=not fused, fused=fused)
     ids = torch.randint(0, config.vocab_size, (batch, seq), device=device)
 
     def step():

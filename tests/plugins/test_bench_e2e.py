@@ -24,6 +24,23 @@ def test_tiny_setups_train_and_agree(reference_dispatch):
         assert abs(a - b) <= 1e-4 * abs(a)
 
 
+def test_liger_adamw_setup_gives_the_foreach_numbers(reference_dispatch):
+    """ours_adamw differs from ours only in the optimizer, whose step equals torch's: same losses."""
+    from liger_kernels.ops import adamw
+
+    ours = bench_e2e.run_one("tiny", "ours", batch=2, seq=32, steps=3, warmup=0)
+    calls = []
+    original = adamw.adamw_step_
+    with pytest.MonkeyPatch.context() as mp:  # the kernel (interpreter) must run, not torch's step
+        mp.setattr(_utils, "INTERPRET", True)
+        mp.setattr(adamw, "INTERPRET", True)
+        mp.setattr("liger_kernels.optim.adamw_step_", lambda *a, **k: calls.append(1) or original(*a, **k))
+        fused = bench_e2e.run_one("tiny", "ours_adamw", batch=2, seq=32, steps=3, warmup=0)
+    assert calls and len(fused["losses"]) == 3
+    for a, b in zip(ours["losses"], fused["losses"]):
+        assert abs(a - b) <= 1e-5 * abs(a)
+
+
 def test_unknown_setup_is_refused():
     with pytest.raises(SystemExit):
         bench_e2e.main(["--setups", "hf_eager,nonsense", "--families", "tiny"])

@@ -1,0 +1,186 @@
+"""AdamW step in one pass: the same numbers as torch.optim.AdamW's default (foreach) step.
+
+torch's foreach AdamW runs eight list operations per step, each reading and writing whole tensors and
+rounding its result to the parameter's dtype (bf16 states round after every one of them):
+    p  = p * (1 - lr * wd)                          _foreach_mul_
+    m  = lerp(m, g, 1 - beta1)                      _foreach_lerp_
+    v  = v * beta2;  v = v + (1 - beta2) * (g * g)  _foreach_mul_, _foreach_addcmul_
+    d  = sqrt(v);  d = d / sqrt(1 - beta2^t);  d = d + eps          a new list, then div_, add_
+    p  = p + (-lr / (1 - beta1^t)) * (m / d)        _foreach_addcdiv_
+This kernel does the same arithmetic in the same order, in fp32, with the same rounding after each
+step (round-to-nearest-even to the parameter dtype, IEEE division and square root), reading p, g, m,
+v once and writing p, m, v once: 14 bytes per bf16 parameter instead of ~50, and no temporary list
+of the parameters' size. One launch covers every tensor of one dtype: the program of a block finds
+its tensor in a table of block -> (tensor, first element) and the tensor's four addresses in a
+pointer table.
+
+Exactness: on CUDA, torch's kernels and this one contract each `a + b * c` to one fused multiply-add;
+the torch reference below (the specification, used by the CPU tests) rounds the product first, as
+the Triton interpreter does. The GPU test compares bitwise with torch.optim.AdamW.
+
+Memory: updates p, m and v in place (they are the optimizer's own state); reads g.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from liger_kernels._utils import INTERPRET
+
+_BLOCK = 4096  # elements per program
+_NUM_WARPS = 8
+ADAMW_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def _round_to(x, DTYPE: tl.constexpr):
+    """x (fp32) rounded to the nearest DTYPE value (ties to even), kept in fp32: what torch's
+    `static_cast<DTYPE>(float)` stores. bf16 rounds by bit arithmetic so that the interpreter (whose
+    fp32 -> bf16 conversion truncates) and the GPU agree; NaN stays NaN."""
+    if DTYPE == tl.float32:
+        return x
+    elif DTYPE == tl.bfloat16:
+        u = x.to(tl.uint32, bitcast=True)
+        u = (u + (0x7FFF + ((u >> 16) & 1))) & 0xFFFF0000
+        return tl.where(x != x, x, u.to(tl.float32, bitcast=True))
+    else:
+        return x.to(DTYPE).to(tl.float32)
+
+
+@triton.jit
+def _adamw_kernel(param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, numels,
+                  block_tensor, block_start,
+                  decay, lerp_weight, beta2, one_minus_beta2, bias_correction2_sqrt, eps, step_size,
+                  DTYPE: tl.constexpr, APPLY_DECAY: tl.constexpr, SMALL_LERP_WEIGHT: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    block = tl.program_id(0)
+    t = tl.load(block_tensor + block)
+    offs = tl.load(block_start + block) + tl.arange(0, BLOCK)
+    mask = offs < tl.load(numels + t)
+    p_ptr = tl.load(param_ptrs + t).to(tl.pointer_type(DTYPE))
+    g_ptr = tl.load(grad_ptrs + t).to(tl.pointer_type(DTYPE))
+    m_ptr = tl.load(exp_avg_ptrs + t).to(tl.pointer_type(DTYPE))
+    v_ptr = tl.load(exp_avg_sq_ptrs + t).to(tl.pointer_type(DTYPE))
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=mask, other=1.0).to(tl.float32)
+
+    if APPLY_DECAY:
+        p = _round_to(p * decay, DTYPE)
+    # torch's lerp: the form with the smaller weight, for accuracy (ATen Lerp.h)
+    if SMALL_LERP_WEIGHT:
+        m = _round_to(m + lerp_weight * (g - m), DTYPE)
+    else:
+        m = _round_to(g - (g - m) * (1.0 - lerp_weight), DTYPE)
+    v = _round_to(v * beta2, DTYPE)
+    v = _round_to(v + one_minus_beta2 * (g * g), DTYPE)
+    d = _round_to(tl.math.sqrt_rn(v), DTYPE)
+    d = _round_to(tl.math.div_rn(d, bias_correction2_sqrt), DTYPE)
+    d = _round_to(d + eps, DTYPE)
+    p = _round_to(p + step_size * tl.math.div_rn(m, d), DTYPE)
+
+    tl.store(p_ptr + offs, p.to(DTYPE), mask=mask)
+    tl.store(m_ptr + offs, m.to(DTYPE), mask=mask)
+    tl.store(v_ptr + offs, v.to(DTYPE), mask=mask)
+
+
+def _triton_dtype(dtype: torch.dtype):
+    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+
+
+class BlockTable:
+    """block -> (tensor index, first element) for a list of tensor sizes, on one device. It depends
+    only on the sizes, so an optimizer builds it once per parameter group and reuses it."""
+
+    def __init__(self, numels: list[int], device: torch.device):
+        counts = [triton.cdiv(n, _BLOCK) for n in numels]
+        self.numels = torch.tensor(numels, dtype=torch.int64, device=device)
+        self.block_tensor = torch.repeat_interleave(
+            torch.arange(len(numels), dtype=torch.int32), torch.tensor(counts)).to(device)
+        self.block_start = torch.cat(
+            [torch.arange(c, dtype=torch.int64) * _BLOCK for c in counts]).to(device)
+        self.num_blocks = sum(counts)
+
+
+def _pointer_table(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The tensors' addresses as an int64 tensor on `device` (copied from pinned memory without a
+    host sync; the caching host allocator keeps the source alive until the copy has run)."""
+    addresses = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
+    if device.type == "cuda":
+        return addresses.pin_memory().to(device, non_blocking=True)
+    return addresses
+
+
+def adamw_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                exp_avg_sqs: list[torch.Tensor], *, step: float, lr: float, beta1: float, beta2: float,
+                eps: float, weight_decay: float, blocks: BlockTable | None = None) -> None:
+    """One AdamW step of torch.optim.AdamW (decoupled weight decay, no amsgrad/maximize), in place,
+    over tensors of one dtype and device that share the step count `step` (after its increment).
+    All tensors contiguous, each state the size of its parameter. `blocks`: a cached BlockTable of
+    these sizes (built here when None)."""
+    if not params:
+        return
+    dtype, device = params[0].dtype, params[0].device
+    if dtype not in ADAMW_DTYPES:
+        raise TypeError(f"AdamW kernel: parameters have dtype {dtype}; supported: {ADAMW_DTYPES}")
+    for name, tensors in (("params", params), ("grads", grads), ("exp_avgs", exp_avgs),
+                          ("exp_avg_sqs", exp_avg_sqs)):
+        if len(tensors) != len(params):
+            raise ValueError(f"AdamW kernel: {len(tensors)} {name} for {len(params)} params")
+        for t, p in zip(tensors, params):
+            if t.dtype != dtype or t.device != device or t.numel() != p.numel() or not t.is_contiguous():
+                raise ValueError(
+                    f"AdamW kernel: every one of {name} must be contiguous, of the parameters' dtype "
+                    f"({dtype}), device ({device}) and size; got {t.dtype}, {t.device}, shape "
+                    f"{tuple(t.shape)} for a parameter of shape {tuple(p.shape)}")
+    if blocks is None:
+        blocks = BlockTable([p.numel() for p in params], device)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    lerp_weight = 1 - beta1
+    _adamw_kernel[(blocks.num_blocks,)](
+        _pointer_table(params, device), _pointer_table(grads, device), _pointer_table(exp_avgs, device),
+        _pointer_table(exp_avg_sqs, device), blocks.numels, blocks.block_tensor, blocks.block_start,
+        1 - lr * weight_decay, lerp_weight, beta2, 1 - beta2, bias_correction2**0.5, eps,
+        (lr / bias_correction1) * -1,
+        DTYPE=_triton_dtype(dtype), APPLY_DECAY=weight_decay != 0, SMALL_LERP_WEIGHT=abs(lerp_weight) < 0.5,
+        BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+
+
+def adamw_step_reference_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
+                          exp_avg_sq: torch.Tensor, *, step: float, lr: float, beta1: float, beta2: float,
+                          eps: float, weight_decay: float) -> None:
+    """The specification: torch's foreach AdamW step on one tensor, op by op, each in fp32 (scalars
+    rounded to fp32) and rounded to the parameter dtype, products rounded before sums. Square root and
+    division go through float64 and one rounding to fp32: correctly rounded, as on CUDA (torch's
+    vectorized CPU fp32 sqrt is not: ~1 ulp)."""
+    dtype = param.dtype
+
+    def f32(x: float) -> torch.Tensor:
+        return torch.tensor(x, dtype=torch.float32)
+
+    p, g, m, v = param.float(), grad.float(), exp_avg.float(), exp_avg_sq.float()
+    if weight_decay != 0:
+        p = (p * f32(1 - lr * weight_decay)).to(dtype).float()
+    w = f32(1 - beta1)
+    if abs(1 - beta1) < 0.5:
+        m = (m + w * (g - m)).to(dtype).float()
+    else:
+        m = (g - (g - m) * (1 - w)).to(dtype).float()
+    v = (v * f32(beta2)).to(dtype).float()
+    v = (v + f32(1 - beta2) * (g * g)).to(dtype).float()
+    d = v.double().sqrt().float().to(dtype).float()
+    d = (d.double() / f32((1 - beta2**step) ** 0.5).double()).float().to(dtype).float()
+    d = (d + f32(eps)).to(dtype).float()
+    p = (p + f32((lr / (1 - beta1**step)) * -1) * (m.double() / d.double()).float()).to(dtype)
+    param.copy_(p)
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+
+
+def kernel_available(device: torch.device) -> bool:
+    """The kernel runs on CUDA tensors, and on CPU tensors when the interpreter is forced."""
+    return device.type == "cuda" or INTERPRET

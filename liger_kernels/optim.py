@@ -1,0 +1,109 @@
+"""Optimizers: torch's, with steps fused into one pass (ops/adamw.py) and the same numbers.
+
+    from liger_kernels.optim import AdamW
+    optimizer = AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+
+`AdamW` is a torch.optim.AdamW (same constructor, state layout, state_dict, hooks, LR schedulers):
+a checkpoint of either loads into the other. Its step gives the parameters and states that torch's
+default (foreach) AdamW step gives, in one kernel launch per dtype instead of eight list operations,
+and without their temporary list of the parameters' size (the step's peak memory drops by that much).
+Options the kernel does not cover (amsgrad, maximize, capturable, differentiable, tensor lr or betas,
+sparse or complex gradients, CPU parameters outside the interpreter) run torch's own step instead,
+for the whole step, so the numbers never depend on which path ran.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from liger_kernels.ops.adamw import ADAMW_DTYPES, BlockTable, adamw_step_, kernel_available
+
+# torch's AdamW group options the fused step implements only at these values
+_GROUP_DEFAULTS_REQUIRED = {"amsgrad": False, "maximize": False, "capturable": False, "differentiable": False}
+
+
+def _scalar_dtype() -> torch.dtype:
+    # torch keeps AdamW's step count in a CPU tensor of this dtype (float64 under a float64 default)
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+class AdamW(torch.optim.AdamW):
+    """torch.optim.AdamW with a one-pass step and the numbers of torch's default step (module doc)."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, capturable: bool = False, differentiable: bool = False):
+        # no `fused`: this step is the fused one, with foreach's numbers (torch's fused=True kernel
+        # rounds differently); `foreach` only chooses torch's path where torch's step runs
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                         maximize=maximize, foreach=foreach, capturable=capturable,
+                         differentiable=differentiable)
+        self._block_tables: dict[tuple, BlockTable] = {}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_block_tables", {})
+
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        with torch.no_grad():
+            plan = self._fused_plan()
+            if plan is None:
+                super().step()
+                return loss
+            for group, params in plan:
+                self._fused_group_step(group, params)
+        return loss
+
+    def _fused_plan(self):
+        """[(group, parameters with a gradient)] when the fused kernel covers every group, else None."""
+        plan = []
+        for group in self.param_groups:
+            if any(group.get(k, v) != v for k, v in _GROUP_DEFAULTS_REQUIRED.items()):
+                return None
+            beta1, beta2 = group["betas"]
+            if any(isinstance(x, torch.Tensor) for x in (group["lr"], beta1, beta2, group["weight_decay"])):
+                return None
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                g = p.grad
+                if (p.dtype not in ADAMW_DTYPES or g.dtype != p.dtype or g.is_sparse or p.is_sparse
+                        or not kernel_available(p.device) or g.device != p.device
+                        or not p.is_contiguous() or not g.is_contiguous()):
+                    return None
+                state = self.state.get(p)
+                if state and not all(state[k].dtype == p.dtype and state[k].is_contiguous()
+                                     and state[k].device == p.device for k in ("exp_avg", "exp_avg_sq")):
+                    return None
+            plan.append((group, params))
+        return plan
+
+    def _fused_group_step(self, group, params) -> None:
+        for p in params:
+            state = self.state[p]
+            if len(state) == 0:  # as torch initializes it (Adam._init_group)
+                state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        steps = [self.state[p]["step"] for p in params]
+        if steps:
+            torch._foreach_add_(steps, 1.0)
+        # one launch per (device, dtype, step count): the step count sets the bias corrections
+        batches = defaultdict(list)
+        for p, step in zip(params, steps):
+            batches[(p.device, p.dtype, float(step))].append(p)
+        beta1, beta2 = group["betas"]
+        for (device, _, step), batch in batches.items():
+            key = (device, tuple(p.numel() for p in batch))
+            blocks = self._block_tables.get(key)
+            if blocks is None:
+                blocks = self._block_tables[key] = BlockTable(list(key[1]), device)
+            adamw_step_([p for p in batch], [p.grad for p in batch],
+                        [self.state[p]["exp_avg"] for p in batch], [self.state[p]["exp_avg_sq"] for p in batch],
+                        step=step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                        weight_decay=group["weight_decay"], blocks=blocks)

@@ -1,0 +1,203 @@
+"""AdamW in one pass (ops/adamw.py, liger_kernels.optim.AdamW) against torch.optim.AdamW.
+
+On CPU the kernel runs under the interpreter and must equal the op-by-op reference bit for bit (both
+round each product before a sum); torch's own CPU step (which fuses some products into sums) must agree
+to within one rounding of the dtype. On CUDA both torch and the kernel fuse the same multiply-adds:
+the optimizer must give torch's foreach AdamW's parameters and states bit for bit.
+"""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from liger_kernels.ops.adamw import adamw_step_, adamw_step_reference_
+from liger_kernels.optim import AdamW
+from tests.tolerances import DTYPES
+
+SIZES = [(1,), (4097,), (3, 5000), (7, 33, 2)]
+
+
+def _assert_same(ours, theirs, *, exact: bool, name: str, ulps: int = 1):
+    """Bit for bit, or (exact=False) within `ulps` roundings of the dtype at the tensor's scale."""
+    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape, name
+    if exact:
+        assert torch.equal(ours, theirs), (
+            f"{name}: {(ours != theirs).sum().item()} of {ours.numel()} differ, largest "
+            f"{(ours.float() - theirs.float()).abs().max().item():.3g}")
+    else:
+        eps = torch.finfo(ours.dtype).eps
+        scale = theirs.float().abs().max().item()
+        torch.testing.assert_close(ours.float(), theirs.float(), rtol=ulps * eps, atol=ulps * eps * scale,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+def _tensors(shape, dtype, device, steps_done=True):
+    p = torch.randn(shape, device=device).to(dtype)
+    g = (torch.randn(shape, device=device) * 1e-2).to(dtype)
+    m = (torch.randn(shape, device=device) * 1e-3).to(dtype) if steps_done else torch.zeros_like(p)
+    v = (torch.rand(shape, device=device) * 1e-5).to(dtype) if steps_done else torch.zeros_like(p)
+    return p, g, m, v
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("beta1", [0.9, 0.3])  # 1 - beta1 >= 0.5 takes lerp's other form
+def test_kernel_matches_reference(dtype, weight_decay, beta1, device):
+    tensors = [_tensors(s, dtype, device) for s in SIZES]
+    expected = [tuple(t.clone() for t in ts) for ts in tensors]
+    hyper = dict(step=3.0, lr=1e-3, beta1=beta1, beta2=0.999, eps=1e-8, weight_decay=weight_decay)
+    adamw_step_(*[list(x) for x in zip(*tensors)], **hyper)
+    for p, g, m, v in expected:
+        if device == "cuda":  # torch's CUDA step itself, which fuses multiply-adds as the kernel does
+            torch.optim.adamw.adamw([p], [g], [m], [v], [], [torch.tensor(2.0)], foreach=True, amsgrad=False,
+                                    lr=hyper["lr"], beta1=beta1, beta2=0.999, eps=1e-8,
+                                    weight_decay=weight_decay, maximize=False)
+        else:
+            adamw_step_reference_(p, g, m, v, **hyper)
+    for (p, g, m, v), (p2, _, m2, v2) in zip(tensors, expected):
+        _assert_same(p, p2, exact=True, name="param")
+        _assert_same(m, m2, exact=True, name="exp_avg")
+        _assert_same(v, v2, exact=True, name="exp_avg_sq")
+
+
+def _model_params(dtype, device):
+    torch.manual_seed(1)
+    shapes = [(37, 19), (19,), (5, 4097), (1,), (64, 64)]
+    return [torch.nn.Parameter(torch.randn(s, device=device).to(dtype)) for s in shapes]
+
+
+def _train(optimizer_cls, params, steps, grads_seed=2, **kwargs):
+    optimizer = optimizer_cls(params, **kwargs)
+    gen = torch.Generator().manual_seed(grads_seed)
+    for i in range(steps):
+        for j, p in enumerate(params):
+            # the second parameter misses every other step: its step count falls behind
+            p.grad = None if (j == 1 and i % 2 == 1) else (
+                torch.randn(p.shape, generator=gen) * 0.1).to(p.dtype).to(p.device)
+        optimizer.step()
+    return optimizer
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_optimizer_matches_torch_adamw(dtype, device):
+    ours_params = _model_params(dtype, device)
+    torch_params = copy.deepcopy(ours_params)
+    hyper = dict(lr=3e-3, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.05)
+    ours = _train(AdamW, ours_params, 5, **hyper)
+    theirs = _train(torch.optim.AdamW, torch_params, 5, **hyper)
+    # torch's CPU step rounds differently (fused products, ~1 ulp sqrt); 5 steps compound it
+    exact = device == "cuda"
+    for a, b in zip(ours_params, torch_params):
+        _assert_same(a.detach(), b.detach(), exact=exact, name="param", ulps=4)
+        sa, sb = ours.state[a], theirs.state[b]
+        assert sa["step"].item() == sb["step"].item() and sa["step"].dtype == sb["step"].dtype
+        _assert_same(sa["exp_avg"], sb["exp_avg"], exact=exact, name="exp_avg", ulps=4)
+        _assert_same(sa["exp_avg_sq"], sb["exp_avg_sq"], exact=exact, name="exp_avg_sq", ulps=4)
+    assert ours.state[ours_params[1]]["step"].item() == 3.0  # skipped steps do not count
+
+
+def test_optimizer_groups_bitwise(device):
+    """Two groups with their own lr and weight decay, each step checked bit for bit: against the
+    reference on CPU (interpreter), against torch's foreach AdamW on CUDA."""
+    params = _model_params(torch.bfloat16, device)
+    mirror = [torch.nn.Parameter(p.detach().clone()) for p in params]
+
+    def groups(ps):
+        return [dict(params=ps[:2], lr=1e-2, weight_decay=0.0), dict(params=ps[2:], lr=2e-3)]
+
+    hyper = dict(betas=(0.8, 0.95), eps=1e-7, weight_decay=0.1)
+    optimizer = AdamW(groups(params), **hyper)
+    torch_optimizer = torch.optim.AdamW(groups(mirror), foreach=True, **hyper)
+    states = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+    for step in range(1, 4):
+        for p, q in zip(params, mirror):
+            p.grad = torch.randn(p.shape, device=device).to(p.dtype)
+            q.grad = p.grad.clone()
+        optimizer.step()
+        if device == "cuda":
+            torch_optimizer.step()
+        for i, (p, q) in enumerate(zip(params, mirror)):
+            if device == "cpu":
+                lr, wd = (1e-2, 0.0) if i < 2 else (2e-3, 0.1)
+                with torch.no_grad():
+                    adamw_step_reference_(q, p.grad, *states[i], step=float(step), lr=lr, beta1=0.8,
+                                          beta2=0.95, eps=1e-7, weight_decay=wd)
+            assert torch.equal(p.detach(), q.detach()), f"param {i} after step {step}"
+
+
+@pytest.mark.parametrize("direction", ["torch_to_ours", "ours_to_torch"])
+def test_state_dict_interchanges_with_torch(direction, device):
+    """A checkpoint of either optimizer continues in the other with the numbers of staying put."""
+    first, second = (torch.optim.AdamW, AdamW) if direction == "torch_to_ours" else (AdamW, torch.optim.AdamW)
+    params = _model_params(torch.float32, device)
+    optimizer = _train(first, params, 2, lr=1e-2)
+    saved_params, saved_state = copy.deepcopy(params), copy.deepcopy(optimizer.state_dict())
+    _continue(optimizer, params)
+    resumed = second(saved_params, lr=1e-2)
+    resumed.load_state_dict(saved_state)
+    _continue(resumed, saved_params)
+    for a, b in zip(params, saved_params):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    assert resumed.state[saved_params[0]]["step"].item() == 4.0
+
+
+def _continue(optimizer, params):
+    gen = torch.Generator().manual_seed(9)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).to(p.device)
+        optimizer.step()
+
+
+@pytest.mark.parametrize("option", [dict(amsgrad=True), dict(maximize=True)])
+def test_uncovered_options_run_torch_step(option, device):
+    """amsgrad / maximize: the whole step is torch's, so the numbers are torch's exactly."""
+    ours_params = _model_params(torch.float32, device)
+    torch_params = copy.deepcopy(ours_params)
+    _train(AdamW, ours_params, 3, lr=1e-2, **option)
+    _train(torch.optim.AdamW, torch_params, 3, lr=1e-2, **option)
+    for a, b in zip(ours_params, torch_params):
+        assert torch.equal(a, b)
+
+
+def test_closure_scheduler_and_no_fused_flag(device):
+    params = _model_params(torch.float32, device)
+    optimizer = AdamW(params, lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+
+    def closure():
+        for p in params:
+            p.grad = torch.ones_like(p)
+        return torch.tensor(1.5)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "lr_scheduler.step() before optimizer.step()"
+        assert optimizer.step(closure).item() == 1.5
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == 5e-3
+    with pytest.raises(TypeError, match="fused"):
+        AdamW(params, fused=True)
+
+
+@pytest.mark.gpu
+def test_step_needs_no_parameter_sized_temporaries():
+    """torch's foreach step allocates a list the size of the parameters (sqrt(v)); this one does not."""
+    params = [torch.nn.Parameter(torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)) for _ in range(4)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    peaks = {}
+    for name, cls in (("ours", AdamW), ("torch", torch.optim.AdamW)):
+        optimizer = cls(params, lr=1e-3)
+        optimizer.step()  # states allocated
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        optimizer.step()
+        torch.cuda.synchronize()
+        peaks[name] = torch.cuda.max_memory_allocated() - before
+        del optimizer
+    size = sum(p.numel() * p.element_size() for p in params)
+    assert peaks["ours"] < 2**20, peaks
+    assert peaks["torch"] >= size, peaks  # what the test guards against, measured on torch's step
