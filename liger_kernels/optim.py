@@ -18,7 +18,8 @@ from collections import defaultdict
 
 import torch
 
-from liger_kernels.ops.adamw import ADAMW_DTYPES, BlockTable, adamw_step_, kernel_available
+from liger_kernels._utils import use_triton
+from liger_kernels.ops.adamw import ADAMW_DTYPES, BlockTable, adamw_step_
 
 # torch's AdamW group options the fused step implements only at these values
 _GROUP_DEFAULTS_REQUIRED = {"amsgrad": False, "maximize": False, "capturable": False, "differentiable": False}
@@ -73,7 +74,7 @@ class AdamW(torch.optim.AdamW):
             for p in params:
                 g = p.grad
                 if (p.dtype not in ADAMW_DTYPES or g.dtype != p.dtype or g.is_sparse or p.is_sparse
-                        or not kernel_available(p.device) or g.device != p.device
+                        or not use_triton(p) or g.device != p.device
                         or not p.is_contiguous() or not g.is_contiguous()):
                     return None
                 state = self.state.get(p)

@@ -27,7 +27,6 @@ import torch
 import triton
 import triton.language as tl
 
-from liger_kernels._utils import INTERPRET
 
 _BLOCK = 4096  # elements per program
 _NUM_WARPS = 8
@@ -179,8 +178,3 @@ def adamw_step_reference_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torc
     param.copy_(p)
     exp_avg.copy_(m)
     exp_avg_sq.copy_(v)
-
-
-def kernel_available(device: torch.device) -> bool:
-    """The kernel runs on CUDA tensors, and on CPU tensors when the interpreter is forced."""
-    return device.type == "cuda" or INTERPRET

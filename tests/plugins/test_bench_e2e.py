@@ -33,7 +33,6 @@ def test_liger_adamw_setup_gives_the_foreach_numbers(reference_dispatch):
     original = adamw.adamw_step_
     with pytest.MonkeyPatch.context() as mp:  # the kernel (interpreter) must run, not torch's step
         mp.setattr(_utils, "INTERPRET", True)
-        mp.setattr(adamw, "INTERPRET", True)
         mp.setattr("liger_kernels.optim.adamw_step_", lambda *a, **k: calls.append(1) or original(*a, **k))
         fused = bench_e2e.run_one("tiny", "ours_adamw", batch=2, seq=32, steps=3, warmup=0)
     assert calls and len(fused["losses"]) == 3

@@ -448,6 +448,27 @@ def test_triton_interpreter_training_matches_unpatched(make_model, kernel_calls,
     assert_same_training(trainer, baseline)
 
 
+def test_trainer_with_one_pass_adamw(make_model, tmp_path, monkeypatch):
+    """liger_kernels.optim.AdamW through `optimizer_cls_and_kwargs` (its kernel under the interpreter):
+    the Trainer's decay / no-decay groups reach it, and it trains as torch's AdamW does."""
+    from liger_kernels import optim
+
+    assert kernel_utils.INTERPRET
+    launches = []
+    original = optim.adamw_step_
+    monkeypatch.setattr(optim, "adamw_step_", lambda *a, **k: launches.append(k["weight_decay"]) or original(*a, **k))
+    hyper = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8)
+    baseline = make_trainer(make_model(), tmp_path, optim="adamw_torch", learning_rate=1e-2, weight_decay=0.1)
+    baseline.train()
+    trainer = make_trainer(make_model(), tmp_path, weight_decay=0.1)
+    trainer = Trainer(model=trainer.model, args=trainer.args, train_dataset=trainer.train_dataset,
+                      optimizer_cls_and_kwargs=(optim.AdamW, hyper))
+    trainer.train()
+    assert isinstance(trainer.optimizer.optimizer, optim.AdamW)
+    assert sorted(set(launches)) == [0.0, 0.1] and len(launches) == 2 * 3  # two groups, three steps
+    assert_same_training(trainer, baseline)
+
+
 def test_example_runs(make_model, reference, tmp_path, monkeypatch, capsys):
     """examples/hf_trainer.py as a user runs it (in this process, with the kernels' CPU dispatch)."""
     patched = []
