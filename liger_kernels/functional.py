@@ -15,8 +15,9 @@ Signatures (the contract every op file implements):
 - swiglu(a, b) -> silu(a) * b
 - swiglu_gate_up(gate_up) -> silu(gate) * up,  gate, up = gate_up.chunk(2, dim=-1)   (..., 2I) -> (..., I)
 - geglu(a, b, approximate="tanh") -> gelu(a, approximate) * b
-- gated_down_proj(a, b, weight, bias=None, activation="silu") -> (f(a) * b) @ weight.T + bias, keeping
-      only a, b, weight for the backward (f: "silu", "gelu_tanh", "gelu")
+- gated_down_proj(a, b, weight, bias=None, activation="silu", residual=None) -> (f(a) * b) @ weight.T
+      + bias (+ residual, summed in the product), keeping only a, b, weight for the backward (f: "silu",
+      "gelu_tanh", "gelu")
 - cross_entropy(logits, target, weight=None, ignore_index=-100, label_smoothing=0.0,
       lse_square_scale=0.0, softcap=None, logit_scale=1.0, reduction="mean", return_z_loss=False,
       in_place=False, return_token_accuracy=False) -> loss  or (loss, z_loss)

@@ -1,5 +1,9 @@
 """A gated MLP's output projection that does not keep its input: y = (f(a) * b) @ W.T + bias.
 
+With `residual` (a pre-norm decoder layer's `residual + mlp(x)`), y = residual + (f(a) * b) @ W.T:
+cuBLAS adds the residual in the product's epilogue (`addmm`, fp32 sum, one rounding), instead of a
+separate add kernel reading both and writing y; its gradient is dy itself.
+
 In a Llama-style MLP, `down_proj(act(gate) * up)` keeps three (tokens x intermediate) tensors for the
 backward: a = gate and b = up (for the activation's gradient) and c = f(a) * b (for the weight
 gradient of down_proj). They are the largest activations of a decoder layer. This op keeps a, b and
@@ -51,9 +55,9 @@ def _saved_tensor_hooks_active() -> bool:
 
 class GatedDownProjFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, b, weight, bias, act: int):
-        """a, b: rows (M, I) with unit column stride; y (M, H)."""
-        y = _forward_rows(a, b, weight, bias, act)
+    def forward(ctx, a, b, weight, bias, act: int, residual=None):
+        """a, b: rows (M, I) with unit column stride; residual: None or rows (M, H); y (M, H)."""
+        y = _forward_rows(a, b, weight, bias, act, residual)
         ctx.save_for_backward(a, b, weight)
         ctx.act = act
         ctx.has_bias = bias is not None
@@ -62,15 +66,21 @@ class GatedDownProjFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         a, b, weight = ctx.saved_tensors
-        need_a, need_b, need_w, need_bias, _ = ctx.needs_input_grad
+        need_a, need_b, need_w, need_bias, _, need_residual = ctx.needs_input_grad
         grad_a, grad_b, grad_w, grad_bias = _backward(dy, a, b, weight, ctx.act, need_a or need_b, need_w,
                                                       need_bias and ctx.has_bias)
-        return grad_a, grad_b, grad_w, grad_bias, None
+        return grad_a, grad_b, grad_w, grad_bias, None, dy if need_residual else None
 
 
-def _forward_rows(a, b, weight, bias, act: int) -> torch.Tensor:
-    """y (M, H) of rows a, b (M, I); c = f(a) * b is freed on return (recomputed by `_backward`)."""
-    return F.linear(_glu_forward(a, b, act), weight, bias)
+def _forward_rows(a, b, weight, bias, act: int, residual=None) -> torch.Tensor:
+    """y (M, H) of rows a, b (M, I) (+ rows residual); c = f(a) * b is freed on return (recomputed by
+    `_backward`)."""
+    c = _glu_forward(a, b, act)
+    if residual is None:
+        return F.linear(c, weight, bias)
+    if bias is None:
+        return torch.addmm(residual, c, weight.t())
+    return residual + F.linear(c, weight, bias)
 
 
 def _backward(dy, a, b, weight, act: int, need_ab: bool, need_w: bool, need_bias: bool):
@@ -110,8 +120,10 @@ def gated_down_proj(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     activation: str = "silu",
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(f(a) * b) @ weight.T + bias without saving f(a) * b. a, b (..., I); weight (H, I); bias (H,)."""
+    """(f(a) * b) @ weight.T + bias without saving f(a) * b. a, b (..., I); weight (H, I); bias (H,).
+    With residual (..., H): residual + that, the sum in the product's epilogue where it can be."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     _check_glu_inputs(a, b)
@@ -126,10 +138,20 @@ def gated_down_proj(
         )
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if residual is not None:
+        check_float("residual", residual)
+        check_same_device(a=a, residual=residual)
+        if tuple(residual.shape) != (*a.shape[:-1], weight.shape[0]):
+            raise ValueError(f"residual must have shape {(*a.shape[:-1], weight.shape[0])}, got "
+                             f"{tuple(residual.shape)}")
+        if residual.dtype != weight.dtype or torch.is_autocast_enabled(a.device.type) or _library.compiling():
+            # other dtypes promote in the sum; torch.compile fuses the add into its own kernels
+            return residual + gated_down_proj(a, b, weight, bias, activation)
     device_type = a.device.type
     compiling = _library.compiling()  # one graph node, which recomputes c in its backward op
     if not compiling and (not use_triton(a, b) or _saved_tensor_hooks_active()):
-        return F.linear(_glu(a, b, activation), weight, bias)
+        out = F.linear(_glu(a, b, activation), weight, bias)
+        return out if residual is None else residual + out
     if torch.is_autocast_enabled(device_type):  # cast as F.linear does under autocast, then run without it
         dtype = torch.get_autocast_dtype(device_type)
         a, b, weight = a.to(dtype), b.to(dtype), weight.to(dtype)
@@ -138,14 +160,15 @@ def gated_down_proj(
             return _gated_down_proj(a, b, weight, bias, ACTIVATIONS[activation], compiling)
     if a.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
         raise TypeError(f"a is {a.dtype} but weight is {weight.dtype}: cast them (or run under torch.autocast)")
-    return _gated_down_proj(a, b, weight, bias, ACTIVATIONS[activation], compiling)
+    return _gated_down_proj(a, b, weight, bias, ACTIVATIONS[activation], compiling, residual)
 
 
-def _gated_down_proj(a, b, weight, bias, act: int, compiling: bool) -> torch.Tensor:
+def _gated_down_proj(a, b, weight, bias, act: int, compiling: bool, residual=None) -> torch.Tensor:
     if compiling:
         return _gated_down_proj_op(a, b, weight, bias, act)
     # (F.linear of a 3-D input returns a view: the Function gets rows.)
-    return from_rows(GatedDownProjFunction.apply(as_rows(a), as_rows(b), weight, bias, act), a)
+    residual_rows = None if residual is None else residual.reshape(-1, residual.shape[-1])
+    return from_rows(GatedDownProjFunction.apply(as_rows(a), as_rows(b), weight, bias, act, residual_rows), a)
 
 
 # ---- torch.library ops: what torch.compile records (see liger_kernels/_library.py) ---------------

@@ -107,33 +107,48 @@ def plain_linear(module: nn.Module) -> bool:
     return type(module) is nn.Linear and _weight_readable(module)
 
 
-def _down_projection(self, gate, up, activation):
-    """down_proj(act(gate) * up): without saving act(gate) * up when down_proj is a plain Linear."""
+def _down_projection(self, gate, up, activation, residual):
+    """down_proj(act(gate) * up) (+ residual): without saving act(gate) * up, and with the residual
+    summed in the product, when down_proj is a plain Linear."""
     down = self.down_proj
     if plain_linear(down):
-        return LF.gated_down_proj(gate, up, down.weight, down.bias, activation)
-    return down(gated_kernel_for(activation)(gate, up))
+        return LF.gated_down_proj(gate, up, down.weight, down.bias, activation, residual)
+    return _plus(residual, down(gated_kernel_for(activation)(gate, up)))
+
+
+def _plus(residual, out):
+    return out if residual is None else residual + out
 
 
 def make_mlp_forward(spec: MLPSpec, original):
+    """The gated MLP on the fused kernels. `residual` (keyword, passed only by our decoder layer
+    forward, see `mlp_takes_residual`): returns residual + mlp(x), the sum in down_proj's product."""
     if spec.layout == "split":
 
-        def forward(self, x):
+        def forward(self, x, residual=None):
             activation = gated_activation(getattr(self, spec.act_attr))
             if activation is None:
-                return original(self, x)
-            return _down_projection(self, self.gate_proj(x), self.up_proj(x), activation)
+                return _plus(residual, original(self, x))
+            return _down_projection(self, self.gate_proj(x), self.up_proj(x), activation, residual)
 
     else:  # fused gate_up_proj, gate first (Phi3, GLM4)
 
-        def forward(self, x):
+        def forward(self, x, residual=None):
             activation = gated_activation(getattr(self, spec.act_attr))
             if activation is None:
-                return original(self, x)
+                return _plus(residual, original(self, x))
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-            return _down_projection(self, gate, up, activation)
+            return _down_projection(self, gate, up, activation, residual)
 
     return mark(forward, original, "gated_mlp_forward")
+
+
+def mlp_takes_residual(mlp: nn.Module) -> bool:
+    """True if `mlp(x, residual=r)` is our gated MLP forward and reaches it without hooks (which would
+    see the extra keyword)."""
+    forward = getattr(mlp.forward, "__func__", mlp.forward)
+    return (is_liger(forward) and forward.__name__ == "gated_mlp_forward" and not mlp._forward_hooks
+            and not mlp._forward_pre_hooks and not hasattr(mlp, "_hf_hook"))
 
 
 # The statements of the pre-norm decoder layer forward that make_decoder_layer_forward re-implements
@@ -209,7 +224,8 @@ def make_decoder_layer_forward(traits: ArchitectureTraits, original):
     """The pre-norm decoder layer with its two residual joins in the norms' kernels: the layer input
     goes through `rms_norm_with_residual` (its two gradients added in the norm's backward kernel) and
     `residual + attention` with post_attention_layernorm is one fused add + RMSNorm (one kernel each
-    way). The same values as the layer's forward; two bf16 adds and their gradient adds fewer."""
+    way); `residual + mlp` is summed in down_proj's product when the MLP is ours. The same values as
+    the layer's forward (each sum rounded once); three bf16 adds and two gradient adds fewer."""
     specs = {traits.cls(name): spec for name, spec in traits.norms.items()}
 
     def fusable(norm):
@@ -239,6 +255,8 @@ def make_decoder_layer_forward(traits: ArchitectureTraits, original):
             hidden_states, residual, second.weight, norm_eps(second), second_spec.offset,
             second_spec.casting_mode, second_spec.in_place,
         )
+        if mlp_takes_residual(self.mlp):  # residual + mlp in down_proj's product
+            return self.mlp(hidden_states, residual=residual)
         return residual + self.mlp(hidden_states)
 
     return mark(forward, original, "prenorm_decoder_layer_forward")

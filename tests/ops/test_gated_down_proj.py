@@ -120,6 +120,38 @@ def test_autocast_casts_like_linear(device):
     assert w.grad.dtype == torch.float32 and bias.grad.dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, out_features, bias", [((1, 1), 3, False), ((2, 5, 13), 7, True),
+                                                       ((9, 130), 33, False)])
+def test_residual_summed_in_the_product(dtype, shape, out_features, bias, device, monkeypatch):
+    """residual + (f(a) * b) @ W.T (+ bias): values and all five gradients vs float64; without bias the
+    sum is addmm's (no separate add)."""
+    a, b, w, bb = _inputs(shape, out_features, dtype, device, bias)
+    residual = torch.randn(*shape[:-1], out_features, device=device).to(dtype).requires_grad_()
+    addmm_calls = []
+    original_addmm = torch.addmm
+    monkeypatch.setattr(torch, "addmm", lambda *args, **kw: addmm_calls.append(1) or original_addmm(*args, **kw))
+    y = gated_down_proj(a, b, w, bb, "silu", residual)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    leaves64 = [t.detach().double().requires_grad_() if t is not None else None for t in (a, b, w, bb, residual)]
+    y64 = leaves64[4] + gated_down_proj_reference(*leaves64[:4], "silu")
+    y64.backward(grad.double())
+    assert_close(y, y64, dtype, reduction=True, name="y")
+    for name, t, t64 in zip(("a", "b", "weight", "bias", "residual"), (a, b, w, bb, residual), leaves64):
+        if t is not None:
+            assert_close(t.grad, t64.grad, dtype, reduction=True, name=f"grad {name}")
+    assert len(addmm_calls) == (0 if bias else 1)
+
+
+def test_residual_of_another_dtype_is_added_after(device):
+    a, b, w, _ = _inputs((4, 9), 5, torch.bfloat16, device, False)
+    residual = torch.randn(4, 5, device=device)  # fp32 residual stream: the sum promotes, as unfused
+    y = gated_down_proj(a, b, w, residual=residual)
+    expected = residual + gated_down_proj(a, b, w)
+    assert y.dtype == torch.float32 and torch.equal(y, expected)
+
+
 def test_bad_inputs(device):
     a, b, w, _ = _inputs((3, 8), 4, torch.float32, device, False)
     with pytest.raises(ValueError, match="activation"):
@@ -132,3 +164,5 @@ def test_bad_inputs(device):
         gated_down_proj(a, b[:, :4], w)
     with pytest.raises(TypeError, match="weight"):
         gated_down_proj(a, b, w.double())
+    with pytest.raises(ValueError, match="residual must have shape"):
+        gated_down_proj(a, b, w, residual=torch.zeros(3, 5, device=device))
