@@ -20,15 +20,6 @@ import torch
 import triton
 
 
-def _warm_gpu(seconds: float = 3.0) -> None:
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    end = time.time() + seconds
-    while time.time() < end:
-        for _ in range(20):
-            a @ a
-        torch.cuda.synchronize()
-
-
 def _copy_bandwidth() -> float:
     """Bytes/s of a 1 GiB device-to-device copy (read + write)."""
     src = torch.empty(2**29, device="cuda", dtype=torch.bfloat16)
@@ -80,7 +71,9 @@ def main(argv=None):
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    _warm_gpu()
+    from liger_kernels.bench import warm_up_gpu
+
+    warm_up_gpu(3.0)
     bandwidth = _copy_bandwidth()
     base = _parameters(args.family, dtype)
     n = sum(p.numel() for p in base)

@@ -40,6 +40,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
+from liger_kernels.bench import warm_up_gpu  # noqa: E402
 from liger_kernels.ops import cross_entropy as ce  # noqa: E402
 from liger_kernels.ops import fused_linear_cross_entropy as flce  # noqa: E402
 
@@ -181,17 +182,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor, rows: int = 1024) -> float:
         num += (x - y).square().sum(dtype=torch.float64)
         den += y.square().sum(dtype=torch.float64)
     return (num.sqrt() / den.sqrt().clamp_min(1e-300)).item()
-
-
-def warm_up(seconds: float) -> None:
-    """bf16 8192^3 matrix products until the clocks have ramped up."""
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        for _ in range(10):
-            a @ b
-        torch.cuda.synchronize()
 
 
 def ceilings(env) -> dict:
@@ -556,7 +546,7 @@ def main(argv=None) -> int:
 
     log(json.dumps(result["env"]))
     if not args.smoke:
-        warm_up(args.warmup)
+        warm_up_gpu(args.warmup)
         result["ceilings"] = ceilings(env)
         log(f"ceilings: copy {result['ceilings']['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
             f"{result['ceilings']['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s")
