@@ -18,6 +18,9 @@ Signatures (the contract every op file implements):
 - gated_down_proj(a, b, weight, bias=None, activation="silu", residual=None) -> (f(a) * b) @ weight.T
       + bias (+ residual, summed in the product), keeping only a, b, weight for the backward (f: "silu",
       "gelu_tanh", "gelu")
+- gated_mlp(x, gate_weight, up_weight, down_weight, activation="silu", residual=None) -> the bias-free
+      gated MLP down(f(x @ Wg.T) * (x @ Wu.T)) (+ residual) as one op: gated_down_proj's saving, and
+      the two input projections' gradients summed in the second product
 - cross_entropy(logits, target, weight=None, ignore_index=-100, label_smoothing=0.0,
       lse_square_scale=0.0, softcap=None, logit_scale=1.0, reduction="mean", return_z_loss=False,
       in_place=False, return_token_accuracy=False) -> loss  or (loss, z_loss)
@@ -55,6 +58,7 @@ from liger_kernels.ops.fused_add_rms_norm import fused_add_rms_norm, rms_norm_wi
 from liger_kernels.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
 from liger_kernels.ops.fused_linear_jsd import fused_linear_jsd
 from liger_kernels.ops.gated_down_proj import gated_down_proj
+from liger_kernels.ops.gated_mlp import gated_mlp
 from liger_kernels.ops.glu import geglu, swiglu, swiglu_gate_up
 from liger_kernels.ops.layer_norm import layer_norm
 from liger_kernels.ops.llama4_rope import llama4_rope
@@ -81,6 +85,7 @@ __all__ = [
     "fused_linear_cross_entropy",
     "fused_linear_jsd",
     "gated_down_proj",
+    "gated_mlp",
     "geglu",
     "layer_norm",
     "llama4_rope",

@@ -129,7 +129,10 @@ def make_mlp_forward(spec: MLPSpec, original):
             activation = gated_activation(getattr(self, spec.act_attr))
             if activation is None:
                 return _plus(residual, original(self, x))
-            return _down_projection(self, self.gate_proj(x), self.up_proj(x), activation, residual)
+            gate, up, down = self.gate_proj, self.up_proj, self.down_proj
+            if all(plain_linear(m) and m.bias is None for m in (gate, up, down)):  # the whole MLP, one op
+                return LF.gated_mlp(x, gate.weight, up.weight, down.weight, activation, residual)
+            return _down_projection(self, gate(x), up(x), activation, residual)
 
     else:  # fused gate_up_proj, gate first (Phi3, GLM4)
 

@@ -20,12 +20,12 @@ FP32 = torch.float32
 def fused_calls(monkeypatch):
     """The names of the residual-joining ops the patched layers called, in order."""
     calls = []
-    for name in ("fused_add_rms_norm", "rms_norm_with_residual", "gated_down_proj"):
+    for name in ("fused_add_rms_norm", "rms_norm_with_residual", "gated_mlp"):
         def counting(*args, _original=getattr(LF, name), _name=name, **kwargs):
-            if _name != "gated_down_proj":
+            if _name != "gated_mlp":
                 calls.append(_name)
             elif len(args) > 5 and args[5] is not None:  # the residual argument
-                calls.append("gated_down_proj+residual")
+                calls.append("gated_mlp+residual")
             return _original(*args, **kwargs)
 
         monkeypatch.setattr(LF, name, counting)
@@ -60,13 +60,14 @@ def test_one_fused_add_norm_per_layer_same_training(build, fused_calls, model_ty
 
 
 def test_residual_joins_in_down_proj_with_our_mlp(build, fused_calls):
-    """With the gated MLP patched too, `residual + mlp` is summed in down_proj's product; a hook on
-    the MLP (which would see the extra keyword) keeps the separate add. Same training either way."""
+    """With the gated MLP patched too (one gated_mlp op), `residual + mlp` is summed in down_proj's
+    product; a hook on the MLP (which would see the extra keyword) keeps the separate add. Same
+    training either way."""
     reference, model = build("llama"), build("llama")
     apply_liger(model, rope=False, fused_linear_cross_entropy=False)
     ids, labels = batch(model.config.vocab_size)
     _assert_same(model, reference, ids, labels)
-    per_layer = ["rms_norm_with_residual", "fused_add_rms_norm", "gated_down_proj+residual"]
+    per_layer = ["rms_norm_with_residual", "fused_add_rms_norm", "gated_mlp+residual"]
     assert fused_calls == per_layer * model.config.num_hidden_layers
     fused_calls.clear()
     model.model.layers[0].mlp.register_forward_pre_hook(lambda module, args: None)
