@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Session 8, call 1 (carry [".whl"]): the one-pass AdamW (liger_kernels.optim.AdamW) and the residual
-# summed in down_proj's product (gated_down_proj(residual=...)).
+# summed in down_proj's product, the MLP as one op (gated_mlp).
 #   1. CUDA tests: AdamW (bitwise vs torch's foreach step), gated_down_proj, decoder-layer patch
 #   2. the optimizer step alone over the e2e Llama parameters, bf16 (scripts/bench_adamw.py)
 #   3. e2e Llama: Liger-Kernel vs ours, each with torch's foreach AdamW and with a one-pass AdamW
@@ -13,7 +13,7 @@ export PYTHONPATH=/tmp/site:$PWD
   nvidia-smi -L
   echo "== 1. tests (${SECONDS} s)"
   run_tests adamw 60 tests/ops/test_adamw.py
-  run_tests gdp 60 tests/ops/test_gated_down_proj.py tests/patching/test_patch_decoder_layer.py
+  run_tests gdp 60 tests/ops/test_gated_down_proj.py tests/ops/test_gated_mlp.py tests/patching/test_patch_decoder_layer.py
   collect_tests adamw gdp
   echo "== 2. optimizer step (${SECONDS} s)"
   timeout 100 python3 scripts/bench_adamw.py --dtype bf16 --out "$OUT/adamw_bf16.json" 2>&1 | grep -v "^W1" | grep -v '^ \|^{\|^}'
