@@ -91,8 +91,9 @@ def gated_mlp(
                          f"{tuple(residual.shape)}")
     same_dtype = x.dtype == gate_weight.dtype == up_weight.dtype == down_weight.dtype and (
         residual is None or residual.dtype == x.dtype)
-    if (not use_triton(x) or _saved_tensor_hooks_active() or _library.compiling() or not same_dtype
-            or torch.is_autocast_enabled(x.device.type)):
+    # (compiling first: Dynamo cannot trace the saved-tensor-hooks query)
+    if (_library.compiling() or not use_triton(x) or not same_dtype or torch.is_autocast_enabled(x.device.type)
+            or _saved_tensor_hooks_active()):
         return gated_down_proj(F.linear(x, gate_weight), F.linear(x, up_weight), down_weight, None, activation,
                                residual)
     residual_rows = None if residual is None else residual.reshape(-1, residual.shape[-1])
