@@ -12,7 +12,7 @@ step (round-to-nearest-even to the parameter dtype, IEEE division and square roo
 v once and writing p, m, v once: 14 bytes per bf16 parameter instead of ~50, and no temporary list
 of the parameters' size. One launch covers every tensor of one dtype: the program of a block finds
 its tensor in a table of block -> (tensor, first element) and the tensor's four addresses in a
-pointer table.
+address table.
 
 Exactness: on CUDA, torch's kernels and this one contract each `a + b * c` to one fused multiply-add;
 the torch reference below (the specification, used by the CPU tests) rounds the product first, as
@@ -49,8 +49,7 @@ def _round_to(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _adamw_kernel(param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, numels,
-                  block_tensor, block_start,
+def _adamw_kernel(addresses, n_tensors, numels, block_tensor, block_start,
                   decay, lerp_weight, beta2, one_minus_beta2, bias_correction2_sqrt, eps, step_size,
                   DTYPE: tl.constexpr, APPLY_DECAY: tl.constexpr, SMALL_LERP_WEIGHT: tl.constexpr,
                   BLOCK: tl.constexpr):
@@ -58,10 +57,11 @@ def _adamw_kernel(param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, numels,
     t = tl.load(block_tensor + block)
     offs = tl.load(block_start + block) + tl.arange(0, BLOCK)
     mask = offs < tl.load(numels + t)
-    p_ptr = tl.load(param_ptrs + t).to(tl.pointer_type(DTYPE))
-    g_ptr = tl.load(grad_ptrs + t).to(tl.pointer_type(DTYPE))
-    m_ptr = tl.load(exp_avg_ptrs + t).to(tl.pointer_type(DTYPE))
-    v_ptr = tl.load(exp_avg_sq_ptrs + t).to(tl.pointer_type(DTYPE))
+    # addresses: the params', then the grads', exp_avgs', exp_avg_sqs' (n_tensors each)
+    p_ptr = tl.load(addresses + t).to(tl.pointer_type(DTYPE))
+    g_ptr = tl.load(addresses + n_tensors + t).to(tl.pointer_type(DTYPE))
+    m_ptr = tl.load(addresses + 2 * n_tensors + t).to(tl.pointer_type(DTYPE))
+    v_ptr = tl.load(addresses + 3 * n_tensors + t).to(tl.pointer_type(DTYPE))
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -104,7 +104,7 @@ class BlockTable:
         self.num_blocks = sum(counts)
 
 
-def _pointer_table(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+def _address_table(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """The tensors' addresses as an int64 tensor on `device` (copied from pinned memory without a
     host sync; the caching host allocator keeps the source alive until the copy has run)."""
     addresses = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
@@ -141,8 +141,8 @@ def adamw_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs:
     bias_correction2 = 1 - beta2**step
     lerp_weight = 1 - beta1
     _adamw_kernel[(blocks.num_blocks,)](
-        _pointer_table(params, device), _pointer_table(grads, device), _pointer_table(exp_avgs, device),
-        _pointer_table(exp_avg_sqs, device), blocks.numels, blocks.block_tensor, blocks.block_start,
+        _address_table([*params, *grads, *exp_avgs, *exp_avg_sqs], device), len(params),
+        blocks.numels, blocks.block_tensor, blocks.block_start,
         1 - lr * weight_decay, lerp_weight, beta2, 1 - beta2, bias_correction2**0.5, eps,
         (lr / bias_correction1) * -1,
         DTYPE=_triton_dtype(dtype), APPLY_DECAY=weight_decay != 0, SMALL_LERP_WEIGHT=abs(lerp_weight) < 0.5,
