@@ -11,7 +11,7 @@ This kernel does the same arithmetic in the same order, in fp32, with the same r
 step (round-to-nearest-even to the parameter dtype, IEEE division and square root), reading p, g, m,
 v once and writing p, m, v once: 14 bytes per bf16 parameter instead of ~50, and no temporary list
 of the parameters' size. One launch covers every tensor of one dtype: the program of a block finds
-its tensor in a table of block -> (tensor, first element) and the tensor's four addresses in a
+its tensor in a table of block -> (tensor, first element) and the tensor's four addresses in an
 address table.
 
 Exactness: on CUDA, torch's kernels and this one contract each `a + b * c` to one fused multiply-add;
