@@ -9,7 +9,7 @@ rounding its result to the parameter's dtype (bf16 states round after every one 
     p  = p + (-lr / (1 - beta1^t)) * (m / d)        _foreach_addcdiv_
 This kernel does the same arithmetic in the same order, in fp32, with the same rounding after each
 step (round-to-nearest-even to the parameter dtype, IEEE division and square root), reading p, g, m,
-v once and writing p, m, v once: 14 bytes per bf16 parameter instead of ~50, and no temporary list
+v once and writing p, m, v once: 14 bytes per bf16 parameter instead of 42, and no temporary list
 of the parameters' size. One launch covers every tensor of one dtype: the program of a block finds
 its tensor in a table of block -> (tensor, first element) and the tensor's four addresses in an
 address table.
