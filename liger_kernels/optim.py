@@ -35,9 +35,13 @@ class AdamW(torch.optim.AdamW):
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
-                 foreach: bool | None = None, capturable: bool = False, differentiable: bool = False):
-        # no `fused`: this step is the fused one, with foreach's numbers (torch's fused=True kernel
-        # rounds differently); `foreach` only chooses torch's path where torch's step runs
+                 foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
+                 fused: bool | None = None):
+        # `foreach` only chooses torch's path where torch's step runs (module doc)
+        if fused:
+            raise ValueError("liger_kernels.optim.AdamW is already one pass, with the numbers of torch's "
+                             "foreach step; torch's fused=True kernel rounds differently: for that one, "
+                             "use torch.optim.AdamW(..., fused=True)")
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          maximize=maximize, foreach=foreach, capturable=capturable,
                          differentiable=differentiable)
@@ -104,7 +108,7 @@ class AdamW(torch.optim.AdamW):
             blocks = self._block_tables.get(key)
             if blocks is None:
                 blocks = self._block_tables[key] = BlockTable(list(key[1]), device)
-            adamw_step_([p for p in batch], [p.grad for p in batch],
+            adamw_step_(batch, [p.grad for p in batch],
                         [self.state[p]["exp_avg"] for p in batch], [self.state[p]["exp_avg_sq"] for p in batch],
                         step=step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                         weight_decay=group["weight_decay"], blocks=blocks)

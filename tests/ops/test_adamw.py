@@ -177,7 +177,7 @@ def test_closure_scheduler_and_no_fused_flag(device):
         assert optimizer.step(closure).item() == 1.5
         scheduler.step()
     assert optimizer.param_groups[0]["lr"] == 5e-3
-    with pytest.raises(TypeError, match="fused"):
+    with pytest.raises(ValueError, match="fused=True"):
         AdamW(params, fused=True)
 
 
