@@ -5,7 +5,7 @@
 
 `AdamW` is a torch.optim.AdamW (same constructor, state layout, state_dict, hooks, LR schedulers):
 a checkpoint of either loads into the other. Its step gives the parameters and states that torch's
-default (foreach) AdamW step gives, in one kernel launch per dtype instead of eight list operations,
+default (foreach) AdamW step gives, in one kernel per tensor instead of eight list operations,
 and without their temporary list of the parameters' size (the step's peak memory drops by that much).
 Options the kernel does not cover (amsgrad, maximize, capturable, differentiable, tensor lr or betas,
 sparse or complex gradients, CPU parameters outside the interpreter) run torch's own step instead,
@@ -19,7 +19,7 @@ from collections import defaultdict
 import torch
 
 from liger_kernels._utils import use_triton
-from liger_kernels.ops.adamw import ADAMW_DTYPES, BlockTable, adamw_step_
+from liger_kernels.ops.adamw import ADAMW_DTYPES, adamw_step_
 
 # torch's AdamW group options the fused step implements only at these values
 _GROUP_DEFAULTS_REQUIRED = {"amsgrad": False, "maximize": False, "capturable": False, "differentiable": False}
@@ -45,11 +45,6 @@ class AdamW(torch.optim.AdamW):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          maximize=maximize, foreach=foreach, capturable=capturable,
                          differentiable=differentiable)
-        self._block_tables: dict[tuple, BlockTable] = {}
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        self.__dict__.setdefault("_block_tables", {})
 
     def step(self, closure=None):
         loss = None
@@ -98,17 +93,13 @@ class AdamW(torch.optim.AdamW):
         steps = [self.state[p]["step"] for p in params]
         if steps:
             torch._foreach_add_(steps, 1.0)
-        # one launch per (device, dtype, step count): the step count sets the bias corrections
+        # batches of one (device, dtype, step count): the step count sets the bias corrections
         batches = defaultdict(list)
         for p, step in zip(params, steps):
             batches[(p.device, p.dtype, float(step))].append(p)
         beta1, beta2 = group["betas"]
-        for (device, _, step), batch in batches.items():
-            key = (device, tuple(p.numel() for p in batch))
-            blocks = self._block_tables.get(key)
-            if blocks is None:
-                blocks = self._block_tables[key] = BlockTable(list(key[1]), device)
+        for (_, _, step), batch in batches.items():
             adamw_step_(batch, [p.grad for p in batch],
                         [self.state[p]["exp_avg"] for p in batch], [self.state[p]["exp_avg_sq"] for p in batch],
                         step=step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                        weight_decay=group["weight_decay"], blocks=blocks)
+                        weight_decay=group["weight_decay"])

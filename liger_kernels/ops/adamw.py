@@ -10,9 +10,10 @@ rounding its result to the parameter's dtype (bf16 states round after every one 
 This kernel does the same arithmetic in the same order, in fp32, with the same rounding after each
 step (round-to-nearest-even to the parameter dtype, IEEE division and square root), reading p, g, m,
 v once and writing p, m, v once: 14 bytes per bf16 parameter instead of 42, and no temporary list
-of the parameters' size. One launch covers every tensor of one dtype: the program of a block finds
-its tensor in a table of block -> (tensor, first element) and the tensor's four addresses in an
-address table.
+of the parameters' size. One launch per tensor: the tensors' addresses are kernel arguments, which
+Triton specializes on their 16-byte alignment, so loads are vectorized (a first version found each
+tensor's address in a table read by the kernel: its loads could not be proven aligned and it ran
+at 11% of the copy bandwidth on an H100, docs/bench/adamw_h100_run1).
 
 Exactness: on CUDA, torch's kernels and this one contract each `a + b * c` to one fused multiply-add;
 the torch reference below (the specification, used by the CPU tests) rounds the product first, as
@@ -49,19 +50,12 @@ def _round_to(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _adamw_kernel(addresses, n_tensors, numels, block_tensor, block_start,
+def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, n,
                   decay, lerp_weight, beta2, one_minus_beta2, bias_correction2_sqrt, eps, step_size,
                   DTYPE: tl.constexpr, APPLY_DECAY: tl.constexpr, SMALL_LERP_WEIGHT: tl.constexpr,
                   BLOCK: tl.constexpr):
-    block = tl.program_id(0)
-    t = tl.load(block_tensor + block)
-    offs = tl.load(block_start + block) + tl.arange(0, BLOCK)
-    mask = offs < tl.load(numels + t)
-    # addresses: the params', then the grads', exp_avgs', exp_avg_sqs' (n_tensors each)
-    p_ptr = tl.load(addresses + t).to(tl.pointer_type(DTYPE))
-    g_ptr = tl.load(addresses + n_tensors + t).to(tl.pointer_type(DTYPE))
-    m_ptr = tl.load(addresses + 2 * n_tensors + t).to(tl.pointer_type(DTYPE))
-    v_ptr = tl.load(addresses + 3 * n_tensors + t).to(tl.pointer_type(DTYPE))
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -90,36 +84,12 @@ def _triton_dtype(dtype: torch.dtype):
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 
 
-class BlockTable:
-    """block -> (tensor index, first element) for a list of tensor sizes, on one device. It depends
-    only on the sizes, so an optimizer builds it once per parameter group and reuses it."""
-
-    def __init__(self, numels: list[int], device: torch.device):
-        counts = [triton.cdiv(n, _BLOCK) for n in numels]
-        self.numels = torch.tensor(numels, dtype=torch.int64, device=device)
-        self.block_tensor = torch.repeat_interleave(
-            torch.arange(len(numels), dtype=torch.int32), torch.tensor(counts)).to(device)
-        self.block_start = torch.cat(
-            [torch.arange(c, dtype=torch.int64) * _BLOCK for c in counts]).to(device)
-        self.num_blocks = sum(counts)
-
-
-def _address_table(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """The tensors' addresses as an int64 tensor on `device` (copied from pinned memory without a
-    host sync; the caching host allocator keeps the source alive until the copy has run)."""
-    addresses = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
-    if device.type == "cuda":
-        return addresses.pin_memory().to(device, non_blocking=True)
-    return addresses
-
-
 def adamw_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
                 exp_avg_sqs: list[torch.Tensor], *, step: float, lr: float, beta1: float, beta2: float,
-                eps: float, weight_decay: float, blocks: BlockTable | None = None) -> None:
+                eps: float, weight_decay: float) -> None:
     """One AdamW step of torch.optim.AdamW (decoupled weight decay, no amsgrad/maximize), in place,
     over tensors of one dtype and device that share the step count `step` (after its increment).
-    All tensors contiguous, each state the size of its parameter. `blocks`: a cached BlockTable of
-    these sizes (built here when None)."""
+    All tensors contiguous, each state the size of its parameter."""
     if not params:
         return
     dtype, device = params[0].dtype, params[0].device
@@ -135,18 +105,16 @@ def adamw_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs:
                     f"AdamW kernel: every one of {name} must be contiguous, of the parameters' dtype "
                     f"({dtype}), device ({device}) and size; got {t.dtype}, {t.device}, shape "
                     f"{tuple(t.shape)} for a parameter of shape {tuple(p.shape)}")
-    if blocks is None:
-        blocks = BlockTable([p.numel() for p in params], device)
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
     lerp_weight = 1 - beta1
-    _adamw_kernel[(blocks.num_blocks,)](
-        _address_table([*params, *grads, *exp_avgs, *exp_avg_sqs], device), len(params),
-        blocks.numels, blocks.block_tensor, blocks.block_start,
-        1 - lr * weight_decay, lerp_weight, beta2, 1 - beta2, bias_correction2**0.5, eps,
-        (lr / bias_correction1) * -1,
-        DTYPE=_triton_dtype(dtype), APPLY_DECAY=weight_decay != 0, SMALL_LERP_WEIGHT=abs(lerp_weight) < 0.5,
-        BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+    scalars = (1 - lr * weight_decay, lerp_weight, beta2, 1 - beta2, bias_correction2**0.5, eps,
+               (lr / bias_correction1) * -1)
+    constants = dict(DTYPE=_triton_dtype(dtype), APPLY_DECAY=weight_decay != 0,
+                     SMALL_LERP_WEIGHT=abs(lerp_weight) < 0.5, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+        n = p.numel()
+        _adamw_kernel[(triton.cdiv(n, _BLOCK),)](p, g, m, v, n, *scalars, **constants)
 
 
 def adamw_step_reference_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,

@@ -50,10 +50,13 @@ def test_kernel_matches_reference(dtype, weight_decay, beta1, device):
     hyper = dict(step=3.0, lr=1e-3, beta1=beta1, beta2=0.999, eps=1e-8, weight_decay=weight_decay)
     adamw_step_(*[list(x) for x in zip(*tensors)], **hyper)
     for p, g, m, v in expected:
-        if device == "cuda":  # torch's CUDA step itself, which fuses multiply-adds as the kernel does
-            torch.optim.adamw.adamw([p], [g], [m], [v], [], [torch.tensor(2.0)], foreach=True, amsgrad=False,
-                                    lr=hyper["lr"], beta1=beta1, beta2=0.999, eps=1e-8,
-                                    weight_decay=weight_decay, maximize=False)
+        if device == "cuda":  # torch's CUDA step itself, from the same state (after 2 steps)
+            param = torch.nn.Parameter(p)
+            param.grad = g
+            optimizer = torch.optim.AdamW([param], lr=hyper["lr"], betas=(beta1, 0.999), eps=1e-8,
+                                          weight_decay=weight_decay, foreach=True)
+            optimizer.state[param] = {"step": torch.tensor(2.0), "exp_avg": m, "exp_avg_sq": v}
+            optimizer.step()
         else:
             adamw_step_reference_(p, g, m, v, **hyper)
     for (p, g, m, v), (p2, _, m2, v2) in zip(tensors, expected):
