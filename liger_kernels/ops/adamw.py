@@ -15,9 +15,10 @@ Triton specializes on their 16-byte alignment, so loads are vectorized (a first 
 tensor's address in a table read by the kernel: its loads could not be proven aligned and it ran
 at 11% of the copy bandwidth on an H100, docs/bench/adamw_h100_run1).
 
-Exactness: on CUDA, torch's kernels and this one contract each `a + b * c` to one fused multiply-add;
-the torch reference below (the specification, used by the CPU tests) rounds the product first, as
-the Triton interpreter does. The GPU test compares bitwise with torch.optim.AdamW.
+Exactness: torch's CUDA kernels contract each `a + b * c` to one fused multiply-add (nvcc's default);
+this kernel writes those as `tl.fma` and leaves no other product feeding a sum (see the kernel). The
+torch reference below (the specification, used by the CPU tests) evaluates each fma in float64 and
+rounds once, as the interpreter's fma does. The GPU tests compare bitwise with torch.optim.AdamW.
 
 Memory: updates p, m and v in place (they are the optimizer's own state); reads g.
 """
@@ -61,19 +62,23 @@ def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, n,
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=mask, other=1.0).to(tl.float32)
 
+    # Every `a + b * c` of torch's kernels (nvcc contracts them) is an explicit fma here, and no other
+    # product feeds an addition: the compiler then has no contraction left to choose, also in fp32,
+    # where no rounding step sits between the operations (p * decay + step_size * q could otherwise
+    # become fma(p, decay, ...), which torch, rounding p * decay first, never computes).
     if APPLY_DECAY:
         p = _round_to(p * decay, DTYPE)
     # torch's lerp: the form with the smaller weight, for accuracy (ATen Lerp.h)
     if SMALL_LERP_WEIGHT:
-        m = _round_to(m + lerp_weight * (g - m), DTYPE)
+        m = _round_to(tl.fma(lerp_weight, g - m, m), DTYPE)
     else:
-        m = _round_to(g - (g - m) * (1.0 - lerp_weight), DTYPE)
+        m = _round_to(tl.fma(m - g, 1.0 - lerp_weight, g), DTYPE)
     v = _round_to(v * beta2, DTYPE)
-    v = _round_to(v + one_minus_beta2 * (g * g), DTYPE)
+    v = _round_to(tl.fma(one_minus_beta2, g * g, v), DTYPE)
     d = _round_to(tl.math.sqrt_rn(v), DTYPE)
     d = _round_to(tl.math.div_rn(d, bias_correction2_sqrt), DTYPE)
     d = _round_to(d + eps, DTYPE)
-    p = _round_to(p + step_size * tl.math.div_rn(m, d), DTYPE)
+    p = _round_to(tl.fma(step_size, tl.math.div_rn(m, d), p), DTYPE)
 
     tl.store(p_ptr + offs, p.to(DTYPE), mask=mask)
     tl.store(m_ptr + offs, m.to(DTYPE), mask=mask)
@@ -117,13 +122,18 @@ def adamw_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs:
         _adamw_kernel[(triton.cdiv(n, _BLOCK),)](p, g, m, v, n, *scalars, **constants)
 
 
+def _fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """a * b + c rounded once to fp32 (fp32 inputs: the product is exact in float64)."""
+    return (a.double() * b.double() + c.double()).float()
+
+
 def adamw_step_reference_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
                           exp_avg_sq: torch.Tensor, *, step: float, lr: float, beta1: float, beta2: float,
                           eps: float, weight_decay: float) -> None:
     """The specification: torch's foreach AdamW step on one tensor, op by op, each in fp32 (scalars
-    rounded to fp32) and rounded to the parameter dtype, products rounded before sums. Square root and
-    division go through float64 and one rounding to fp32: correctly rounded, as on CUDA (torch's
-    vectorized CPU fp32 sqrt is not: ~1 ulp)."""
+    rounded to fp32) and rounded to the parameter dtype. Fused multiply-adds, square root and division
+    go through float64 and one rounding to fp32: correctly rounded, as on CUDA (torch's vectorized CPU
+    fp32 sqrt is not: ~1 ulp)."""
     dtype = param.dtype
 
     def f32(x: float) -> torch.Tensor:
@@ -134,15 +144,15 @@ def adamw_step_reference_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torc
         p = (p * f32(1 - lr * weight_decay)).to(dtype).float()
     w = f32(1 - beta1)
     if abs(1 - beta1) < 0.5:
-        m = (m + w * (g - m)).to(dtype).float()
+        m = _fma(w, g - m, m).to(dtype).float()
     else:
-        m = (g - (g - m) * (1 - w)).to(dtype).float()
+        m = _fma(m - g, 1 - w, g).to(dtype).float()
     v = (v * f32(beta2)).to(dtype).float()
-    v = (v + f32(1 - beta2) * (g * g)).to(dtype).float()
+    v = _fma(f32(1 - beta2), g * g, v).to(dtype).float()
     d = v.double().sqrt().float().to(dtype).float()
     d = (d.double() / f32((1 - beta2**step) ** 0.5).double()).float().to(dtype).float()
     d = (d + f32(eps)).to(dtype).float()
-    p = (p + f32((lr / (1 - beta1**step)) * -1) * (m.double() / d.double()).float()).to(dtype)
+    p = _fma(f32((lr / (1 - beta1**step)) * -1), (m.double() / d.double()).float(), p).to(dtype)
     param.copy_(p)
     exp_avg.copy_(m)
     exp_avg_sq.copy_(v)
