@@ -18,7 +18,7 @@ at 11% of the copy bandwidth on an H100, docs/bench/adamw_h100_run1).
 Exactness: torch's CUDA kernels contract each `a + b * c` to one fused multiply-add (nvcc's default);
 this kernel writes those as `tl.fma` and leaves no other product feeding a sum (see the kernel). The
 torch reference below (the specification, used by the CPU tests) evaluates each fma in float64 and
-rounds once, as the interpreter's fma does. The GPU tests compare bitwise with torch.optim.AdamW.
+rounds to fp32, as the interpreter's fma rounds once. The GPU tests compare bitwise with torch.optim.AdamW.
 
 Memory: updates p, m and v in place (they are the optimizer's own state); reads g.
 """
@@ -119,11 +119,14 @@ def adamw_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs:
                      SMALL_LERP_WEIGHT=abs(lerp_weight) < 0.5, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
     for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
         n = p.numel()
+        if n == 0:
+            continue
         _adamw_kernel[(triton.cdiv(n, _BLOCK),)](p, g, m, v, n, *scalars, **constants)
 
 
 def _fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """a * b + c rounded once to fp32 (fp32 inputs: the product is exact in float64)."""
+    """a * b + c in float64 (the product of fp32 values is exact there), then rounded to fp32: a fused
+    multiply-add but for rare double-rounding ties, far too rare to meet in the tests' sizes."""
     return (a.double() * b.double() + c.double()).float()
 
 

@@ -16,7 +16,7 @@ from liger_kernels.ops.adamw import adamw_step_, adamw_step_reference_
 from liger_kernels.optim import AdamW
 from tests.tolerances import DTYPES
 
-SIZES = [(1,), (4097,), (3, 5000), (7, 33, 2)]
+SIZES = [(1,), (4097,), (3, 5000), (7, 33, 2), (0, 3)]
 
 
 def _assert_same(ours, theirs, *, exact: bool, name: str, ulps: int = 1):
