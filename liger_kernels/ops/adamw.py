@@ -53,8 +53,8 @@ def _round_to(x, DTYPE: tl.constexpr):
 @triton.jit
 def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, n,
                   decay, lerp_weight, beta2, one_minus_beta2, bias_correction2_sqrt, eps, step_size,
-                  DTYPE: tl.constexpr, APPLY_DECAY: tl.constexpr, SMALL_LERP_WEIGHT: tl.constexpr,
-                  BLOCK: tl.constexpr):
+                  APPLY_DECAY: tl.constexpr, SMALL_LERP_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+    DTYPE = p_ptr.dtype.element_ty  # of p, g, m and v alike (checked by adamw_step_)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -85,10 +85,6 @@ def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, n,
     tl.store(v_ptr + offs, v.to(DTYPE), mask=mask)
 
 
-def _triton_dtype(dtype: torch.dtype):
-    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
-
-
 def adamw_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
                 exp_avg_sqs: list[torch.Tensor], *, step: float, lr: float, beta1: float, beta2: float,
                 eps: float, weight_decay: float) -> None:
@@ -115,8 +111,8 @@ def adamw_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs:
     lerp_weight = 1 - beta1
     scalars = (1 - lr * weight_decay, lerp_weight, beta2, 1 - beta2, bias_correction2**0.5, eps,
                (lr / bias_correction1) * -1)
-    constants = dict(DTYPE=_triton_dtype(dtype), APPLY_DECAY=weight_decay != 0,
-                     SMALL_LERP_WEIGHT=abs(lerp_weight) < 0.5, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+    constants = dict(APPLY_DECAY=weight_decay != 0, SMALL_LERP_WEIGHT=abs(lerp_weight) < 0.5, BLOCK=_BLOCK,
+                     num_warps=_NUM_WARPS)
     for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
         n = p.numel()
         if n == 0:

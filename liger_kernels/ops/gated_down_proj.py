@@ -138,21 +138,22 @@ def gated_down_proj(
         )
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    device_type = a.device.type
+    compiling = _library.compiling()  # one graph node, which recomputes c in its backward op
+    autocast = torch.is_autocast_enabled(device_type)
     if residual is not None:
         check_float("residual", residual)
         check_same_device(a=a, residual=residual)
         if tuple(residual.shape) != (*a.shape[:-1], weight.shape[0]):
             raise ValueError(f"residual must have shape {(*a.shape[:-1], weight.shape[0])}, got "
                              f"{tuple(residual.shape)}")
-        if residual.dtype != weight.dtype or torch.is_autocast_enabled(a.device.type) or _library.compiling():
+        if residual.dtype != weight.dtype or autocast or compiling:
             # other dtypes promote in the sum; torch.compile fuses the add into its own kernels
             return residual + gated_down_proj(a, b, weight, bias, activation)
-    device_type = a.device.type
-    compiling = _library.compiling()  # one graph node, which recomputes c in its backward op
     if not compiling and (not use_triton(a, b) or _saved_tensor_hooks_active()):
         out = F.linear(_glu(a, b, activation), weight, bias)
         return out if residual is None else residual + out
-    if torch.is_autocast_enabled(device_type):  # cast as F.linear does under autocast, then run without it
+    if autocast:  # cast as F.linear does under autocast, then run without it
         dtype = torch.get_autocast_dtype(device_type)
         a, b, weight = a.to(dtype), b.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
