@@ -21,6 +21,8 @@ Signatures (the contract every op file implements):
 - gated_mlp(x, gate_weight, up_weight, down_weight, activation="silu", residual=None) -> the bias-free
       gated MLP down(f(x @ Wg.T) * (x @ Wu.T)) (+ residual) as one op: gated_down_proj's saving, and
       the two input projections' gradients summed in the second product
+- linear_projections(x, weights, biases=None) -> (F.linear(x, weights[0], biases[0]), ...): several
+      projections of one input (attention's q/k/v), their input gradients summed in the products
 - cross_entropy(logits, target, weight=None, ignore_index=-100, label_smoothing=0.0,
       lse_square_scale=0.0, softcap=None, logit_scale=1.0, reduction="mean", return_z_loss=False,
       in_place=False, return_token_accuracy=False) -> loss  or (loss, z_loss)
@@ -59,6 +61,7 @@ from liger_kernels.ops.fused_linear_cross_entropy import fused_linear_cross_entr
 from liger_kernels.ops.fused_linear_jsd import fused_linear_jsd
 from liger_kernels.ops.gated_down_proj import gated_down_proj
 from liger_kernels.ops.gated_mlp import gated_mlp
+from liger_kernels.ops.linear_projections import linear_projections
 from liger_kernels.ops.glu import geglu, swiglu, swiglu_gate_up
 from liger_kernels.ops.layer_norm import layer_norm
 from liger_kernels.ops.llama4_rope import llama4_rope
@@ -86,6 +89,7 @@ __all__ = [
     "fused_linear_jsd",
     "gated_down_proj",
     "gated_mlp",
+    "linear_projections",
     "geglu",
     "layer_norm",
     "llama4_rope",

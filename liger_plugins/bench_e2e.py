@@ -80,7 +80,7 @@ def training_step(family: str, setup: str, batch: int, seq: int):
 
         kernels = patcher == "ours"
         apply_liger(model, rope=kernels, rms_norm=kernels, swiglu=kernels, fused_linear_cross_entropy=kernels,
-                    layer_norm=kernels)
+                    layer_norm=kernels, qkv_projections=kernels)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()

@@ -72,6 +72,7 @@ CONFIG_KEYS = {
     "fused_moe": "fused_moe",  # ours only, off by default: MoE experts on the fused grouped-GEMM kernel
     "causal_sdpa_under_compile": "causal_sdpa_under_compile",  # ours only: see liger_plugins.patching
     "fused_add_rms_norm": "fused_add_rms_norm",  # ours only: see liger_plugins.patching
+    "qkv_projections": "qkv_projections",  # ours only: see liger_plugins.patching
 }
 
 # Modules whose `apply_liger_kernel` attribute `enable()` replaced, with the value it replaced.

@@ -84,6 +84,8 @@ def _architectures_table() -> list[str]:
         norms = ", ".join(f"`{name}`{_norm_flavour(spec)}" for name, spec in t.norms.items()) or "—"
         if t.decoder_layers:
             norms += f"; residual joins in the norm kernels: {_names(t.decoder_layers)}"
+        if t.attentions:
+            norms += f"; q/k/v projections as one op: {_names(t.attentions)}"
         mlps = ", ".join(f"`{name}`" + (" (fused gate_up)" if spec.layout == "fused" else "")
                          for name, spec in t.mlps.items()) or "—"
         layer_norms = [f"`{name}`" + (f" (weight + {offset:g})" if offset else "")
@@ -117,7 +119,8 @@ def render_support_table() -> str:
         "where not `rope`); \"or\": the first one the installed transformers defines. MoE experts: their",
         "gate activation (`swiglu` flag); with `fused_moe=True` (opt-in) their whole forward runs the fused",
         "MoE kernel. \"Residual joins in the norm kernels\": pre-norm decoder layers whose residual adds run in",
-        "the RMSNorm kernels (`fused_add_rms_norm` flag).",
+        "the RMSNorm kernels (`fused_add_rms_norm` flag). \"q/k/v projections as one op\": attentions whose",
+        "three input projections run as one op summing their input gradients (`qkv_projections` flag).",
         "",
         *_architectures_table(),
     ]

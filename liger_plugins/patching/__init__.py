@@ -33,6 +33,10 @@ Kernels (keyword flags of `apply_liger` and `AutoLigerKernelForCausalLM`):
   Qwen2/3, Gemma...; registry `decoder_layers`), `residual + attention output` and
   post_attention_layernorm run as one kernel each way, and the layer input's two gradients are added in
   input_layernorm's backward kernel (the same values; two bf16 adds and their gradient adds fewer).
+- qkv_projections: the attention's `self.q_proj(hidden_states)`, `self.k_proj(...)`, `self.v_proj(...)`
+  calls (registry `attentions`) run as one op (liger_kernels.functional.linear_projections): the same
+  outputs, the input gradients of the three summed in the products instead of two add kernels; only
+  those calls of the attention's own forward are rewritten (forwards.make_attention_forward).
 
 Supported model types: `SUPPORTED_MODEL_TYPES`; anything else raises ValueError listing them.
 Patch before wrapping the model (FSDP, DeepSpeed, accelerate device maps): class level before
@@ -77,13 +81,14 @@ def apply_liger(
     fused_moe: bool = False,
     causal_sdpa_under_compile: bool = True,
     fused_add_rms_norm: bool | None = None,
+    qkv_projections: bool = True,
     verbose: bool = False,
 ) -> PatchSummary:
     """Patch a model type (str: class level) or a built model (instance level; a PEFT model is
     unwrapped to its base model). Returns what was patched; logged on "liger_plugins.patching"
     (INFO with verbose=True, else DEBUG). Idempotent: what is already patched stays as it is."""
     options = KernelOptions(rope, rms_norm, swiglu, cross_entropy, fused_linear_cross_entropy, layer_norm, fused_moe,
-                            causal_sdpa_under_compile, fused_add_rms_norm)
+                            causal_sdpa_under_compile, fused_add_rms_norm, qkv_projections)
     if isinstance(model_or_model_type, str):
         summary = patch.patch_classes(get_traits(model_or_model_type), options)
     elif isinstance(model_or_model_type, nn.Module):

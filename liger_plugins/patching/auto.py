@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 _KERNEL_FLAGS = (
     "rope", "rms_norm", "swiglu", "cross_entropy", "fused_linear_cross_entropy", "layer_norm", "fused_moe",
-    "causal_sdpa_under_compile", "fused_add_rms_norm",
+    "causal_sdpa_under_compile", "fused_add_rms_norm", "qkv_projections",
 )
 # from_pretrained arguments that also locate the config.
 _CONFIG_LOCATION_KWARGS = (

@@ -265,6 +265,88 @@ def make_decoder_layer_forward(traits: ArchitectureTraits, original):
     return mark(forward, original, "prenorm_decoder_layer_forward")
 
 
+# The attention's input projections, each called as `self.<name>(hidden_states)` in its forward.
+_QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def attention_projections(self, hidden_states):
+    """(self.q_proj(h), self.k_proj(h), self.v_proj(h)): one op, the three input gradients summed in
+    the products, when all three are plain Linears (else each module is called, as the original does)."""
+    modules = [getattr(self, name) for name in _QKV]
+    if all(plain_linear(m) for m in modules):
+        return LF.linear_projections(hidden_states, [m.weight for m in modules], [m.bias for m in modules])
+    return tuple(m(hidden_states) for m in modules)
+
+
+def attention_projections_mismatch(cls: type) -> str | None:
+    """Why `cls.forward` cannot have its q/k/v projection calls replaced by `attention_projections`, or None."""
+    rewritten = _rewrite_attention_forward(cls.forward)
+    return rewritten if isinstance(rewritten, str) else None
+
+
+@functools.lru_cache(maxsize=None)
+def _rewrite_attention_forward(forward):
+    """The attention forward's source with its three calls `self.q_proj(hidden_states)`, ... replaced by
+    names bound one statement earlier by `attention_projections(self, hidden_states)`, compiled as a
+    factory `_liger_make(attention_projections) -> forward` (decorators kept); or why it cannot be.
+    Everything else (views, q/k norms, rotary, cache, the attention call) stays the original's code,
+    so every attention whose forward projects `hidden_states` this way is covered, whatever follows."""
+    function = inspect.unwrap(forward)
+    try:
+        source = textwrap.dedent(inspect.getsource(function))
+        filename = inspect.getsourcefile(function) or "<attention forward>"
+        first_line = inspect.getsourcelines(function)[1]
+        func = ast.parse(source).body[0]
+    except (OSError, TypeError, SyntaxError):
+        return "its forward's source is not available to rewrite"
+    if not isinstance(func, ast.FunctionDef) or [a.arg for a in func.args.args[:2]] != ["self", "hidden_states"]:
+        return "its forward does not take (self, hidden_states, ...)"
+    if function.__code__.co_freevars or any(isinstance(n, ast.Name) and n.id == "super" for n in ast.walk(func)):
+        return "its forward uses super() or a closure"
+    if any(isinstance(n, ast.Name) and n.id == "hidden_states" and not isinstance(n.ctx, ast.Load)
+           for n in ast.walk(func)):
+        return "its forward reassigns hidden_states"
+    calls = {}
+    for n in ast.walk(func):
+        if (isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr in _QKV
+                and isinstance(n.func.value, ast.Name) and n.func.value.id == "self"):
+            if n.func.attr in calls or ast.unparse(n) != f"self.{n.func.attr}(hidden_states)":
+                return f"its forward calls self.{n.func.attr} other than once as self.{n.func.attr}(hidden_states)"
+            calls[n.func.attr] = n
+    if len(calls) != len(_QKV):
+        return f"its forward does not call all of {', '.join(_QKV)}"
+    # the first top-level statement holding a projection call: the joint call goes right before it
+    first = min(i for i, st in enumerate(func.body) for n in ast.walk(st) if any(n is c for c in calls.values()))
+    names = {name: f"_liger_{name}" for name in _QKV}
+
+    class Replace(ast.NodeTransformer):
+        def visit_Call(self, node):
+            for name, call in calls.items():
+                if node is call:
+                    return ast.copy_location(ast.Name(names[name], ast.Load()), node)
+            return self.generic_visit(node)
+
+    func = Replace().visit(func)
+    joint = ast.parse(f"{', '.join(names.values())} = _liger_attention_projections(self, hidden_states)").body[0]
+    func.body.insert(first, ast.copy_location(joint, func.body[first]))
+    factory = ast.parse("def _liger_make(_liger_attention_projections):\n    pass").body[0]
+    factory.body = [func, ast.Return(ast.Name(func.name, ast.Load()))]
+    module = ast.Module([factory], type_ignores=[])
+    ast.fix_missing_locations(module)
+    ast.increment_lineno(module, first_line - 1)  # tracebacks point into the original file
+    return compile(module, filename, "exec")
+
+
+def make_attention_forward(original):
+    """The attention forward with its q/k/v projections as one op (`attention_projections`), the rest
+    its own code, run in its own module's namespace (patched rotary functions included)."""
+    code = _rewrite_attention_forward(original)
+    namespace = {}
+    exec(code, inspect.unwrap(original).__globals__, namespace)  # defines _liger_make only in namespace
+    forward = namespace["_liger_make"](attention_projections)
+    return mark(forward, original, "attention_forward")
+
+
 def make_apply_gate(original):
     """MoE experts' `_apply_gate(gate_up_out)`: `act(gate) * up` on the halves, fused."""
 

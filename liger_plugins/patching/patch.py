@@ -51,6 +51,9 @@ class KernelOptions:
     # pre-norm decoder layers: their residual joins run in the RMSNorm kernels (forwards.make_decoder_layer_forward);
     # None: the value of rms_norm (those norms are RMSNorms: a config without the RMSNorm kernel gets none)
     fused_add_rms_norm: bool | None = None
+    # the attention's q/k/v projections as one op: their input gradients summed in the products
+    # (forwards.make_attention_forward)
+    qkv_projections: bool = True
 
     def __post_init__(self):
         if self.fused_add_rms_norm is None:
@@ -298,6 +301,9 @@ def _module_patch_plan(traits: ArchitectureTraits, options: KernelOptions):
     if options.fused_add_rms_norm:
         make = lambda orig: forwards.make_decoder_layer_forward(traits, orig)  # noqa: E731
         plan += [("fused_add_rms_norm", "decoder_layer", n, "forward", make) for n in traits.decoder_layers]
+    if options.qkv_projections:
+        plan += [("qkv_projections", "attention", n, "forward", forwards.make_attention_forward)
+                 for n in traits.attentions]
     return plan
 
 
@@ -305,6 +311,8 @@ def _class_mismatch(role: str, cls: type) -> str | None:
     """Why this transformers version's class does not compute what the replacement re-implements."""
     if role == "decoder_layer" and not forwards.is_liger(cls.__dict__.get("forward")):
         return forwards.prenorm_layer_mismatch(cls)
+    if role == "attention" and not forwards.is_liger(cls.__dict__.get("forward")):
+        return forwards.attention_projections_mismatch(cls)
     return None
 
 
@@ -360,6 +368,9 @@ def _check_module(role: str, module: nn.Module, traits: ArchitectureTraits) -> s
         names = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
         missing = [n for n in names if not isinstance(getattr(module, n, None), nn.Module)]
         return f"expected sub-modules {', '.join(names)}; missing {', '.join(missing)}" if missing else None
+    if role == "attention":
+        missing = [n for n in ("q_proj", "k_proj", "v_proj") if not isinstance(getattr(module, n, None), nn.Module)]
+        return f"expected sub-modules q_proj, k_proj, v_proj; missing {', '.join(missing)}" if missing else None
     if role in ("experts", "fused_experts"):
         weight = getattr(module, "gate_up_proj", None)
         if not isinstance(weight, nn.Parameter) or len(_shape(weight)) != 3 or _shape(weight)[1] % 2:
@@ -378,7 +389,7 @@ def _unsupported(role: str, module: nn.Module, traits: ArchitectureTraits) -> st
     """Why the kernel does not compute this (well-formed) module, or None if it does."""
     if role == "fused_experts":
         return forwards.fused_experts_mismatch(module)
-    if role == "decoder_layer":
+    if role in ("decoder_layer", "attention"):
         return _class_mismatch(role, type(module))
     if role == "mlp":
         act = getattr(module, _mlp_spec(module, traits).act_attr)

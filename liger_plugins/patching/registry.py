@@ -22,6 +22,10 @@ and how they compute, read from the module's source for transformers 5.x:
   `fused_add_rms_norm` flag the attention's residual add and the post-attention RMSNorm run as one
   kernel each way. The installed forward's statements are checked against that structure before it
   is replaced (forwards.prenorm_layer_mismatch), so a transformers version that changes it keeps its own.
+- attentions: attention classes whose forward calls `self.q_proj(hidden_states)`, `self.k_proj(...)` and
+  `self.v_proj(...)` once each: with the `qkv_projections` flag those three calls become one op that sums
+  their input gradients in the products (forwards.make_attention_forward rewrites just those calls; a
+  forward of another shape is checked and kept, forwards.attention_projections_mismatch).
 - experts: MoE expert classes with 3-D `gate_up_proj` weights; their `_apply_gate(gate_up_out)` hook
   (used by transformers' grouped_mm/batched_mm expert implementations) gets the fused activation, and
   with the opt-in `fused_moe` flag their whole `forward(hidden_states, top_k_index, top_k_weights)`
@@ -95,6 +99,7 @@ class ArchitectureTraits:
     layer_norms: dict[str, float] = field(default_factory=dict)
     mlps: dict[str, MLPSpec] = field(default_factory=dict)
     decoder_layers: tuple[str, ...] = ()
+    attentions: tuple[str, ...] = ()
     experts: tuple[str, ...] = ()
     rope: tuple[RopeSpec, ...] = _ROTATE_HALF
     softcap_config: str | None = None
@@ -164,6 +169,7 @@ def _dense(model_type: str, prefix: str, norm: NormSpec = _LLAMA, module: str | 
         norms={f"{prefix}RMSNorm": norm},
         mlps={f"{prefix}MLP": extra.pop("mlp", _SPLIT)},
         decoder_layers=(f"{prefix}DecoderLayer",) if prenorm_layer else (),
+        attentions=(f"{prefix}Attention",) if prenorm_layer else (),
         **extra,
     )
 
@@ -201,6 +207,7 @@ TRAITS: dict[str, ArchitectureTraits] = {
             norms={"Qwen3MoeRMSNorm": _LLAMA},
             mlps={"Qwen3MoeMLP": _SPLIT},  # dense layers (mlp_only_layers)
             decoder_layers=("Qwen3MoeDecoderLayer",),
+            attentions=("Qwen3MoeAttention",),
             experts=("Qwen3MoeExperts",),
             moe=True,
         ),
@@ -286,6 +293,7 @@ TRAITS: dict[str, ArchitectureTraits] = {
             norms={"HunYuanMoEV1RMSNorm": _LLAMA},
             mlps={"HunYuanMoEV1MLP": _SPLIT},  # the shared MLP
             decoder_layers=("HunYuanMoEV1DecoderLayer",),
+            attentions=("HunYuanMoEV1Attention",),
             experts=("HunYuanMoEV1Experts",),  # no router aux loss in its causal LM
         ),
         _dense("exaone4", "Exaone4", _LLAMA_NOT_IN_PLACE),  # post-sublayer norms feed the residual add
@@ -361,6 +369,7 @@ TRAITS: dict[str, ArchitectureTraits] = {
             norms={"Qwen3VLTextRMSNorm": _LLAMA},  # also the per-head q_norm/k_norm
             mlps={"Qwen3VLTextMLP": _SPLIT},
             decoder_layers=("Qwen3VLTextDecoderLayer",),
+            attentions=("Qwen3VLTextAttention",),
             rope=_ROTATE_HALF,  # sections interleaved by the rotary embedding
             torch_layer_norm=True,  # vision blocks and patch mergers
             unpatched=("Qwen3VLVisionMLP (not gated)", _VISION_ROPE),
@@ -372,6 +381,7 @@ TRAITS: dict[str, ArchitectureTraits] = {
             norms={"Qwen3VLMoeTextRMSNorm": _LLAMA},
             mlps={"Qwen3VLMoeTextMLP": _SPLIT},
             decoder_layers=("Qwen3VLMoeTextDecoderLayer",),
+            attentions=("Qwen3VLMoeTextAttention",),
             experts=("Qwen3VLMoeTextExperts",),
             moe=True,
             rope=_ROTATE_HALF,  # sections interleaved by the rotary embedding
@@ -396,6 +406,7 @@ TRAITS: dict[str, ArchitectureTraits] = {
             norms={"Glm4vMoeTextRMSNorm": _LLAMA, "Glm4vMoeRMSNorm": _LLAMA_NOT_IN_PLACE},  # text, vision
             mlps={"Glm4vMoeTextMLP": _SPLIT, "Glm4vMoeisionMlp": _SPLIT},  # (sic: transformers' name)
             decoder_layers=("Glm4vMoeTextDecoderLayer",),
+            attentions=("Glm4vMoeTextAttention",),
             experts=("Glm4vMoeTextExperts",),
             moe=True,
             rope=(),

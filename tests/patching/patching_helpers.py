@@ -46,4 +46,5 @@ def expected_kinds(model_type: str) -> set[str]:
     kinds |= {"swiglu"} if traits.mlps or traits.experts else set()
     kinds |= {"rope"} if traits.rope else set()
     kinds |= {"fused_add_rms_norm"} if traits.decoder_layers else set()
+    kinds |= {"qkv_projections"} if traits.attentions else set()
     return kinds

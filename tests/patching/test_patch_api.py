@@ -61,6 +61,7 @@ LLAMA_CLASS_ATTRS = [
     (modeling_llama.LlamaRMSNorm, "forward"),
     (modeling_llama.LlamaMLP, "forward"),
     (modeling_llama.LlamaDecoderLayer, "forward"),
+    (modeling_llama.LlamaAttention, "forward"),
     (modeling_llama.LlamaForCausalLM, "forward"),
 ]
 
@@ -147,7 +148,7 @@ def test_class_level_patch_then_build(build, reference_dispatch):
     out_ref, grads_ref = _loss_and_grads(reference, input_ids=ids, labels=labels)
 
     summary = apply_liger("llama")
-    assert summary.level == "class" and len(kernel_patches(summary)) == 5, str(summary)
+    assert summary.level == "class" and len(kernel_patches(summary)) == 6, str(summary)
     assert all(is_liger(cls.__dict__[attr]) for cls, attr in LLAMA_CLASS_ATTRS)
     assert apply_liger("llama").patched == []  # idempotent
     model = build("llama")

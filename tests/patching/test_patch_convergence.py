@@ -44,7 +44,7 @@ def test_loss_curves_match(build, monkeypatch):
 
     reference, model = build("llama"), build("llama")
     summary = apply_liger(model)
-    assert len(kernel_patches(summary)) == 5, str(summary)
+    assert len(kernel_patches(summary)) == 6, str(summary)
     curve_ref, curve = _train(reference, blocks), _train(model, blocks)
 
     assert curve_ref[-5:].mean() < curve_ref[0] - 2.0  # it learns (from ~ln 320 = 5.8)

@@ -158,6 +158,7 @@ def _expected_kinds(model):
         kinds |= {"swiglu"} if any(part.cls(n) in present for n in (*part.mlps, *part.experts)) else set()
         kinds |= {"rope"} if part.rope else set()
         kinds |= {"fused_add_rms_norm"} if any(part.cls(n) in present for n in part.decoder_layers) else set()
+        kinds |= {"qkv_projections"} if any(part.cls(n) in present for n in part.attentions) else set()
     kinds |= {"layer_norm"} if parts[0].torch_layer_norm and nn.LayerNorm in present else set()
     return kinds
 

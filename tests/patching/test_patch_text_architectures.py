@@ -15,7 +15,8 @@ from liger_plugins.patching.fused_forward import base_model
 
 
 def _patched_classes(traits):
-    names = (*traits.norms, *traits.layer_norms, *traits.mlps, *traits.experts, *traits.decoder_layers, traits.causal_lm)
+    names = (*traits.norms, *traits.layer_norms, *traits.mlps, *traits.experts, *traits.decoder_layers,
+             *traits.attentions, traits.causal_lm)
     return [traits.cls(name) for name in names]
 
 

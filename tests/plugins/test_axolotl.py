@@ -205,7 +205,7 @@ def test_hooks_patch_the_model_axolotl_loads(tiny_root, tmp_path, hook_results):
     model, lora_config = ModelLoader(cfg, load_tokenizer(cfg)).load()
     assert lora_config is None
     class_level = hook_results["pre_model_load"]
-    assert class_level.level == "class" and len(kernel_patches(class_level)) == 5, str(class_level)
+    assert class_level.level == "class" and len(kernel_patches(class_level)) == 6, str(class_level)
     # The class-level patch reached the built model: the instance level found everything patched.
     assert hook_results["post_model_build"].level == "instance" and not hook_results["post_model_build"].patched
     assert hook_results["post_model_load"] == []
