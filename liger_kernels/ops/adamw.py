@@ -13,7 +13,8 @@ v once and writing p, m, v once: 14 bytes per bf16 parameter instead of 42, and 
 of the parameters' size. One launch per tensor: the tensors' addresses are kernel arguments, which
 Triton specializes on their 16-byte alignment, so loads are vectorized (a first version found each
 tensor's address in a table read by the kernel: its loads could not be proven aligned and it ran
-at 11% of the copy bandwidth on an H100, docs/bench/adamw_h100_run1).
+at 11% of the copy bandwidth on an H100, docs/bench/adamw_h100_run1; this one: 84% in bf16, 96% in
+fp32, docs/bench/adamw_h100_run2).
 
 Exactness: torch's CUDA kernels contract each `a + b * c` to one fused multiply-add (nvcc's default);
 this kernel writes those as `tl.fma` and leaves no other product feeding a sum (see the kernel). The
@@ -29,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from liger_kernels._utils import INTERPRET
+
 
 _BLOCK = 4096  # elements per program
 _NUM_WARPS = 8
@@ -36,13 +39,15 @@ ADAMW_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
-def _round_to(x, DTYPE: tl.constexpr):
+def _round_to(x, DTYPE: tl.constexpr, ROUND_BY_BITS: tl.constexpr):
     """x (fp32) rounded to the nearest DTYPE value (ties to even), kept in fp32: what torch's
-    `static_cast<DTYPE>(float)` stores. bf16 rounds by bit arithmetic so that the interpreter (whose
-    fp32 -> bf16 conversion truncates) and the GPU agree; NaN stays NaN."""
+    `static_cast<DTYPE>(float)` stores. On the GPU the conversion instruction rounds so; the
+    interpreter's fp32 -> bf16 conversion truncates, so there (ROUND_BY_BITS) bf16 rounds by bit
+    arithmetic, the same values at ~6 integer operations per rounding: on the GPU those made the bf16
+    step compute-bound (seven roundings per element). NaN stays NaN."""
     if DTYPE == tl.float32:
         return x
-    elif DTYPE == tl.bfloat16:
+    elif DTYPE == tl.bfloat16 and ROUND_BY_BITS:
         u = x.to(tl.uint32, bitcast=True)
         u = (u + (0x7FFF + ((u >> 16) & 1))) & 0xFFFF0000
         return tl.where(x != x, x, u.to(tl.float32, bitcast=True))
@@ -53,7 +58,8 @@ def _round_to(x, DTYPE: tl.constexpr):
 @triton.jit
 def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, n,
                   decay, lerp_weight, beta2, one_minus_beta2, bias_correction2_sqrt, eps, step_size,
-                  APPLY_DECAY: tl.constexpr, SMALL_LERP_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+                  APPLY_DECAY: tl.constexpr, SMALL_LERP_WEIGHT: tl.constexpr, ROUND_BY_BITS: tl.constexpr,
+                  BLOCK: tl.constexpr):
     DTYPE = p_ptr.dtype.element_ty  # of p, g, m and v alike (checked by adamw_step_)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -67,18 +73,18 @@ def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, n,
     # where no rounding step sits between the operations (p * decay + step_size * q could otherwise
     # become fma(p, decay, ...), which torch, rounding p * decay first, never computes).
     if APPLY_DECAY:
-        p = _round_to(p * decay, DTYPE)
+        p = _round_to(p * decay, DTYPE, ROUND_BY_BITS)
     # torch's lerp: the form with the smaller weight, for accuracy (ATen Lerp.h)
     if SMALL_LERP_WEIGHT:
-        m = _round_to(tl.fma(lerp_weight, g - m, m), DTYPE)
+        m = _round_to(tl.fma(lerp_weight, g - m, m), DTYPE, ROUND_BY_BITS)
     else:
-        m = _round_to(tl.fma(m - g, 1.0 - lerp_weight, g), DTYPE)
-    v = _round_to(v * beta2, DTYPE)
-    v = _round_to(tl.fma(one_minus_beta2, g * g, v), DTYPE)
-    d = _round_to(tl.math.sqrt_rn(v), DTYPE)
-    d = _round_to(tl.math.div_rn(d, bias_correction2_sqrt), DTYPE)
-    d = _round_to(d + eps, DTYPE)
-    p = _round_to(tl.fma(step_size, tl.math.div_rn(m, d), p), DTYPE)
+        m = _round_to(tl.fma(m - g, 1.0 - lerp_weight, g), DTYPE, ROUND_BY_BITS)
+    v = _round_to(v * beta2, DTYPE, ROUND_BY_BITS)
+    v = _round_to(tl.fma(one_minus_beta2, g * g, v), DTYPE, ROUND_BY_BITS)
+    d = _round_to(tl.math.sqrt_rn(v), DTYPE, ROUND_BY_BITS)
+    d = _round_to(tl.math.div_rn(d, bias_correction2_sqrt), DTYPE, ROUND_BY_BITS)
+    d = _round_to(d + eps, DTYPE, ROUND_BY_BITS)
+    p = _round_to(tl.fma(step_size, tl.math.div_rn(m, d), p), DTYPE, ROUND_BY_BITS)
 
     tl.store(p_ptr + offs, p.to(DTYPE), mask=mask)
     tl.store(m_ptr + offs, m.to(DTYPE), mask=mask)
@@ -111,7 +117,8 @@ def adamw_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs:
     lerp_weight = 1 - beta1
     scalars = (1 - lr * weight_decay, lerp_weight, beta2, 1 - beta2, bias_correction2**0.5, eps,
                (lr / bias_correction1) * -1)
-    constants = dict(APPLY_DECAY=weight_decay != 0, SMALL_LERP_WEIGHT=abs(lerp_weight) < 0.5, BLOCK=_BLOCK,
+    constants = dict(APPLY_DECAY=weight_decay != 0, SMALL_LERP_WEIGHT=abs(lerp_weight) < 0.5,
+                     ROUND_BY_BITS=INTERPRET, BLOCK=_BLOCK,
                      num_warps=_NUM_WARPS)
     for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
         n = p.numel()
