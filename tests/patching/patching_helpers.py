@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import torch
+from tolerances import assert_model_close
 from transformers import AutoConfig
 from transformers.utils import logging as hf_logging
 
@@ -48,3 +49,21 @@ def expected_kinds(model_type: str) -> set[str]:
     kinds |= {"fused_add_rms_norm"} if traits.decoder_layers else set()
     kinds |= {"qkv_projections"} if traits.attentions else set()
     return kinds
+
+
+def loss_and_grads(model, ids, labels):
+    """The training loss of (ids, labels) and every parameter's gradient."""
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=labels)
+    out.loss.backward()
+    return out.loss, {n: p.grad for n, p in model.named_parameters()}
+
+
+def assert_same_training(model, ids, labels, reference=None, expected=None):
+    """model's loss and gradients equal (fp32 model tolerance) the reference model's, or `expected`
+    (loss_and_grads computed before a class-level patch changed the reference's classes too)."""
+    loss, grads = loss_and_grads(model, ids, labels)
+    loss_ref, grads_ref = expected or loss_and_grads(reference, ids, labels)
+    assert_model_close(loss, loss_ref, torch.float32, "loss")
+    for name, grad in grads_ref.items():
+        assert_model_close(grads[name], grad, torch.float32, name)

@@ -6,8 +6,7 @@ import traceback
 
 import pytest
 import torch
-from patching_helpers import batch
-from tolerances import assert_model_close
+from patching_helpers import assert_same_training, batch, loss_and_grads
 from torch import nn
 from transformers.models.llama import modeling_llama
 
@@ -15,7 +14,6 @@ from liger_kernels import functional as LF
 from liger_plugins.patching import apply_liger, unpatch
 from liger_plugins.patching.forwards import attention_projections_mismatch, is_liger
 
-FP32 = torch.float32
 ONLY_QKV = dict(rope=False, rms_norm=False, swiglu=False, fused_linear_cross_entropy=False, qkv_projections=True)
 
 
@@ -32,23 +30,6 @@ def projection_calls(monkeypatch):
     return calls
 
 
-def _loss_and_grads(model, ids, labels):
-    model.zero_grad(set_to_none=True)
-    out = model(input_ids=ids, labels=labels)
-    out.loss.backward()
-    return out.loss, {n: p.grad for n, p in model.named_parameters()}
-
-
-def _assert_same_training(model, reference=None, expected=None):
-    """model's loss and gradients equal reference's (or `expected`, computed before a class patch)."""
-    ids, labels = batch(model.config.vocab_size)
-    loss, grads = _loss_and_grads(model, ids, labels)
-    loss_ref, grads_ref = expected or _loss_and_grads(reference, ids, labels)
-    assert_model_close(loss, loss_ref, FP32, "loss")
-    for name, grad in grads_ref.items():
-        assert_model_close(grads[name], grad, FP32, name)
-
-
 @pytest.mark.parametrize("model_type, bias", [("llama", False), ("qwen3", False), ("qwen2", True)])
 def test_one_projection_op_per_layer_same_training(build, projection_calls, model_type, bias):
     """Llama; Qwen3 (q/k norms around the projections); Qwen2 (q/k/v biases)."""
@@ -56,20 +37,20 @@ def test_one_projection_op_per_layer_same_training(build, projection_calls, mode
     assert (model.model.layers[0].self_attn.q_proj.bias is not None) == bias
     summary = apply_liger(model, **ONLY_QKV)
     assert any(item.startswith("qkv_projections:") for item in summary.patched), str(summary)
-    _assert_same_training(model, reference)
+    assert_same_training(model, *batch(model.config.vocab_size), reference)
     assert projection_calls == [3] * model.config.num_hidden_layers
 
 
 def test_class_level_and_unpatch(build, projection_calls):
     original = modeling_llama.LlamaAttention.forward
     reference = build("llama")
-    expected = _loss_and_grads(reference, *batch(reference.config.vocab_size))  # a class patch changes it too
+    expected = loss_and_grads(reference, *batch(reference.config.vocab_size))  # a class patch changes it too
     apply_liger("llama", **ONLY_QKV)
     assert is_liger(modeling_llama.LlamaAttention.forward)
     # the rewritten forward keeps the original's decorators (transformers' keyword deprecation) and name
     assert modeling_llama.LlamaAttention.forward.__liger_original__ is original
     model = build("llama")
-    _assert_same_training(model, expected=expected)
+    assert_same_training(model, *batch(model.config.vocab_size), expected=expected)
     assert projection_calls == [3] * model.config.num_hidden_layers
     unpatch("llama")
     assert modeling_llama.LlamaAttention.forward is original
@@ -93,7 +74,7 @@ def test_hooks_and_adapters_keep_the_module_calls(build, projection_calls):
 
     for m in (model, reference):
         m.model.layers[1].self_attn.v_proj = Scaled(m.model.layers[1].self_attn.v_proj)
-    _assert_same_training(model, reference)
+    assert_same_training(model, *batch(model.config.vocab_size), reference)
     assert len(seen) == 1
     assert projection_calls == [3] * (model.config.num_hidden_layers - 2)
 

@@ -4,8 +4,7 @@ as one kernel), only where the installed layer forward is the structure the repl
 
 import pytest
 import torch
-from patching_helpers import batch
-from tolerances import assert_model_close
+from patching_helpers import assert_same_training, batch
 from transformers.models.llama import modeling_llama
 from transformers.models.phi3 import modeling_phi3
 
@@ -13,7 +12,6 @@ from liger_kernels import functional as LF
 from liger_plugins.patching import apply_liger
 from liger_plugins.patching.forwards import is_liger, prenorm_layer_mismatch
 
-FP32 = torch.float32
 
 
 @pytest.fixture
@@ -32,21 +30,6 @@ def fused_calls(monkeypatch):
     return calls
 
 
-def _loss_and_grads(model, ids, labels):
-    model.zero_grad(set_to_none=True)
-    out = model(input_ids=ids, labels=labels)
-    out.loss.backward()
-    return out.loss, {n: p.grad for n, p in model.named_parameters()}
-
-
-def _assert_same(model, reference, ids, labels):
-    loss, grads = _loss_and_grads(model, ids, labels)
-    loss_ref, grads_ref = _loss_and_grads(reference, ids, labels)
-    assert_model_close(loss, loss_ref, FP32, "loss")
-    for name, grad in grads_ref.items():
-        assert_model_close(grads[name], grad, FP32, name)
-
-
 @pytest.mark.parametrize("model_type", ["llama", "gemma"])
 def test_one_fused_add_norm_per_layer_same_training(build, fused_calls, model_type):
     # Only this patch (the norms' own forwards stay transformers'): Gemma's offset-1 norm included.
@@ -55,7 +38,7 @@ def test_one_fused_add_norm_per_layer_same_training(build, fused_calls, model_ty
                           fused_add_rms_norm=True)
     assert any(item.startswith("fused_add_rms_norm:") for item in summary.patched), str(summary)
     ids, labels = batch(model.config.vocab_size)
-    _assert_same(model, reference, ids, labels)
+    assert_same_training(model, ids, labels, reference)
     assert fused_calls == ["rms_norm_with_residual", "fused_add_rms_norm"] * model.config.num_hidden_layers
 
 
@@ -66,12 +49,12 @@ def test_residual_joins_in_down_proj_with_our_mlp(build, fused_calls):
     reference, model = build("llama"), build("llama")
     apply_liger(model, rope=False, fused_linear_cross_entropy=False)
     ids, labels = batch(model.config.vocab_size)
-    _assert_same(model, reference, ids, labels)
+    assert_same_training(model, ids, labels, reference)
     per_layer = ["rms_norm_with_residual", "fused_add_rms_norm", "gated_mlp+residual"]
     assert fused_calls == per_layer * model.config.num_hidden_layers
     fused_calls.clear()
     model.model.layers[0].mlp.register_forward_pre_hook(lambda module, args: None)
-    _assert_same(model, reference, ids, labels)
+    assert_same_training(model, ids, labels, reference)
     assert fused_calls[:2] == per_layer[:2] and fused_calls[2:5] == per_layer
 
 
@@ -112,7 +95,7 @@ def test_hooked_norm_or_positional_arguments_run_the_original(build, fused_calls
     model.model.layers[0].post_attention_layernorm.register_forward_hook(lambda *args: seen.append("post"))
     model.model.layers[1].input_layernorm.register_forward_hook(lambda *args: seen.append("input"))
     ids, labels = batch(model.config.vocab_size)
-    _assert_same(model, reference, ids, labels)
+    assert_same_training(model, ids, labels, reference)
     assert seen == ["post", "input"]  # the hooks ran: those norms were called as modules
     # layer 0: the original forward; layer 1: its input norm as a module, then the fused add + norm
     assert fused_calls == ["fused_add_rms_norm", "rms_norm_with_residual", "fused_add_rms_norm"]
@@ -140,12 +123,12 @@ def test_gradient_checkpointing_still_recomputes_the_layers(build, fused_calls):
     for layer in model.model.layers:
         layer.self_attn.register_forward_hook(lambda *args: attention_calls.append(1))
     ids, labels = batch(model.config.vocab_size)
-    _assert_same(model, reference, ids, labels)
+    assert_same_training(model, ids, labels, reference)
     assert len(attention_calls) == 2 * model.config.num_hidden_layers  # forward, then the recompute
     model.gradient_checkpointing_disable()
     attention_calls.clear()
     fused_calls.clear()
-    _assert_same(model, reference, ids, labels)
+    assert_same_training(model, ids, labels, reference)
     assert len(attention_calls) == model.config.num_hidden_layers
     assert fused_calls == ["rms_norm_with_residual", "fused_add_rms_norm"] * model.config.num_hidden_layers
 
