@@ -315,8 +315,12 @@ def _rewrite_attention_forward(forward):
             calls[n.func.attr] = n
     if len(calls) != len(_QKV):
         return f"its forward does not call all of {', '.join(_QKV)}"
-    # the first top-level statement holding a projection call: the joint call goes right before it
-    first = min(i for i, st in enumerate(func.body) for n in ast.walk(st) if any(n is c for c in calls.values()))
+    # the top-level statements holding the calls: plain statements (not inside a block, which might not
+    # run them); the joint call goes right before the first of them
+    holders = [i for i, st in enumerate(func.body) for n in ast.walk(st) if any(n is c for c in calls.values())]
+    if any(not isinstance(func.body[i], (ast.Assign, ast.AnnAssign, ast.Expr)) for i in holders):
+        return "its forward calls the projections inside a block"
+    first = min(holders)
     names = {name: f"_liger_{name}" for name in _QKV}
 
     class Replace(ast.NodeTransformer):

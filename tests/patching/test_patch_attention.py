@@ -96,6 +96,14 @@ class _OtherInput(nn.Module):
         return self.q_proj(hidden_states), self.k_proj(other), self.v_proj(hidden_states)
 
 
+class _InABlock(nn.Module):
+    def forward(self, hidden_states, flag=False):
+        q = self.q_proj(hidden_states)
+        if flag:
+            q = q + self.k_proj(hidden_states)
+        return q, self.v_proj(hidden_states)
+
+
 class _Super(nn.Module):
     def forward(self, hidden_states):
         super().forward
@@ -105,7 +113,7 @@ class _Super(nn.Module):
 @pytest.mark.parametrize("cls, reason", [(_TwiceQ, "calls self.q_proj other than once"),
                                          (_Reassigns, "reassigns hidden_states"),
                                          (_OtherInput, "calls self.k_proj other than once"),
-                                         (_Super, "super()")])
+                                         (_InABlock, "inside a block"), (_Super, "super()")])
 def test_forwards_of_another_shape_are_not_rewritten(cls, reason):
     assert attention_projections_mismatch(modeling_llama.LlamaAttention) is None
     assert reason in attention_projections_mismatch(cls)
