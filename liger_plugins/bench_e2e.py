@@ -48,6 +48,7 @@ SETUPS = {
     "ours_compile": ("ours", False, True),
     "ours_adamw": ("ours", False, False, "liger_adamw"),
     "ours_ckpt_adamw": ("ours", True, False, "liger_adamw"),
+    "ours_compile_adamw": ("ours", False, True, "liger_adamw"),
     "liger_kernel_fused_adamw": ("liger_kernel", False, False, "torch_fused_adamw"),
     "liger_kernel_ckpt_fused_adamw": ("liger_kernel", True, False, "torch_fused_adamw"),
 }

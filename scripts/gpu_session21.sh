@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Prepared in session 9 for the next session's first call (carry [".whl"]), ~8 min:
+#   1. where the step with our AdamW spends its time (profile by kernel family, GPU idle gaps):
+#      what is left between 1.13-1.14x and the 1.15x target for Llama
+#   2. compiled: ours_compile with torch's and with our AdamW, next to Liger-Kernel (ANCHORS' stretch:
+#      >= 75k tok/s compiled)
+#   3. e2e Llama, 2 rounds: Liger-Kernel, ours, ours + our AdamW (the AdamW rounding change of session 9)
+source "$(dirname "$0")/gpu_common.sh"
+export PYTHONPATH=/tmp/site:$PWD
+{
+  nvidia-smi -L
+  echo "== 1. profile (${SECONDS} s)"
+  timeout 120 python3 scripts/profile_e2e.py --setups ours_adamw --out "$OUT/profile.json" 2>&1 | grep -v "^W1" | tail -25
+  echo "== 2. compiled (${SECONDS} s)"
+  timeout 200 python3 -m liger_plugins.bench_e2e --families llama --setups liger_kernel,ours_compile,ours_compile_adamw \
+    --out "$OUT/e2e_compile" 2>&1 | grep -v "^W1" | tail -4
+  echo "== 3. e2e (${SECONDS} s)"
+  timeout 200 python3 -m liger_plugins.bench_e2e --families llama --rounds 2 --setups liger_kernel,ours,ours_adamw \
+    --out "$OUT/e2e_llama" 2>&1 | grep -v "^W1" | tail -9
+  rm -f "$OUT"/*/e2e.png
+  echo "== done in ${SECONDS} s"
+} 2>&1 | tee "$OUT/log"
