@@ -10,6 +10,11 @@ and without their temporary list of the parameters' size (the step's peak memory
 Options the kernel does not cover (amsgrad, maximize, capturable, differentiable, tensor lr or betas,
 sparse or complex gradients, CPU parameters outside the interpreter) run torch's own step instead,
 for the whole step, so the numbers never depend on which path ran.
+
+Sharded parameters (DTensors: FSDP2, tensor parallelism) are stepped on their local shards: the step
+is elementwise, so each rank updates its shard exactly as torch's step on the DTensor does. That needs
+the gradient and the states laid out like the parameter (same mesh and placements, none `Partial`,
+i.e. no reduction pending); otherwise torch's step runs.
 """
 
 from __future__ import annotations
@@ -17,12 +22,27 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from liger_kernels._utils import use_triton
 from liger_kernels.ops.adamw import ADAMW_DTYPES, adamw_step_
 
 # torch's AdamW group options the fused step implements only at these values
 _GROUP_DEFAULTS_REQUIRED = {"amsgrad": False, "maximize": False, "capturable": False, "differentiable": False}
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard, any other tensor itself: what the kernel reads and writes in place."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _same_layout(t: torch.Tensor, p: torch.Tensor) -> bool:
+    """t (a gradient or state) is sharded like the parameter p, so their local shards match element
+    for element; a Partial placement (a pending reduction) never does."""
+    if not isinstance(p, DTensor) and not isinstance(t, DTensor):
+        return True
+    return (isinstance(p, DTensor) and isinstance(t, DTensor) and t.device_mesh == p.device_mesh
+            and t.placements == p.placements and not any(pl.is_partial() for pl in p.placements))
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -70,15 +90,18 @@ class AdamW(torch.optim.AdamW):
             if any(isinstance(x, torch.Tensor) for x in (group["lr"], beta1, beta2, group["weight_decay"])):
                 return None
             params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                g = p.grad
+            for param in params:
+                if not _same_layout(param.grad, param):
+                    return None
+                p, g = _local(param), _local(param.grad)
                 if (p.dtype not in ADAMW_DTYPES or g.dtype != p.dtype or g.is_sparse or p.is_sparse
                         or not use_triton(p) or g.device != p.device
                         or not p.is_contiguous() or not g.is_contiguous()):
                     return None
-                state = self.state.get(p)
-                if state and not all(state[k].dtype == p.dtype and state[k].is_contiguous()
-                                     and state[k].device == p.device for k in ("exp_avg", "exp_avg_sq")):
+                state = self.state.get(param)
+                if state and not all(_same_layout(state[k], param) and _local(state[k]).dtype == p.dtype
+                                     and _local(state[k]).is_contiguous() and _local(state[k]).device == p.device
+                                     for k in ("exp_avg", "exp_avg_sq")):
                     return None
             plan.append((group, params))
         return plan
@@ -96,10 +119,11 @@ class AdamW(torch.optim.AdamW):
         # batches of one (device, dtype, step count): the step count sets the bias corrections
         batches = defaultdict(list)
         for p, step in zip(params, steps):
-            batches[(p.device, p.dtype, float(step))].append(p)
+            batches[(_local(p).device, p.dtype, float(step))].append(p)
         beta1, beta2 = group["betas"]
         for (_, _, step), batch in batches.items():
-            adamw_step_(batch, [p.grad for p in batch],
-                        [self.state[p]["exp_avg"] for p in batch], [self.state[p]["exp_avg_sq"] for p in batch],
+            adamw_step_([_local(p) for p in batch], [_local(p.grad) for p in batch],
+                        [_local(self.state[p]["exp_avg"]) for p in batch],
+                        [_local(self.state[p]["exp_avg_sq"]) for p in batch],
                         step=step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                         weight_decay=group["weight_decay"])

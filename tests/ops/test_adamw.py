@@ -186,6 +186,52 @@ def test_closure_scheduler_and_no_fused_flag(device):
         AdamW(params, fused=True)
 
 
+@pytest.fixture
+def one_rank_mesh(device, tmp_path):
+    """A device mesh of this one process (FSDP2 / tensor-parallel parameters are DTensors on a mesh)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo",
+                                         init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        yield init_device_mesh(device, (1,))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sharded_parameters_step_their_local_shards(dtype, device, one_rank_mesh, monkeypatch):
+    """DTensor parameters (FSDP2's Shard(0)): the kernel steps the local shards, the numbers of the same
+    step on plain tensors; a gradient with a reduction pending (Partial) runs torch's step instead."""
+    from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
+
+    import liger_kernels.optim as optim
+
+    calls = []
+    monkeypatch.setattr(optim, "adamw_step_", lambda *a, **k: calls.append(1) or adamw_step_(*a, **k))
+    plain = _model_params(dtype, device)
+    sharded = [torch.nn.Parameter(distribute_tensor(p.detach().clone(), one_rank_mesh, [Shard(0)])) for p in plain]
+    optimizer = AdamW(sharded, lr=1e-2)
+    reference = AdamW(plain, lr=1e-2)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        for p, q in zip(plain, sharded):
+            p.grad = (torch.randn(p.shape, generator=gen) * 0.1).to(dtype).to(device)
+            q.grad = distribute_tensor(p.grad.clone(), one_rank_mesh, [Shard(0)])
+        reference.step()
+        optimizer.step()
+    assert len(calls) == 6  # three steps each, all on the kernel
+    for p, q in zip(plain, sharded):
+        assert isinstance(q, DTensor) and torch.equal(q.full_tensor(), p)
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(optimizer.state[q][k].full_tensor(), reference.state[p][k])
+    calls.clear()
+    for q in sharded:
+        q.grad = DTensor.from_local(torch.zeros_like(q.to_local()), one_rank_mesh, [Partial()])
+    assert optimizer._fused_plan() is None  # torch's step, which handles the pending reduction
+    assert calls == []
+
+
 @pytest.mark.gpu
 def test_step_needs_no_parameter_sized_temporaries():
     """torch's foreach step allocates a list the size of the parameters (sqrt(v)); this one does not."""
