@@ -50,6 +50,7 @@ SETUPS = {
     "ours_ckpt_adamw": ("ours", True, False, "liger_adamw"),
     "ours_compile_adamw": ("ours", False, True, "liger_adamw"),
     "liger_kernel_fused_adamw": ("liger_kernel", False, False, "torch_fused_adamw"),
+    "ours_fused_adamw": ("ours", False, False, "torch_fused_adamw"),  # the HF Trainer's default optimizer
     "liger_kernel_ckpt_fused_adamw": ("liger_kernel", True, False, "torch_fused_adamw"),
 }
 # The patchers that call our apply_liger (and must unpatch after).

@@ -4,7 +4,8 @@
 #      what is left between 1.13-1.14x and the 1.15x target for Llama
 #   2. compiled: ours_compile with torch's and with our AdamW, next to Liger-Kernel (ANCHORS' stretch:
 #      >= 75k tok/s compiled)
-#   3. e2e Llama, 2 rounds: Liger-Kernel, ours, ours + our AdamW (the AdamW rounding change of session 9)
+#   3. e2e Llama, 2 rounds: Liger-Kernel, ours, ours + our AdamW (the AdamW rounding change of session 9),
+#      and both with torch's fused AdamW (the HF Trainer's default optim, adamw_torch_fused)
 source "$(dirname "$0")/gpu_common.sh"
 export PYTHONPATH=/tmp/site:$PWD
 {
@@ -15,8 +16,9 @@ export PYTHONPATH=/tmp/site:$PWD
   timeout 200 python3 -m liger_plugins.bench_e2e --families llama --setups liger_kernel,ours_compile,ours_compile_adamw \
     --out "$OUT/e2e_compile" 2>&1 | grep -v "^W1" | tail -4
   echo "== 3. e2e (${SECONDS} s)"
-  timeout 200 python3 -m liger_plugins.bench_e2e --families llama --rounds 2 --setups liger_kernel,ours,ours_adamw \
-    --out "$OUT/e2e_llama" 2>&1 | grep -v "^W1" | tail -9
+  timeout 260 python3 -m liger_plugins.bench_e2e --families llama --rounds 2 \
+    --setups liger_kernel,ours,ours_adamw,liger_kernel_fused_adamw,ours_fused_adamw \
+    --out "$OUT/e2e_llama" 2>&1 | grep -v "^W1" | tail -15
   rm -f "$OUT"/*/e2e.png
   echo "== done in ${SECONDS} s"
 } 2>&1 | tee "$OUT/log"
