@@ -11,7 +11,7 @@ export PYTHONPATH=/tmp/site:$PWD
 {
   nvidia-smi -L
   echo "== 1. profile (${SECONDS} s)"
-  timeout 120 python3 scripts/profile_e2e.py --setups ours_adamw,liger_kernel --steps 4 --out "$OUT/profile.json" 2>&1 | grep -v "^W1" | tail -25
+  timeout 120 python3 scripts/profile_e2e.py --setups ours_adamw,liger_kernel --steps 4 --out "$OUT/profile.json" 2>&1 | grep -v "^W1" | tail -50
   echo "== 2. compiled (${SECONDS} s)"
   timeout 200 python3 -m liger_plugins.bench_e2e --families llama --setups liger_kernel,ours_compile,ours_compile_adamw \
     --out "$OUT/e2e_compile" 2>&1 | grep -v "^W1" | tail -4
