@@ -40,7 +40,7 @@ class LinearProjectionsFunction(torch.autograd.Function):
     def backward(ctx, *grads):
         x, *weights = ctx.saved_tensors
         n = len(weights)
-        need_x, _, need = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2:]
+        need_x, need = ctx.needs_input_grad[0], ctx.needs_input_grad[2:]  # (x, n, weights..., biases...)
         grad_x = None
         grad_weights, grad_biases = [None] * n, [None] * n
         for i, (dy, w) in enumerate(zip(grads, weights)):

@@ -292,6 +292,8 @@ def _rewrite_attention_forward(forward):
     Everything else (views, q/k norms, rotary, cache, the attention call) stays the original's code,
     so every attention whose forward projects `hidden_states` this way is covered, whatever follows."""
     function = inspect.unwrap(forward)
+    if not inspect.isfunction(function):
+        return "its forward is not a plain function"
     try:
         source = textwrap.dedent(inspect.getsource(function))
         filename = inspect.getsourcefile(function) or "<attention forward>"
