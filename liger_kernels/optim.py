@@ -7,6 +7,7 @@
 a checkpoint of either loads into the other. Its step gives the parameters and states that torch's
 default (foreach) AdamW step gives, in one kernel per tensor instead of eight list operations,
 and without their temporary list of the parameters' size (the step's peak memory drops by that much).
+Tensors under SMALL_TENSOR_ELEMENTS on CUDA take torch's foreach step itself, in one call (see there).
 Options the kernel does not cover (amsgrad, maximize, capturable, differentiable, tensor lr or betas,
 sparse or complex gradients, CPU parameters outside the interpreter) run torch's own step instead,
 for the whole step, so the numbers never depend on which path ran.
@@ -19,10 +20,12 @@ i.e. no reduction pending); otherwise torch's step runs.
 
 from __future__ import annotations
 
+import inspect
 from collections import defaultdict
 
 import torch
 from torch.distributed.tensor import DTensor
+from torch.optim import adam as torch_adam
 
 from liger_kernels._utils import use_triton
 from liger_kernels.ops.adamw import ADAMW_DTYPES, adamw_step_
@@ -43,6 +46,27 @@ def _same_layout(t: torch.Tensor, p: torch.Tensor) -> bool:
         return True
     return (isinstance(p, DTensor) and isinstance(t, DTensor) and t.device_mesh == p.device_mesh
             and t.placements == p.placements and not any(pl.is_partial() for pl in p.placements))
+
+
+# Tensors under this many elements take torch's foreach step instead of the kernel, all in one call, on
+# CUDA (where the kernel equals that step bit for bit): a launch per tensor costs ~30 us of host time,
+# more than a small tensor's whole update on the GPU, and models can carry hundreds of small tensors
+# (norm weights, LoRA adapters). Their temporaries are small by definition.
+SMALL_TENSOR_ELEMENTS = 1 << 20
+
+
+def _takes_torch_step(local: torch.Tensor) -> bool:
+    return local.is_cuda and local.numel() < SMALL_TENSOR_ELEMENTS and _TORCH_ADAM_DECOUPLED
+
+
+def _torch_adam_has_decoupled_weight_decay() -> bool:
+    try:
+        return "decoupled_weight_decay" in inspect.signature(torch_adam.adam).parameters
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
+_TORCH_ADAM_DECOUPLED = _torch_adam_has_decoupled_weight_decay()
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -113,6 +137,17 @@ class AdamW(torch.optim.AdamW):
                 state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        beta1, beta2 = group["betas"]
+        small = [p for p in params if _takes_torch_step(_local(p))]
+        if small:  # torch's foreach step, which also counts their steps
+            states = [self.state[p] for p in small]
+            torch_adam.adam(
+                [_local(p) for p in small], [_local(p.grad) for p in small],
+                [_local(s["exp_avg"]) for s in states], [_local(s["exp_avg_sq"]) for s in states], [],
+                [s["step"] for s in states], foreach=True, decoupled_weight_decay=True, amsgrad=False,
+                beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
+                maximize=False)
+            params = [p for p in params if not _takes_torch_step(_local(p))]
         steps = [self.state[p]["step"] for p in params]
         if steps:
             torch._foreach_add_(steps, 1.0)
@@ -120,7 +155,6 @@ class AdamW(torch.optim.AdamW):
         batches = defaultdict(list)
         for p, step in zip(params, steps):
             batches[(_local(p).device, p.dtype, float(step))].append(p)
-        beta1, beta2 = group["betas"]
         for (_, _, step), batch in batches.items():
             adamw_step_([_local(p) for p in batch], [_local(p.grad) for p in batch],
                         [_local(self.state[p]["exp_avg"]) for p in batch],

@@ -20,6 +20,15 @@ from tests.tolerances import DTYPES
 SIZES = [(1,), (4097,), (3, 5000), (7, 33, 2), (0, 3)]
 
 
+@pytest.fixture(autouse=True)
+def kernel_for_every_size(monkeypatch):
+    """The tests' tensors are small: on CUDA they would take torch's own step (SMALL_TENSOR_ELEMENTS),
+    which would leave the kernel untested there. test_small_tensors_* switches it back on."""
+    import liger_kernels.optim as optim
+
+    monkeypatch.setattr(optim, "_takes_torch_step", lambda t: False)
+
+
 def _assert_same(ours, theirs, *, exact: bool, name: str, ulps: int = 1):
     """Bit for bit, or (exact=False) within `ulps` roundings of the dtype at the tensor's scale."""
     assert ours.dtype == theirs.dtype and ours.shape == theirs.shape, name
@@ -184,6 +193,30 @@ def test_closure_scheduler_and_no_fused_flag(device):
     assert optimizer.param_groups[0]["lr"] == 5e-3
     with pytest.raises(ValueError, match="fused=True"):
         AdamW(params, fused=True)
+
+
+def test_small_tensors_take_torch_foreach_step_in_one_call(device, monkeypatch):
+    """On CUDA, tensors under SMALL_TENSOR_ELEMENTS go through torch's foreach step in one call (the
+    same numbers there; one launch per small tensor would cost more host time than their update): the
+    small ones get torch's numbers and step counts, the others the kernel's, each counted once."""
+    import liger_kernels.optim as optim
+
+    monkeypatch.setattr(optim, "_takes_torch_step", lambda t: t.numel() < 100)  # (19,) and (1,) here
+    calls = []
+    original = optim.torch_adam.adam
+    monkeypatch.setattr(optim.torch_adam, "adam", lambda *a, **k: calls.append(len(a[0])) or original(*a, **k))
+    hyper = dict(lr=3e-3, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.05)
+    mixed_params = _model_params(torch.float32, device)
+    kernel_params, torch_params = copy.deepcopy(mixed_params), copy.deepcopy(mixed_params)
+    mixed = _train(AdamW, mixed_params, 5, **hyper)
+    assert calls == [2, 1, 2, 1, 2]  # the (19,) parameter has a gradient every other step
+    monkeypatch.setattr(optim, "_takes_torch_step", lambda t: False)
+    _train(AdamW, kernel_params, 5, **hyper)
+    theirs = _train(torch.optim.AdamW, torch_params, 5, foreach=True, **hyper)
+    for i, (a, b, c) in enumerate(zip(mixed_params, kernel_params, torch_params)):
+        expected = c if a.numel() < 100 else b
+        assert torch.equal(a, expected), i
+        assert mixed.state[a]["step"].item() == theirs.state[c]["step"].item()
 
 
 @pytest.fixture
