@@ -443,6 +443,11 @@ def eager_gated_down_proj(a, b, weight):
     return F.linear(F.silu(a) * b, weight)
 
 
+def eager_linear_projections(x, weights):
+    """The attention's q/k/v projections as transformers calls them: autograd adds their input gradients."""
+    return tuple(F.linear(x, w) for w in weights)
+
+
 def eager_fused_moe(hidden, router_logits, gate_up_weight, down_weight, top_k):
     """transformers' Mixtral / Qwen3-MoE block: fp32 softmax routing, top-k renormalized, then a loop
     over the experts that got tokens (host syncs to find and index them)."""
@@ -584,6 +589,14 @@ def make_gated_down_proj(d, device, dtype):
     return Inputs(leaves, [], [_randn(m, h, device=device, dtype=dtype, grad=False)], _positional)
 
 
+def make_linear_projections(d, device, dtype):
+    m, h, widths = d["M"], d["H"], (d["Q"], d["KV"], d["KV"])
+    leaves = [_randn(m, h, device=device, dtype=dtype)]
+    leaves += [_randn(n, h, device=device, dtype=dtype, scale=h ** -0.5) for n in widths]
+    grads = [_randn(m, n, device=device, dtype=dtype, grad=False) for n in widths]
+    return Inputs(leaves, [], grads, lambda leaves, consts: (leaves[0], leaves[1:]))
+
+
 def make_fused_moe(d, device, dtype):
     m, h, i, e = d["M"], d["H"], d["I"], d["E"]
     leaves = [_randn(m, h, device=device, dtype=dtype), _randn(m, e, device=device, dtype=dtype),  # hidden, router
@@ -701,6 +714,13 @@ _EXTRA_SPECS = (
            lambda d, e: {"fwd": 2 * d["M"] * d["I"] * d["H"], "fwd_bwd": 6 * d["M"] * d["I"] * d["H"]},
            ({"M": 16384, "I": 8192, "H": 2048}, {"M": 16384, "I": 14336, "H": 4096}), {},
            {"M": 3, "I": 40, "H": 24}),
+    OpSpec("linear_projections", "linear_projections", {}, make_linear_projections, eager_linear_projections,
+           lambda d: f"{d['M']}x{d['H']} -> {d['Q']}+2x{d['KV']}", "flops",
+           "fwd 2*M*H*(Q+2KV) FLOPs (the q, k, v products); fwd+bwd 6*M*H*(Q+2KV) (+ dX, dW); the point is "
+           "the two input-gradient adds autograd runs and this op does not",
+           lambda d, e: {"fwd": 2 * d["M"] * d["H"] * (d["Q"] + 2 * d["KV"]),
+                         "fwd_bwd": 6 * d["M"] * d["H"] * (d["Q"] + 2 * d["KV"])},
+           ({"M": 16384, "H": 2048, "Q": 2048, "KV": 1024},), {}, {"M": 5, "H": 24, "Q": 16, "KV": 8}),
     OpSpec("fused_moe", "fused_moe", {}, make_fused_moe, eager_fused_moe,
            lambda d: f"{d['M']} H{d['H']} I{d['I']} E{d['E']} top{d['K']}", "flops",
            "fwd 6*M*K*H*I FLOPs (gate_up and down products of each token's K experts); fwd+bwd 18*M*K*H*I",

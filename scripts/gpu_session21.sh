@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Prepared in session 9 for the next session's first call (carry [".whl"]), ~8 min:
+# Prepared in session 9 for the next session's first call (carry [".whl"]), ~9 min (timeouts sum to 590 s):
 #   1. where the step with our AdamW spends its time (profile by kernel family, GPU idle gaps):
 #      what is left between 1.13-1.14x and the 1.15x target for Llama
+#   1b. linear_projections alone (ours vs eager vs compile, fwd+bwd ms, peak)
 #   2. compiled: ours_compile with torch's and with our AdamW, next to Liger-Kernel (ANCHORS' stretch:
 #      >= 75k tok/s compiled)
 #   3. e2e Llama, 2 rounds: Liger-Kernel, ours, ours + our AdamW (the AdamW rounding change of session 9),
@@ -11,12 +12,15 @@ export PYTHONPATH=/tmp/site:$PWD
 {
   nvidia-smi -L
   echo "== 1. profile (${SECONDS} s)"
-  timeout 120 python3 scripts/profile_e2e.py --setups ours_adamw,liger_kernel --steps 4 --out "$OUT/profile.json" 2>&1 | grep -v "^W1" | tail -50
+  timeout 110 python3 scripts/profile_e2e.py --setups ours_adamw,liger_kernel --steps 4 --out "$OUT/profile.json" 2>&1 | grep -v "^W1" | tail -50
+  echo "== 1b. the q/k/v projections op alone (${SECONDS} s)"
+  timeout 70 python3 -m liger_plugins.cli bench --quick --ops linear_projections --impls ours,eager,compile \
+    --out "$OUT/bench_projections" --plots none --warmup 3 --time-limit 60 2>&1 | grep -v "^W1" | tail -6
   echo "== 2. compiled (${SECONDS} s)"
-  timeout 200 python3 -m liger_plugins.bench_e2e --families llama --setups liger_kernel,ours_compile,ours_compile_adamw \
+  timeout 180 python3 -m liger_plugins.bench_e2e --families llama --setups liger_kernel,ours_compile,ours_compile_adamw \
     --out "$OUT/e2e_compile" 2>&1 | grep -v "^W1" | tail -4
   echo "== 3. e2e (${SECONDS} s)"
-  timeout 260 python3 -m liger_plugins.bench_e2e --families llama --rounds 2 \
+  timeout 230 python3 -m liger_plugins.bench_e2e --families llama --rounds 2 \
     --setups liger_kernel,ours,ours_adamw,liger_kernel_fused_adamw,ours_fused_adamw \
     --out "$OUT/e2e_llama" 2>&1 | grep -v "^W1" | tail -15
   rm -f "$OUT"/*/e2e.png

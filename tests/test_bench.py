@@ -304,7 +304,7 @@ def test_selfcheck_covers_the_extra_ops():
 
 def test_liger_kernel_calls_bind_for_the_extra_ops(monkeypatch):
     """As above, for the extra ops (called with their tiny inputs); Liger-Kernel has no fused MoE, no
-    gated down projection and no modulated RMSNorm."""
+    gated down projection, no modulated RMSNorm and no joint projections."""
     lf = pytest.importorskip("liger_kernel.transformers.functional")
     from liger_kernel.transformers import llama4_rope as l4
 
@@ -315,7 +315,8 @@ def test_liger_kernel_calls_bind_for_the_extra_ops(monkeypatch):
                 sig = inspect.signature(fn)
                 monkeypatch.setattr(mod, name, lambda *a, _n=name, _s=sig, **k: calls.setdefault(_n, _s.bind(*a, **k)))
     with_liger = [op for op in bench.EXTRA_OPS if bench._liger(op) is not None]
-    assert set(bench.EXTRA_OPS) - set(with_liger) == {"gated_down_proj", "fused_moe", "modulated_rms_norm"}
+    assert set(bench.EXTRA_OPS) - set(with_liger) == {"gated_down_proj", "fused_moe", "modulated_rms_norm",
+                                                      "linear_projections"}
     for op in with_liger:
         spec = bench.OPS[op]
         torch.manual_seed(0)
