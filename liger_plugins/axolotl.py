@@ -15,8 +15,9 @@ Written against Axolotl 0.19.0 (the newest release for Python 3.11) and the plug
 Keys: the names of Axolotl's own Liger plugin, each a YAML boolean; unset or false leaves that kernel
 off. liger_rope -> rope, liger_rms_norm -> rms_norm, liger_glu_activation -> the gated MLP kernel
 (swiglu or geglu, picked by the model's activation), liger_layer_norm -> layer_norm,
-liger_cross_entropy -> cross_entropy, liger_fused_linear_cross_entropy -> fused_linear_cross_entropy
-(keywords of `liger_plugins.patching.apply_liger`).
+liger_cross_entropy -> cross_entropy, liger_fused_linear_cross_entropy -> fused_linear_cross_entropy,
+and one key of ours: liger_qkv_projections -> qkv_projections (the attention's q/k/v projections as
+one op) (keywords of `liger_plugins.patching.apply_liger`).
 
 Validation happens inside Axolotl's own (`load_cfg` -> `validate_config`), which merges `LigerPluginsArgs`
 into its config schema:
@@ -75,6 +76,7 @@ CONFIG_KEYS = {
     "liger_layer_norm": "layer_norm",
     "liger_cross_entropy": "cross_entropy",
     "liger_fused_linear_cross_entropy": "fused_linear_cross_entropy",
+    "liger_qkv_projections": "qkv_projections",  # ours only: the attention's q/k/v projections as one op
 }
 
 # Keys only Axolotl's own Liger plugin reads, with what to do instead.
@@ -95,6 +97,7 @@ class LigerPluginsArgs(BaseModel):
     liger_layer_norm: StrictBool | None = None
     liger_cross_entropy: StrictBool | None = None
     liger_fused_linear_cross_entropy: StrictBool | None = None
+    liger_qkv_projections: StrictBool | None = None
 
     @model_validator(mode="before")
     @classmethod

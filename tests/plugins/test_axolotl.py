@@ -30,6 +30,7 @@ from pydantic import ValidationError
 from transformers import LlamaForCausalLM
 from transformers.models.llama import modeling_llama
 
+from liger_plugins import axolotl as axolotl_plugin
 from liger_plugins.axolotl import LigerPlugin, LigerPluginsArgs
 from liger_plugins.patching import unpatch
 from liger_plugins.patching.forwards import is_liger
@@ -38,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PLUGIN = "liger_plugins.axolotl.LigerPlugin"
 AXOLOTL_LIGER = "axolotl.integrations.liger.LigerPlugin"
 ALL_KEYS = {"liger_rope": True, "liger_rms_norm": True, "liger_glu_activation": True,
-            "liger_fused_linear_cross_entropy": True}
+            "liger_fused_linear_cross_entropy": True, "liger_qkv_projections": True}
 KERNELS = ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy", "cross_entropy")
 
 
@@ -102,6 +103,9 @@ def test_yaml_plugins_entry_registers_and_validates(tiny_root, tmp_path):
     assert cfg.model_config_type == "llama"
     assert (cfg.liger_rope, cfg.liger_glu_activation, cfg.liger_layer_norm) == (True, True, False)
     assert cfg.liger_cross_entropy is None  # unset: that kernel stays off
+    assert axolotl_plugin._kwargs(cfg)["qkv_projections"] is True
+    unset = load(tiny_config(tiny_root, tmp_path, liger_qkv_projections=None), tmp_path)
+    assert axolotl_plugin._kwargs(unset)["qkv_projections"] is False  # our own key: unset is off too
 
 
 @pytest.mark.parametrize(
