@@ -40,6 +40,23 @@ def test_liger_adamw_setup_gives_the_foreach_numbers(reference_dispatch):
         assert abs(a - b) <= 1e-5 * abs(a)
 
 
+def test_glu_matmul_setup_runs_it_and_agrees(reference_dispatch, monkeypatch):
+    """ours_adamw_glu_matmul: the MLP's down projection computes act(gate) * up in its product (the
+    kernel under the interpreter); the same losses as ours_adamw; the switch is off again afterwards."""
+    from liger_kernels.ops import glu_matmul
+
+    monkeypatch.setattr(_utils, "INTERPRET", True)
+    calls = []
+    original = glu_matmul.glu_matmul_rows
+    monkeypatch.setattr(glu_matmul, "glu_matmul_rows", lambda *a: calls.append(1) or original(*a))
+    plain = bench_e2e.run_one("tiny", "ours_adamw", batch=2, seq=32, steps=2, warmup=0)
+    assert calls == []
+    fused = bench_e2e.run_one("tiny", "ours_adamw_glu_matmul", batch=2, seq=32, steps=2, warmup=0)
+    assert calls and glu_matmul.GLU_MATMUL is False
+    for a, b in zip(plain["losses"], fused["losses"]):
+        assert abs(a - b) <= 1e-5 * abs(a)
+
+
 def test_unknown_setup_is_refused():
     with pytest.raises(SystemExit):
         bench_e2e.main(["--setups", "hf_eager,nonsense", "--families", "tiny"])
