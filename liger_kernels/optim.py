@@ -69,6 +69,15 @@ def _torch_adam_has_decoupled_weight_decay() -> bool:
 _TORCH_ADAM_DECOUPLED = _torch_adam_has_decoupled_weight_decay()
 
 
+def _unhooked(step):
+    """`step` without the wrapper torch.optim puts around a class's step once an instance of it exists
+    (step hooks, profiling): our step is wrapped already, so the parent's, called from it, must not run
+    the hooks a second time."""
+    while getattr(step, "hooked", False):
+        step = step.__wrapped__
+    return step
+
+
 def _scalar_dtype() -> torch.dtype:
     # torch keeps AdamW's step count in a CPU tensor of this dtype (float64 under a float64 default)
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
@@ -98,7 +107,7 @@ class AdamW(torch.optim.AdamW):
         with torch.no_grad():
             plan = self._fused_plan()
             if plan is None:
-                super().step()
+                _unhooked(torch.optim.AdamW.step)(self)
                 return loss
             for group, params in plan:
                 self._fused_group_step(group, params)

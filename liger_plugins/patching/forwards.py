@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from liger_kernels import functional as LF
+from liger_kernels._utils import SUPPORTED_FLOAT_DTYPES
 from liger_plugins.patching.registry import ArchitectureTraits, MLPSpec, NormSpec
 
 
@@ -273,7 +274,7 @@ def attention_projections(self, hidden_states):
     """(self.q_proj(h), self.k_proj(h), self.v_proj(h)): one op, the three input gradients summed in
     the products, when all three are plain Linears (else each module is called, as the original does)."""
     modules = [getattr(self, name) for name in _QKV]
-    if all(plain_linear(m) for m in modules):
+    if hidden_states.dtype in SUPPORTED_FLOAT_DTYPES and all(plain_linear(m) for m in modules):
         return LF.linear_projections(hidden_states, [m.weight for m in modules], [m.bias for m in modules])
     return tuple(m(hidden_states) for m in modules)
 

@@ -176,6 +176,22 @@ def test_uncovered_options_run_torch_step(option, device):
         assert torch.equal(a, b)
 
 
+def test_step_hooks_run_once_on_torch_path(device):
+    """On torch's path (amsgrad), once a torch AdamW exists (torch then wraps its class's step with the
+    hook runner too), the step hooks still run once per step."""
+    params = _model_params(torch.float32, device)
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])  # torch wraps torch.optim.AdamW.step now
+    optimizer = AdamW(params, lr=1e-2, amsgrad=True)
+    calls = []
+    optimizer.register_step_pre_hook(lambda *a: calls.append("pre"))
+    optimizer.register_step_post_hook(lambda *a: calls.append("post"))
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    assert calls == ["pre", "post"]
+    assert optimizer.state[params[0]]["step"].item() == 1.0
+
+
 def test_closure_scheduler_and_no_fused_flag(device):
     params = _model_params(torch.float32, device)
     optimizer = AdamW(params, lr=1e-2)

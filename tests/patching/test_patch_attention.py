@@ -133,6 +133,15 @@ def test_an_attention_of_another_shape_keeps_its_forward(build, monkeypatch, pro
     assert projection_calls == []
 
 
+def test_float64_keeps_the_module_calls(build, projection_calls):
+    """A dtype the kernels do not take (float64: gradcheck) runs the projections as modules."""
+    reference, model = build("llama", dtype=torch.float64), build("llama", dtype=torch.float64)
+    apply_liger(model, **ONLY_QKV)
+    ids, labels = batch(model.config.vocab_size)
+    loss, loss_ref = loss_and_grads(model, ids, labels)[0], loss_and_grads(reference, ids, labels)[0]
+    assert projection_calls == [] and torch.equal(loss, loss_ref)
+
+
 def test_errors_point_into_the_modeling_file(build):
     """The rewritten forward is compiled with the original's file name and line numbers."""
     model = build("llama")
