@@ -69,6 +69,14 @@ def _torch_adam_has_decoupled_weight_decay() -> bool:
 _TORCH_ADAM_DECOUPLED = _torch_adam_has_decoupled_weight_decay()
 
 
+def _split(items, predicate):
+    """(the items for which predicate holds, the others), each in order."""
+    yes, no = [], []
+    for item in items:
+        (yes if predicate(item) else no).append(item)
+    return yes, no
+
+
 def _unhooked(step):
     """`step` without the wrapper torch.optim puts around a class's step once an instance of it exists
     (step hooks, profiling): our step is wrapped already, so the parent's, called from it, must not run
@@ -147,7 +155,7 @@ class AdamW(torch.optim.AdamW):
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         beta1, beta2 = group["betas"]
-        small = [p for p in params if _takes_torch_step(_local(p))]
+        small, params = _split(params, lambda p: _takes_torch_step(_local(p)))
         if small:  # torch's foreach step, which also counts their steps
             states = [self.state[p] for p in small]
             torch_adam.adam(
@@ -156,7 +164,6 @@ class AdamW(torch.optim.AdamW):
                 [s["step"] for s in states], foreach=True, decoupled_weight_decay=True, amsgrad=False,
                 beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
                 maximize=False)
-            params = [p for p in params if not _takes_torch_step(_local(p))]
         steps = [self.state[p]["step"] for p in params]
         if steps:
             torch._foreach_add_(steps, 1.0)

@@ -93,10 +93,15 @@ def _geglu_erf(a, b):
     return LF.geglu(a, b, approximate="none")
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Forward hooks or an accelerate hook: calling the module does more than its forward."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"))
+
+
 def _weight_readable(module: nn.Module) -> bool:
     """No hooks (accelerate offload, ZeRO-3 gathering, user hooks) and a full local `weight` (not a
     ZeRO-3 partition or a sharded DTensor): a forward may read the weight instead of calling the module."""
-    if module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"):
+    if _hooked(module):
         return False
     weight = getattr(module, "weight", None)
     return type(weight) in (nn.Parameter, torch.Tensor) and not hasattr(weight, "ds_id")
@@ -151,8 +156,7 @@ def mlp_takes_residual(mlp: nn.Module) -> bool:
     """True if `mlp(x, residual=r)` is our gated MLP forward and reaches it without hooks (which would
     see the extra keyword)."""
     forward = getattr(mlp.forward, "__func__", mlp.forward)
-    return (is_liger(forward) and forward.__name__ == "gated_mlp_forward" and not mlp._forward_hooks
-            and not mlp._forward_pre_hooks and not hasattr(mlp, "_hf_hook"))
+    return is_liger(forward) and forward.__name__ == "gated_mlp_forward" and not _hooked(mlp)
 
 
 # The statements of the pre-norm decoder layer forward that make_decoder_layer_forward re-implements
@@ -178,14 +182,23 @@ def prenorm_layer_mismatch(cls: type) -> str | None:
     return _prenorm_forward_mismatch(cls.forward)
 
 
+def _parse_function(function):
+    """(FunctionDef of the function's source, its file, its first line), or None without a source."""
+    try:
+        lines, first_line = inspect.getsourcelines(function)
+        func = ast.parse(textwrap.dedent("".join(lines))).body[0]
+    except (OSError, TypeError, SyntaxError, IndexError):
+        return None
+    return func, inspect.getsourcefile(function) or "<unknown>", first_line
+
+
 @functools.lru_cache(maxsize=None)
 def _prenorm_forward_mismatch(forward) -> str | None:
     """prenorm_layer_mismatch of one forward function, parsed once (an instance patch asks per layer)."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(forward))))
-    except (OSError, TypeError, SyntaxError):
+    parsed = _parse_function(inspect.unwrap(forward))
+    if parsed is None:
         return "its forward's source is not available to check"
-    func = tree.body[0]
+    func = parsed[0]
     body = [st for st in func.body if not (isinstance(st, ast.Expr) and isinstance(st.value, ast.Constant))]
     if len(body) != len(_PRENORM_LAYER):
         return f"its forward has {len(body)} statements, not the {len(_PRENORM_LAYER)} of a plain pre-norm layer"
@@ -295,13 +308,10 @@ def _rewrite_attention_forward(forward):
     function = inspect.unwrap(forward)
     if not inspect.isfunction(function):
         return "its forward is not a plain function"
-    try:
-        source = textwrap.dedent(inspect.getsource(function))
-        filename = inspect.getsourcefile(function) or "<attention forward>"
-        first_line = inspect.getsourcelines(function)[1]
-        func = ast.parse(source).body[0]
-    except (OSError, TypeError, SyntaxError):
+    parsed = _parse_function(function)
+    if parsed is None:
         return "its forward's source is not available to rewrite"
+    func, filename, first_line = parsed
     if not isinstance(func, ast.FunctionDef) or [a.arg for a in func.args.args[:2]] != ["self", "hidden_states"]:
         return "its forward does not take (self, hidden_states, ...)"
     if function.__code__.co_freevars or any(isinstance(n, ast.Name) and n.id == "super" for n in ast.walk(func)):
