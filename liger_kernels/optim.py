@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim import adam as torch_adam
 
 from liger_kernels._utils import use_triton
-from liger_kernels.ops.adamw import ADAMW_DTYPES, adamw_step_
+from liger_kernels.ops.adamw import ADAMW_DTYPES, launch_adamw_
 
 # torch's AdamW group options the fused step implements only at these values
 _GROUP_DEFAULTS_REQUIRED = {"amsgrad": False, "maximize": False, "capturable": False, "differentiable": False}
@@ -135,13 +135,15 @@ class AdamW(torch.optim.AdamW):
                 if not _same_layout(param.grad, param):
                     return None
                 p, g = _local(param), _local(param.grad)
-                if (p.dtype not in ADAMW_DTYPES or g.dtype != p.dtype or g.is_sparse or p.is_sparse
+                # everything launch_adamw_ needs and does not check
+                if (p.dtype not in ADAMW_DTYPES or g.dtype != p.dtype or g.shape != p.shape or g.is_sparse or p.is_sparse
                         or not use_triton(p) or g.device != p.device
                         or not p.is_contiguous() or not g.is_contiguous()):
                     return None
                 state = self.state.get(param)
                 if state and not all(_same_layout(state[k], param) and _local(state[k]).dtype == p.dtype
                                      and _local(state[k]).is_contiguous() and _local(state[k]).device == p.device
+                                     and _local(state[k]).shape == p.shape
                                      for k in ("exp_avg", "exp_avg_sq")):
                     return None
             plan.append((group, params))
@@ -172,8 +174,8 @@ class AdamW(torch.optim.AdamW):
         for p, step in zip(params, steps):
             batches[(_local(p).device, p.dtype, float(step))].append(p)
         for (_, _, step), batch in batches.items():
-            adamw_step_([_local(p) for p in batch], [_local(p.grad) for p in batch],
-                        [_local(self.state[p]["exp_avg"]) for p in batch],
-                        [_local(self.state[p]["exp_avg_sq"]) for p in batch],
-                        step=step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                        weight_decay=group["weight_decay"])
+            launch_adamw_([_local(p) for p in batch], [_local(p.grad) for p in batch],
+                          [_local(self.state[p]["exp_avg"]) for p in batch],
+                          [_local(self.state[p]["exp_avg_sq"]) for p in batch],
+                          step=step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                          weight_decay=group["weight_decay"])

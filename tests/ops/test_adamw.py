@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 
-from liger_kernels.ops.adamw import adamw_step_, adamw_step_reference_
+from liger_kernels.ops.adamw import adamw_step_, adamw_step_reference_, launch_adamw_
 from liger_kernels.optim import AdamW
 from tests.tolerances import DTYPES
 
@@ -192,6 +192,22 @@ def test_step_hooks_run_once_on_torch_path(device):
     assert optimizer.state[params[0]]["step"].item() == 1.0
 
 
+def test_mismatched_state_is_torch_steps_error(device, monkeypatch):
+    """A state of another shape than its parameter (a state_dict of another model): the kernel would
+    read past it, so the step is torch's, which refuses it."""
+    import liger_kernels.optim as optim
+
+    monkeypatch.setattr(optim, "launch_adamw_", lambda *a, **k: pytest.fail("the kernel ran"))
+    params = _model_params(torch.float32, device)
+    optimizer = AdamW(params, lr=1e-2)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.state[params[0]].update(step=torch.tensor(1.0), exp_avg=torch.zeros(3, device=device),
+                                      exp_avg_sq=torch.zeros(3, device=device))
+    with pytest.raises(RuntimeError):
+        optimizer.step()
+
+
 def test_closure_scheduler_and_no_fused_flag(device):
     params = _model_params(torch.float32, device)
     optimizer = AdamW(params, lr=1e-2)
@@ -257,7 +273,7 @@ def test_sharded_parameters_step_their_local_shards(dtype, device, one_rank_mesh
     import liger_kernels.optim as optim
 
     calls = []
-    monkeypatch.setattr(optim, "adamw_step_", lambda *a, **k: calls.append(1) or adamw_step_(*a, **k))
+    monkeypatch.setattr(optim, "launch_adamw_", lambda *a, **k: calls.append(1) or launch_adamw_(*a, **k))
     plain = _model_params(dtype, device)
     sharded = [torch.nn.Parameter(distribute_tensor(p.detach().clone(), one_rank_mesh, [Shard(0)])) for p in plain]
     optimizer = AdamW(sharded, lr=1e-2)
