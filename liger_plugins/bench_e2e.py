@@ -52,10 +52,7 @@ SETUPS = {
     "liger_kernel_fused_adamw": ("liger_kernel", False, False, "torch_fused_adamw"),
     "ours_fused_adamw": ("ours", False, False, "torch_fused_adamw"),  # the HF Trainer's default optimizer
     "liger_kernel_ckpt_fused_adamw": ("liger_kernel", True, False, "torch_fused_adamw"),
-    # the MLP's act(gate) * up computed inside the down projection's product (ops/glu_matmul.py, opt-in)
-    "ours_adamw_glu_matmul": ("ours", False, False, "liger_adamw"),
 }
-GLU_MATMUL_SETUPS = ("ours_adamw_glu_matmul",)
 # The patchers that call our apply_liger (and must unpatch after).
 _OUR_PATCHERS = ("ours", "causal_mask_only")
 
@@ -86,10 +83,6 @@ def training_step(family: str, setup: str, batch: int, seq: int):
         kernels = patcher == "ours"
         apply_liger(model, rope=kernels, rms_norm=kernels, swiglu=kernels, fused_linear_cross_entropy=kernels,
                     layer_norm=kernels, qkv_projections=kernels)
-        if setup in GLU_MATMUL_SETUPS:
-            from liger_kernels.ops import glu_matmul
-
-            glu_matmul.GLU_MATMUL = True
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -116,11 +109,9 @@ def training_step(family: str, setup: str, batch: int, seq: int):
 def release(model, setup: str) -> None:
     """Undo our patch of `model` (module-level patches would otherwise outlive it in the process)."""
     if SETUPS[setup][0] in _OUR_PATCHERS:
-        from liger_kernels.ops import glu_matmul
         from liger_plugins.patching import unpatch
 
         unpatch(model)
-        glu_matmul.GLU_MATMUL = glu_matmul.GLU_MATMUL_DEFAULT
 
 
 def run_one(family: str, setup: str, batch: int, seq: int, steps: int, warmup: int) -> dict:

@@ -31,7 +31,6 @@ import torch.nn.functional as F
 
 from liger_kernels import _library
 from liger_kernels._utils import check_float, check_same_device, use_triton
-from liger_kernels.ops import glu_matmul
 from liger_kernels.ops._tiles import as_rows, from_rows
 from liger_kernels.ops.glu import (
     _GELU_ERF,
@@ -76,9 +75,6 @@ class GatedDownProjFunction(torch.autograd.Function):
 def _forward_rows(a, b, weight, bias, act: int, residual=None) -> torch.Tensor:
     """y (M, H) of rows a, b (M, I) (+ rows residual); c = f(a) * b is freed on return (recomputed by
     `_backward`)."""
-    if glu_matmul.GLU_MATMUL and bias is None and a.stride(1) == b.stride(1) == 1 and (
-            residual is None or residual.stride(1) == 1):  # c computed inside the product (glu_matmul.py)
-        return glu_matmul.glu_matmul_rows(a, b, weight, act, residual)
     c = _glu_forward(a, b, act)
     if residual is None:
         return F.linear(c, weight, bias)
