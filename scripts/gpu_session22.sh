@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Session 10's last call (carry [".whl"]), ~7 min:
+# Prepared in session 10 for its last call, which could not start (no machine came): for the next
+# session's first call (carry [".whl"]), ~7 min:
 #   1. CUDA tests of AdamW (the optimizer now launches the kernel without re-checking its tensors)
 #   2. e2e Llama, 2 rounds: Liger-Kernel, ours, ours + our AdamW
 #   3. the AdamW kernel's tile inside the e2e step (its kernels took 10.1 ms there vs 8.0 ms alone)
