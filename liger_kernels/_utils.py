@@ -6,6 +6,7 @@ One place for each of these concepts so that every op behaves the same way:
 - Bad input raises ``ValueError``/``TypeError`` naming the argument, before any kernel launches.
 - ``LIGER_POISON_OUTPUTS=1`` (read at import) makes every kernel output start as NaN, so tests catch
   unwritten elements.
+- Kernels launch on their inputs' GPU (``on_input_device``), whichever GPU is current.
 """
 
 from __future__ import annotations
@@ -16,11 +17,33 @@ import os
 
 import torch
 
+from liger_kernels._library import compiling
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 SUPPORTED_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Largest row a single-program-per-row kernel keeps in registers (elements). Wider rows are refused
 # with a clear error rather than compiled into a kernel that spills or fails.
 MAX_FUSED_SIZE = 65536
+
+
+def on_input_device(fn):
+    """Decorator for the functions that launch kernels: run `fn` with the GPU of its first tensor
+    argument as the current CUDA device. Triton launches on the current device, not the tensors' one,
+    so a model spread over GPUs (`device_map="auto"`, pipeline stages) would otherwise launch every
+    layer's kernels on GPU 0 (an illegal address or a wrong result). Backward passes need nothing:
+    autograd runs each node with its inputs' device current. While Dynamo traces, the ops are custom
+    op nodes, launched by the compiled graph."""
+
+    @functools.wraps(fn)
+    def run_on_input_device(*args, **kwargs):
+        if not compiling():
+            first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+            if first is not None and first.is_cuda and first.device.index != torch.cuda.current_device():
+                with torch.cuda.device(first.device):
+                    return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return run_on_input_device
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:

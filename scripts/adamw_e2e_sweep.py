@@ -1,9 +1,9 @@
 """The AdamW kernel's tile shape measured inside the training step it serves (one GPU).
 
 In isolation (scripts/bench_adamw.py) our step runs at ~89% of the copy bandwidth; inside the e2e
-step the same kernels took 10.1 ms instead of 8.0 (profile, H100): after ~200 ms of matrix products
-the clocks are lower, and a kernel with seven roundings, two IEEE divisions and a square root per
-element feels that. This keeps one model of bench_e2e's `ours_adamw` setup and switches the tile
+step the same kernels took 10.1 ms instead of 8.0 (profile, H100). Not explained yet; one guess:
+lower clocks after ~200 ms of matrix products, which a kernel with seven roundings, two IEEE
+divisions and a square root per element would feel, more with some tile shapes than others. This keeps one model of bench_e2e's `ours_adamw` setup and switches the tile
 (elements per program, warps) between blocks of steps, in alternating rounds: the step time (with a
 sync per step, as bench_e2e) and the optimizer's own GPU time (CUDA events around its step). The
 values do not depend on the tile (the step is elementwise).
@@ -71,14 +71,15 @@ def main(argv=None):
     adamw._BLOCK, adamw._NUM_WARPS = default
     results = []
     for (block, warps), s in samples.items():
-        row = dict(block=block, num_warps=warps, step_ms=statistics.median(s["step_ms"]),
-                   optimizer_ms=statistics.median(s["optimizer_ms"]), tokens_per_s=args.batch * args.seq / statistics.median(s["step_ms"]) * 1e3)
+        step_ms = statistics.median(s["step_ms"])
+        row = dict(block=block, num_warps=warps, step_ms=step_ms, optimizer_ms=statistics.median(s["optimizer_ms"]),
+                   tokens_per_s=args.batch * args.seq / step_ms * 1e3)
         results.append(row)
-        print(f"BLOCK {block:5d}  warps {warps:2d}   step {row['step_ms']:7.2f} ms  ({row['tokens_per_s'] / 1e3:5.1f} k tok/s)"
+        print(f"BLOCK {block:5d}  warps {warps:2d}   step {step_ms:7.2f} ms  ({row['tokens_per_s'] / 1e3:5.1f} k tok/s)"
               f"   optimizer {row['optimizer_ms']:6.2f} ms", flush=True)
-    report = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, family=args.family, batch=args.batch, seq=args.seq,
-                  default=dict(block=default[0], num_warps=default[1]), steps=args.steps, rounds=args.rounds,
-                  results=results)
+    report = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, family=args.family, batch=args.batch,
+                  seq=args.seq, default=dict(block=default[0], num_warps=default[1]), steps=args.steps,
+                  rounds=args.rounds, results=results)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)

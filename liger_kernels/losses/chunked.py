@@ -48,7 +48,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from liger_kernels._utils import check_float, check_same_device, new_output, use_triton
+from liger_kernels._utils import check_float, check_same_device, new_output, on_input_device, use_triton
 
 # Elements (rows * vocab) of one group's logits buffer when the caller gives no chunk size: 2^28
 # elements is 512 MiB in bf16, enough for one pair of 1024-token sequences over a 128k vocabulary.
@@ -544,6 +544,7 @@ def check_target(name: str, target, hidden, vocab: int, ignore_index: int) -> No
         )
 
 
+@on_input_device
 def chunked_fused_linear_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -620,6 +621,7 @@ def chunked_fused_linear_loss(
     return loss, plan.outputs
 
 
+@on_input_device
 def chunked_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,

@@ -26,6 +26,8 @@ Memory: updates p, m and v in place (they are the optimizer's own state); reads 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -60,7 +62,7 @@ def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, n,
                   decay, lerp_weight, beta2, one_minus_beta2, bias_correction2_sqrt, eps, step_size,
                   APPLY_DECAY: tl.constexpr, SMALL_LERP_WEIGHT: tl.constexpr, ROUND_BY_BITS: tl.constexpr,
                   BLOCK: tl.constexpr):
-    DTYPE = p_ptr.dtype.element_ty  # of p, g, m and v alike (checked by adamw_step_)
+    DTYPE = p_ptr.dtype.element_ty  # of p, g, m and v alike (checked by adamw_step_ / optim.AdamW._fused_plan)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -121,6 +123,8 @@ def launch_adamw_(params, grads, exp_avgs, exp_avg_sqs, *, step: float, lr: floa
     """adamw_step_ without its checks, for callers that have made them (liger_kernels.optim.AdamW checks
     every tensor once per step already): a launch per tensor then costs only Triton's launch, which on
     the GPU must keep ahead of kernels as short as ~10 us (a 1024 x 2048 bf16 projection's step)."""
+    if not params:
+        return
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
     lerp_weight = 1 - beta1
@@ -129,11 +133,13 @@ def launch_adamw_(params, grads, exp_avgs, exp_avg_sqs, *, step: float, lr: floa
     constants = dict(APPLY_DECAY=weight_decay != 0, SMALL_LERP_WEIGHT=abs(lerp_weight) < 0.5,
                      ROUND_BY_BITS=INTERPRET, BLOCK=_BLOCK,
                      num_warps=_NUM_WARPS)
-    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
-        n = p.numel()
-        if n == 0:
-            continue
-        _adamw_kernel[(triton.cdiv(n, _BLOCK),)](p, g, m, v, n, *scalars, **constants)
+    device = params[0].device  # Triton launches on the current GPU (see _utils.on_input_device)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+            n = p.numel()
+            if n == 0:
+                continue
+            _adamw_kernel[(triton.cdiv(n, _BLOCK),)](p, g, m, v, n, *scalars, **constants)
 
 
 def _fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

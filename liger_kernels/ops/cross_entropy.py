@@ -68,6 +68,7 @@ from liger_kernels._utils import (
     num_programs_for_rows,
     row_launch_config,
     use_triton,
+    on_input_device,
 )
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -684,6 +685,7 @@ def loss_outputs(loss, z_loss, accuracy, return_z_loss):
     return out if len(out) > 1 else loss
 
 
+@on_input_device
 def cross_entropy(
     logits: torch.Tensor,
     target: torch.Tensor,

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from liger_kernels import _library
-from liger_kernels._utils import check_float, check_same_device, new_output, num_programs_for_rows, use_triton
+from liger_kernels._utils import check_float, check_same_device, new_output, num_programs_for_rows, on_input_device, use_triton
 from liger_kernels.ops._tiles import as_rows, from_rows, tile_config, tile_offsets
 
 
@@ -147,6 +147,7 @@ def dyt_reference(
     return y.to(x.dtype)
 
 
+@on_input_device
 def dyt(
     x: torch.Tensor, alpha: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:

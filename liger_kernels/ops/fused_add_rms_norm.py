@@ -81,6 +81,7 @@ def fused_add_rms_norm_reference(
     return rms_norm_reference(new_residual, weight, eps, offset, casting_mode), new_residual
 
 
+@_utils.on_input_device
 def fused_add_rms_norm(
     x: torch.Tensor,
     residual: torch.Tensor,
@@ -115,6 +116,7 @@ def fused_add_rms_norm(
     return from_rows(y, x), from_rows(new_residual, x)
 
 
+@_utils.on_input_device
 def rms_norm_with_residual(
     x: torch.Tensor,
     weight: torch.Tensor,

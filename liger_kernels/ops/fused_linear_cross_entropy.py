@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 
 from liger_kernels import _library
-from liger_kernels._utils import INTERPRET, check_float, check_same_device, new_output, use_triton
+from liger_kernels._utils import INTERPRET, check_float, check_same_device, new_output, on_input_device, use_triton
 from liger_kernels.ops.cross_entropy import (
     CrossEntropyOptions,
     check_class_weight,
@@ -386,6 +386,7 @@ def _check_num_items(num_items_in_batch, reduction: str) -> None:
         raise ValueError(f"num_items_in_batch must be positive, got {num_items_in_batch}")
 
 
+@on_input_device
 def fused_linear_cross_entropy(
     input: torch.Tensor,
     weight: torch.Tensor,

@@ -52,6 +52,7 @@ from liger_kernels._utils import (
     new_output,
     row_launch_config,
     use_triton,
+    on_input_device,
 )
 from liger_kernels.ops.cross_entropy import scale_
 from liger_kernels.ops.fused_linear_cross_entropy import _accumulate_grad_weight, chunk_rows
@@ -353,6 +354,7 @@ def _check_inputs(student_input, student_weight, teacher_input, teacher_weight, 
                       teacher_input=teacher_input, teacher_weight=teacher_weight, label=label)
 
 
+@on_input_device
 def fused_linear_jsd(
     student_input: torch.Tensor,
     student_weight: torch.Tensor,

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from liger_kernels import _library, _utils
-from liger_kernels._utils import check_float, check_same_device, new_output, use_triton
+from liger_kernels._utils import check_float, check_same_device, new_output, on_input_device, use_triton
 
 # Epilogues of the grouped GEMM kernel.
 _PLAIN, _SWIGLU_BACKWARD = 0, 1
@@ -499,6 +499,7 @@ def _check_experts(hidden, top_k_index, top_k_weights, gate_up_weight, down_weig
         raise ValueError(f"{message}; got {top_k_index[bad][:5].tolist()}")
 
 
+@on_input_device
 def fused_moe_experts(hidden, top_k_index, top_k_weights, gate_up_weight, down_weight):
     """SwiGLU experts of transformers' `*Experts.forward(hidden_states, top_k_index, top_k_weights)`:
     hidden (N, H), top_k_index (N, K) in [0, E] (E: no expert), top_k_weights (N, K),
@@ -514,6 +515,7 @@ def fused_moe_experts(hidden, top_k_index, top_k_weights, gate_up_weight, down_w
     )
 
 
+@on_input_device
 def fused_moe(hidden, router_logits, gate_up_weight, down_weight, top_k, normalize_topk=True):
     """Mixture-of-experts SwiGLU MLP: softmax top-k routing of `router_logits` (N, E), then the
     experts (see `fused_moe_experts`). Gradients flow to hidden, router_logits and both weights."""

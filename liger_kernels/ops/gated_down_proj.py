@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from liger_kernels import _library
-from liger_kernels._utils import check_float, check_same_device, use_triton
+from liger_kernels._utils import check_float, check_same_device, on_input_device, use_triton
 from liger_kernels.ops._tiles import as_rows, from_rows
 from liger_kernels.ops.glu import (
     _GELU_ERF,
@@ -114,6 +114,7 @@ def _glu(a, b, activation):
     return geglu(a, b, "tanh" if activation == "gelu_tanh" else "none")
 
 
+@on_input_device
 def gated_down_proj(
     a: torch.Tensor,
     b: torch.Tensor,

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from liger_kernels import _library
-from liger_kernels._utils import check_float, check_same_device, use_triton
+from liger_kernels._utils import check_float, check_same_device, on_input_device, use_triton
 from liger_kernels.ops._tiles import as_rows, from_rows
 from liger_kernels.ops.gated_down_proj import (
     ACTIVATIONS,
@@ -64,6 +64,7 @@ def gated_mlp_reference(x, gate_weight, up_weight, down_weight, activation: str 
     return out if residual is None else residual + out
 
 
+@on_input_device
 def gated_mlp(
     x: torch.Tensor,
     gate_weight: torch.Tensor,

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from liger_kernels import _library
-from liger_kernels._utils import check_float, check_same_device, new_output, use_triton
+from liger_kernels._utils import check_float, check_same_device, new_output, on_input_device, use_triton
 from liger_kernels.ops._tiles import as_rows, tile_config, tile_offsets
 
 # Values of the kernels' constexpr ACT (branches of `_activation`).
@@ -254,6 +254,7 @@ def _check_glu_inputs(a: torch.Tensor, b: torch.Tensor) -> None:
         raise ValueError("a and b must have at least one dimension (rows of width a.shape[-1])")
 
 
+@on_input_device
 def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """silu(a) * b (the LLaMA MLP gate: a = gate_proj(x), b = up_proj(x))."""
     _check_glu_inputs(a, b)
@@ -264,6 +265,7 @@ def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return GLUFunction.apply(a, b, _SILU)
 
 
+@on_input_device
 def geglu(a: torch.Tensor, b: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
     """gelu(a, approximate) * b with approximate "tanh" (Gemma's gelu_pytorch_tanh) or "none" (erf)."""
     if approximate not in _GELU_ACTIVATIONS:
@@ -282,6 +284,7 @@ def swiglu_gate_up_reference(gate_up: torch.Tensor) -> torch.Tensor:
     return swiglu_reference(gate, up)
 
 
+@on_input_device
 def swiglu_gate_up(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for gate, up = gate_up.chunk(2, dim=-1): the MLP gate of Phi-3 and GLM-4, whose
     gate_up_proj computes both in one matrix product. (..., 2I) -> (..., I); the gradient is one (..., 2I)

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from liger_kernels import _library
-from liger_kernels._utils import check_float, check_same_device, new_output, use_triton
+from liger_kernels._utils import check_float, check_same_device, new_output, on_input_device, use_triton
 
 _TILE_ELEMENTS = 2048
 _MAX_BLOCK_S = 1024
@@ -234,6 +234,7 @@ def group_norm_reference(
     return y.to(x.dtype)
 
 
+@on_input_device
 def group_norm(
     x: torch.Tensor,
     num_groups: int,

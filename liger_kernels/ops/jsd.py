@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from liger_kernels import _library
-from liger_kernels._utils import check_float, check_same_device, new_output, use_triton
+from liger_kernels._utils import check_float, check_same_device, new_output, on_input_device, use_triton
 from liger_kernels.ops._tiles import as_rows, new_partials, store_partial, tile_config, tile_offsets
 
 # Values of the kernels' constexpr MODE.
@@ -215,6 +215,7 @@ def jsd_reference(
     return (rows.sum() / count).to(student_logprobs.dtype)
 
 
+@on_input_device
 def jsd(
     student_logprobs: torch.Tensor,
     teacher_logprobs: torch.Tensor,

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from liger_kernels import _library
-from liger_kernels._utils import check_float, check_same_device, new_output, use_triton
+from liger_kernels._utils import check_float, check_same_device, new_output, on_input_device, use_triton
 from liger_kernels.ops._tiles import as_rows, new_partials, store_partial, tile_config, tile_offsets
 
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
@@ -186,6 +186,7 @@ def kl_div_reference(
     return loss.to(out_dtype)
 
 
+@on_input_device
 def kl_div(
     input: torch.Tensor,
     target: torch.Tensor,

@@ -233,6 +233,7 @@ def layer_norm_reference(
     return F.layer_norm(x.to(compute), (x.shape[-1],), weight.to(compute), b, eps).to(x.dtype)
 
 
+@_utils.on_input_device
 def layer_norm(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, eps: float = 1e-5
 ) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from liger_kernels import _library
-from liger_kernels._utils import check_float, check_same_device, use_triton
+from liger_kernels._utils import check_float, check_same_device, on_input_device, use_triton
 from liger_kernels.ops._tiles import as_rows, from_rows
 from liger_kernels.ops.gated_down_proj import _saved_tensor_hooks_active
 
@@ -63,6 +63,7 @@ def linear_projections_reference(x, weights, biases=None):
     return tuple(F.linear(x, w, b) for w, b in zip(weights, biases))
 
 
+@on_input_device
 def linear_projections(
     x: torch.Tensor,
     weights: Sequence[torch.Tensor],

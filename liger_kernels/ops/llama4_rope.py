@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from liger_kernels import _library
-from liger_kernels._utils import check_float, check_same_device, use_triton
+from liger_kernels._utils import check_float, check_same_device, on_input_device, use_triton
 from liger_kernels.ops.rope import _last_dim_contiguous, _launch_config, _new_like, _new_strided, _out_like
 
 
@@ -229,6 +229,7 @@ def _check_llama4_rope_inputs(q, k, freqs_cis) -> torch.Tensor:
     return freqs
 
 
+@on_input_device
 def llama4_rope(q, k, freqs_cis):
     """Hugging Face llama4 `apply_rotary_emb` on q and k -> (q_out, k_out), new tensors.
 

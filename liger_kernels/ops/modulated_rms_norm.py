@@ -351,6 +351,7 @@ def check_modulated_rms_norm_args(x, weight, scale, shift, offset, casting_mode,
     return groups
 
 
+@_utils.on_input_device
 def modulated_rms_norm(
     x: torch.Tensor,
     weight: Optional[torch.Tensor],

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from liger_kernels import _library
-from liger_kernels._utils import use_triton
+from liger_kernels._utils import on_input_device, use_triton
 from liger_kernels.ops.rope import (
     RoPEFunction,
     _check_rope_inputs,
@@ -44,6 +44,7 @@ def mrope_reference(q, k, cos, sin, mrope_section, unsqueeze_dim: int = 1):
     return rope_reference(q, k, cos, sin, unsqueeze_dim)
 
 
+@on_input_device
 def mrope(q, k, cos, sin, mrope_section, unsqueeze_dim: int = 1):
     """Qwen2-VL multimodal RoPE (`apply_multimodal_rotary_pos_emb`) on q and k -> (q_embed, k_embed).
 

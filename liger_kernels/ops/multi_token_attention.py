@@ -40,6 +40,7 @@ from liger_kernels._utils import (
     new_output,
     row_launch_config,
     use_triton,
+    on_input_device,
 )
 from liger_kernels.ops.sparsemax import (
     _BISECTIONS,
@@ -198,6 +199,7 @@ def _check_inputs(scores, weight, bias, stride, padding, dilation, groups):
             )
 
 
+@on_input_device
 def multi_token_attention(scores, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, sparse=False):
     """Multi-token attention of the scores (B, C_in, L, L): causal softmax over keys (sparsemax if
     `sparse`), a 2-D key-query convolution (weight (C_out, C_in / groups, kH, kW), optional bias

@@ -32,6 +32,7 @@ from liger_kernels._utils import (
     new_output,
     num_programs_for_rows,
     use_triton,
+    on_input_device,
 )
 from liger_kernels.ops._tiles import as_rows, from_rows
 from liger_kernels.ops.rms_norm import tile_config, tile_rows
@@ -172,6 +173,7 @@ def poly_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return y.to(x.dtype)
 
 
+@on_input_device
 def poly_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """PolyNorm over the last dimension of x (..., H) with weight (3,) and bias (1,); x's dtype out."""
     check_float("x", x)

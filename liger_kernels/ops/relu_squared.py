@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from liger_kernels import _library
-from liger_kernels._utils import check_float, new_output, use_triton
+from liger_kernels._utils import check_float, new_output, on_input_device, use_triton
 from liger_kernels.ops._tiles import as_rows, tile_config, tile_offsets
 
 
@@ -71,6 +71,7 @@ def relu_squared_reference(x: torch.Tensor) -> torch.Tensor:
     return torch.relu(x.to(compute)).square().to(x.dtype)
 
 
+@on_input_device
 def relu_squared(x: torch.Tensor) -> torch.Tensor:
     """relu(x)^2 elementwise."""
     check_float("x", x)

@@ -475,6 +475,7 @@ def check_rms_norm_args(x, weight, casting_mode: str, triton_path: bool) -> None
     _utils.check_row_size("x", x.shape[-1], _utils.MAX_FUSED_SIZE if triton_path else sys.maxsize)
 
 
+@_utils.on_input_device
 def rms_norm(
     x: torch.Tensor,
     weight: torch.Tensor,

@@ -40,6 +40,7 @@ from liger_kernels._utils import (
     check_same_device,
     poison_enabled,
     use_triton,
+    on_input_device,
 )
 
 # Elements of one half-head block a program rotates per loop step (per tensor half); more heads loop.
@@ -340,6 +341,7 @@ def _check_rope_inputs(q, k, cos, sin, unsqueeze_dim, section=None) -> tuple[int
     return seq_dim, head_dim
 
 
+@on_input_device
 def rope(q, k, cos, sin, unsqueeze_dim: int = 1):
     """Hugging Face `apply_rotary_pos_emb` (rotate-half) on q and k -> (q_embed, k_embed), new tensors.
 

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from liger_kernels import _library
-from liger_kernels._utils import check_float, new_output, row_launch_config, use_triton
+from liger_kernels._utils import check_float, new_output, on_input_device, row_launch_config, use_triton
 from liger_kernels.ops._tiles import as_rows, from_rows
 
 # Widest row kept whole in registers (and the column block of the looping kernels). The launch knob
@@ -156,6 +156,7 @@ def check_dim(x: torch.Tensor, dim: int) -> int:
     return dim % x.dim()
 
 
+@on_input_device
 def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Softmax of x over `dim`, in x's dtype (fp32 math)."""
     check_float("x", x)

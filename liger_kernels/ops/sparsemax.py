@@ -30,6 +30,7 @@ from liger_kernels._utils import (
     new_output,
     row_launch_config,
     use_triton,
+    on_input_device,
 )
 from liger_kernels.ops._tiles import as_rows
 from liger_kernels.ops.softmax import (
@@ -170,6 +171,7 @@ def sparsemax_reference(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.relu(z - tau).movedim(-1, dim).to(x.dtype)
 
 
+@on_input_device
 def sparsemax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Sparsemax of x over `dim`: a probability distribution with exact zeros; x's dtype out."""
     check_float("x", x)

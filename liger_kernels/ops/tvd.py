@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from liger_kernels import _library
-from liger_kernels._utils import check_float, check_same_device, new_output, use_triton
+from liger_kernels._utils import check_float, check_same_device, new_output, on_input_device, use_triton
 from liger_kernels.ops._tiles import as_rows, new_partials, store_partial, tile_config, tile_offsets
 
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
@@ -172,6 +172,7 @@ def tvd_reference(
     return (loss.sum() / norm).to(out_dtype)
 
 
+@on_input_device
 def tvd(
     p: torch.Tensor,
     q: torch.Tensor,

@@ -455,8 +455,8 @@ def test_trainer_with_one_pass_adamw(make_model, tmp_path, monkeypatch):
 
     assert kernel_utils.INTERPRET
     launches = []
-    original = optim.adamw_step_
-    monkeypatch.setattr(optim, "adamw_step_", lambda *a, **k: launches.append(k["weight_decay"]) or original(*a, **k))
+    original = optim.launch_adamw_
+    monkeypatch.setattr(optim, "launch_adamw_", lambda *a, **k: launches.append(k["weight_decay"]) or original(*a, **k))
     hyper = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8)
     baseline = make_trainer(make_model(), tmp_path, optim="adamw_torch", learning_rate=1e-2, weight_decay=0.1)
     baseline.train()
