@@ -136,8 +136,8 @@ class AdamW(torch.optim.AdamW):
                     return None
                 p, g = _local(param), _local(param.grad)
                 # everything launch_adamw_ needs and does not check
-                if (p.dtype not in ADAMW_DTYPES or g.dtype != p.dtype or g.shape != p.shape or g.is_sparse or p.is_sparse
-                        or not use_triton(p) or g.device != p.device
+                if (p.dtype not in ADAMW_DTYPES or g.dtype != p.dtype or g.shape != p.shape
+                        or g.is_sparse or p.is_sparse or not use_triton(p) or g.device != p.device
                         or not p.is_contiguous() or not g.is_contiguous()):
                     return None
                 state = self.state.get(param)

@@ -3,10 +3,12 @@
 In isolation (scripts/bench_adamw.py) our step runs at ~89% of the copy bandwidth; inside the e2e
 step the same kernels took 10.1 ms instead of 8.0 (profile, H100). Not explained yet; one guess:
 lower clocks after ~200 ms of matrix products, which a kernel with seven roundings, two IEEE
-divisions and a square root per element would feel, more with some tile shapes than others. This keeps one model of bench_e2e's `ours_adamw` setup and switches the tile
-(elements per program, warps) between blocks of steps, in alternating rounds: the step time (with a
-sync per step, as bench_e2e) and the optimizer's own GPU time (CUDA events around its step). The
-values do not depend on the tile (the step is elementwise).
+divisions and a square root per element would feel, more with some tile shapes than others.
+
+This keeps one model of bench_e2e's `ours_adamw` setup and switches the tile (elements per program,
+warps) between blocks of steps, in alternating rounds: the step time (with a sync per step, as
+bench_e2e) and the optimizer's own GPU time (CUDA events around its step). The values do not depend
+on the tile (the step is elementwise).
 
     python scripts/adamw_e2e_sweep.py --out adamw_sweep.json
 """
