@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepared in session 10 for its last call, which could not start (no machine came): for the next
 # session's first call (carry [".whl"]), ~7 min:
-#   1. CUDA tests of AdamW (the optimizer now launches the kernel without re-checking its tensors)
+#   1. CUDA tests of AdamW (the optimizer now launches the kernel without re-checking its tensors) and of
+#      the launch device guard (its two-GPU test skips on one GPU)
 #   2. e2e Llama, 2 rounds: Liger-Kernel, ours, ours + our AdamW
 #   3. the AdamW kernel's tile inside the e2e step (its kernels took 10.1 ms there vs 8.0 ms alone)
 #   4. the AdamW step alone, bf16 (host time of the step after the launch change)
@@ -11,7 +12,7 @@ export PYTHONPATH=/tmp/site:$PWD
 {
   nvidia-smi -L
   echo "== 1. tests (${SECONDS} s)"
-  run_tests adamw 60 tests/ops/test_adamw.py
+  run_tests adamw 60 tests/ops/test_adamw.py tests/ops/test_device_guard.py
   collect_tests adamw
   echo "== 2. e2e Llama (${SECONDS} s)"
   timeout 150 python3 -m liger_plugins.bench_e2e --families llama --rounds 2 --setups liger_kernel,ours,ours_adamw \
