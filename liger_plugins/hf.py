@@ -34,7 +34,10 @@ Two ways in, pick one.
 
 `liger_kernel_config` keys are Liger-Kernel's: rope, rms_norm, swiglu, geglu (the same gated-MLP
 kernel switch as swiglu: the architecture's activation picks swiglu or geglu), layer_norm,
-cross_entropy, fused_linear_cross_entropy. Values must be booleans. Any other key raises ValueError
+cross_entropy, fused_linear_cross_entropy; ours too: fused_moe, causal_sdpa_under_compile,
+fused_add_rms_norm, qkv_projections (see liger_plugins.patching), and adamw (the optimizer, not a
+patch: with `enable()`, the Trainer's torch AdamW becomes liger_kernels.optim.AdamW, the numbers of
+torch's foreach step in one pass; see `_optimizer_choice`). Values must be booleans. Any other key raises ValueError
 naming it (Liger-Kernel silently drops unknown keys; a typo should not silently train without a
 kernel). A model that cannot be patched (unsupported architecture, not a transformers model) raises
 ValueError naming it, before any training step.
@@ -74,9 +77,13 @@ CONFIG_KEYS = {
     "fused_add_rms_norm": "fused_add_rms_norm",  # ours only: see liger_plugins.patching
     "qkv_projections": "qkv_projections",  # ours only: see liger_plugins.patching
 }
+# liger_kernel_config keys that choose the optimizer rather than a patch (ours only): "adamw" makes the
+# Trainer's torch AdamW liger_kernels.optim.AdamW (see `_optimizer_choice`).
+OPTIMIZER_KEYS = ("adamw",)
 
-# Modules whose `apply_liger_kernel` attribute `enable()` replaced, with the value it replaced.
-_REPLACED: list[tuple[object, object]] = []
+# (owner, attribute, the value `enable()` replaced): the Trainer's `apply_liger_kernel` names and its
+# optimizer choice.
+_REPLACED: list[tuple[object, str, object]] = []
 
 
 def liger_kwargs(kernel_config: Mapping | None, what: str = "liger_kernel_config") -> dict[str, bool]:
@@ -88,12 +95,14 @@ def liger_kwargs(kernel_config: Mapping | None, what: str = "liger_kernel_config
         raise TypeError(f"{what} must be a dict of kernel name -> bool, got {type(kernel_config).__name__}")
     kwargs: dict[str, bool] = {}
     for key, value in kernel_config.items():
-        if key not in CONFIG_KEYS:
+        if key not in CONFIG_KEYS and key not in OPTIMIZER_KEYS:
             raise ValueError(
-                f"{what} has unknown key {key!r}; liger-plugins accepts: {', '.join(CONFIG_KEYS)}"
+                f"{what} has unknown key {key!r}; liger-plugins accepts: {', '.join((*CONFIG_KEYS, *OPTIMIZER_KEYS))}"
             )
         if not isinstance(value, bool):
             raise TypeError(f"{what}[{key!r}] must be True or False, got {value!r}")
+        if key in OPTIMIZER_KEYS:
+            continue
         name = CONFIG_KEYS[key]
         if kwargs.get(name, value) != value:
             raise ValueError(f"{what} sets 'swiglu' and 'geglu' differently; both switch the gated-MLP kernel")
@@ -138,15 +147,50 @@ def enable() -> None:
     # may also hold it once someone imported it from there.
     for module in (hf_liger, hf_trainer, sys.modules.get("transformers.integrations")):
         if module is not None and "apply_liger_kernel" in vars(module):
-            _REPLACED.append((module, vars(module)["apply_liger_kernel"]))
+            _REPLACED.append((module, "apply_liger_kernel", vars(module)["apply_liger_kernel"]))
             module.apply_liger_kernel = apply_liger_kernel
+    trainer = hf_trainer.Trainer
+    if isinstance(vars(trainer).get("get_optimizer_cls_and_kwargs"), staticmethod):  # transformers 4.x, 5.x
+        original = vars(trainer)["get_optimizer_cls_and_kwargs"]
+        _REPLACED.append((trainer, "get_optimizer_cls_and_kwargs", original))
+        trainer.get_optimizer_cls_and_kwargs = staticmethod(_optimizer_choice(original.__func__))
+
+
+def _optimizer_choice(choose):
+    """`Trainer.get_optimizer_cls_and_kwargs` after `enable()`: with `use_liger_kernel=True` and
+    `liger_kernel_config={"adamw": True}`, the AdamW the Trainer would build from `optim="adamw_torch"`
+    or `"adamw_torch_fused"` is `liger_kernels.optim.AdamW` instead: torch's default (foreach) AdamW
+    step, bit for bit, in one pass (for `adamw_torch_fused`, the numbers are the foreach step's, not the
+    fused kernel's). Any other `optim` with adamw=True is refused. Subclasses that override the method
+    (and `optimizer_cls_and_kwargs` / `optimizers` given to the Trainer) choose their own optimizer."""
+
+    def get_optimizer_cls_and_kwargs(args, model=None):
+        optimizer_cls, optimizer_kwargs = choose(args, model)
+        if not (args.use_liger_kernel and _wants_liger_adamw(args.liger_kernel_config)):
+            return optimizer_cls, optimizer_kwargs
+        if optimizer_cls is not torch.optim.AdamW:
+            raise ValueError(
+                "liger_kernel_config adamw=True replaces the Trainer's torch AdamW (optim='adamw_torch' or "
+                f"'adamw_torch_fused'); optim={getattr(args.optim, 'value', args.optim)!r} builds "
+                f"{optimizer_cls.__name__}. Drop adamw or change optim")
+        from liger_kernels.optim import AdamW
+
+        logger.info("liger-plugins: the optimizer is liger_kernels.optim.AdamW (torch's foreach AdamW numbers, "
+                    "one pass)")
+        return AdamW, {k: v for k, v in optimizer_kwargs.items() if k not in ("fused", "foreach")}
+
+    return get_optimizer_cls_and_kwargs
+
+
+def _wants_liger_adamw(kernel_config) -> bool:
+    return isinstance(kernel_config, Mapping) and kernel_config.get("adamw") is True
 
 
 def disable() -> None:
     """Undo `enable()`. Models already patched stay patched (`liger_plugins.patching.unpatch`)."""
     while _REPLACED:
-        module, original = _REPLACED.pop()
-        module.apply_liger_kernel = original
+        owner, name, original = _REPLACED.pop()
+        setattr(owner, name, original)
 
 
 def is_enabled() -> bool:
@@ -193,6 +237,7 @@ class LigerCallback(TrainerCallback):
 
     def __init__(self, *, log_metrics: bool | None = None, **kernels: bool):
         self.kernels = liger_kwargs(kernels, "LigerCallback flags") if kernels else None
+        self._flags = dict(kernels)
         self.log_metrics = log_metrics
         self.summary: PatchSummary | None = None
         self._patched: PreTrainedModel | None = None
@@ -214,6 +259,12 @@ class LigerCallback(TrainerCallback):
                 "use_liger_kernel=True together with LigerCallback: without liger_plugins.hf.enable() the "
                 "Trainer would apply the liger-kernel package at train() (or fail without it). Drop "
                 "use_liger_kernel, or call liger_plugins.hf.enable() first"
+            )
+        if _wants_liger_adamw(self._flags or args.liger_kernel_config) and not (is_enabled() and args.use_liger_kernel):
+            raise ValueError(
+                "adamw=True: a callback cannot choose the Trainer's optimizer. Use liger_plugins.hf.enable() "
+                "with use_liger_kernel=True and liger_kernel_config={'adamw': True}, or pass "
+                "Trainer(optimizer_cls_and_kwargs=(liger_kernels.optim.AdamW, {...}))"
             )
         self._patch(args, model, state.is_local_process_zero)
 

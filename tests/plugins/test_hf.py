@@ -482,3 +482,44 @@ def test_example_runs(make_model, reference, tmp_path, monkeypatch, capsys):
             unpatch(model)
     assert len(patched) == 1
     assert "norm forward: liger.rms_norm_forward" in capsys.readouterr().out
+
+
+def test_adamw_key_makes_the_trainers_adamw_ours(make_model, tmp_path):
+    """enable() + liger_kernel_config={"adamw": True}: the Trainer's optim="adamw_torch" AdamW is
+    liger_kernels.optim.AdamW (its kernel under the interpreter), with the Trainer's groups and
+    hyperparameters, and it trains as torch's does; disable() gives the Trainer its own choice back."""
+    from liger_kernels import optim
+
+    train = dict(optim="adamw_torch", learning_rate=1e-2, weight_decay=0.1)
+    baseline = make_trainer(make_model(), tmp_path, **train)
+    baseline.train()
+    hf.enable()
+    try:
+        trainer = make_trainer(make_model(), tmp_path, use_liger_kernel=True,
+                               liger_kernel_config={"adamw": True, "rope": False}, **train)
+        trainer.train()
+        assert type(trainer.optimizer.optimizer) is optim.AdamW
+        assert [g["weight_decay"] for g in trainer.optimizer.param_groups] == [0.1, 0.0]
+        assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2)
+        assert_same_training(trainer, baseline)
+        fused = make_trainer(make_model(), tmp_path, use_liger_kernel=True, liger_kernel_config={"adamw": True},
+                             **dict(train, optim="adamw_torch_fused"))
+        fused.create_optimizer()
+        assert type(fused.optimizer) is optim.AdamW and not fused.optimizer.defaults.get("fused")
+        plain = make_trainer(make_model(), tmp_path, use_liger_kernel=True, **train)
+        plain.create_optimizer()
+        assert type(plain.optimizer) is torch.optim.AdamW  # without the key: torch's
+        refused = make_trainer(make_model(), tmp_path, use_liger_kernel=True, liger_kernel_config={"adamw": True})
+        with pytest.raises(ValueError, match="optim='sgd'"):
+            refused.create_optimizer()
+    finally:
+        hf.disable()
+    assert Trainer.get_optimizer_cls_and_kwargs(TrainingArguments(
+        output_dir=str(tmp_path), use_liger_kernel=True, liger_kernel_config={"adamw": True}))[0] is torch.optim.AdamW
+
+
+def test_adamw_key_with_callback_alone_is_refused(make_model, tmp_path):
+    with pytest.raises(ValueError, match="cannot choose the Trainer's optimizer"):
+        make_trainer(make_model(), tmp_path, callbacks=[hf.LigerCallback(adamw=True)])
+    with pytest.raises(ValueError, match="cannot choose the Trainer's optimizer"):
+        make_trainer(make_model(), tmp_path, liger_kernel_config={"adamw": True}, callbacks=[hf.LigerCallback()])
