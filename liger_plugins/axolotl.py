@@ -17,7 +17,8 @@ off. liger_rope -> rope, liger_rms_norm -> rms_norm, liger_glu_activation -> the
 (swiglu or geglu, picked by the model's activation), liger_layer_norm -> layer_norm,
 liger_cross_entropy -> cross_entropy, liger_fused_linear_cross_entropy -> fused_linear_cross_entropy,
 and one key of ours: liger_qkv_projections -> qkv_projections (the attention's q/k/v projections as
-one op) (keywords of `liger_plugins.patching.apply_liger`).
+one op) (keywords of `liger_plugins.patching.apply_liger`). Also ours, the optimizer rather than a
+patch: liger_adamw makes the trainer's torch AdamW liger_kernels.optim.AdamW (`post_trainer_create`).
 
 Validation happens inside Axolotl's own (`load_cfg` -> `validate_config`), which merges `LigerPluginsArgs`
 into its config schema:
@@ -59,6 +60,7 @@ from __future__ import annotations
 import difflib
 import logging
 
+import torch
 from axolotl.integrations.base import BasePlugin, PluginManager
 from pydantic import BaseModel, StrictBool, model_validator
 
@@ -78,6 +80,8 @@ CONFIG_KEYS = {
     "liger_fused_linear_cross_entropy": "fused_linear_cross_entropy",
     "liger_qkv_projections": "qkv_projections",  # ours only: the attention's q/k/v projections as one op
 }
+# Ours only, the optimizer rather than a patch: the trainer's torch AdamW becomes liger_kernels.optim.AdamW.
+ADAMW_KEY = "liger_adamw"
 
 # Keys only Axolotl's own Liger plugin reads, with what to do instead.
 AXOLOTL_LIGER_ONLY_KEYS = {
@@ -98,6 +102,7 @@ class LigerPluginsArgs(BaseModel):
     liger_cross_entropy: StrictBool | None = None
     liger_fused_linear_cross_entropy: StrictBool | None = None
     liger_qkv_projections: StrictBool | None = None
+    liger_adamw: StrictBool | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -111,14 +116,14 @@ class LigerPluginsArgs(BaseModel):
                 "model twice: list only one of them"
             )
         for key in data:
-            if key.startswith("liger_") and key not in CONFIG_KEYS:
-                close = difflib.get_close_matches(key, CONFIG_KEYS, n=1)
+            if key.startswith("liger_") and key not in CONFIG_KEYS and key != ADAMW_KEY:
+                close = difflib.get_close_matches(key, [*CONFIG_KEYS, ADAMW_KEY], n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 if key in AXOLOTL_LIGER_ONLY_KEYS:
                     hint = f" ({AXOLOTL_LIGER_ONLY_KEYS[key]})"
                 raise ValueError(
                     f"unknown config key {key!r}{hint}: liger_plugins.axolotl.LigerPlugin accepts "
-                    f"{', '.join(CONFIG_KEYS)}"
+                    f"{', '.join([*CONFIG_KEYS, ADAMW_KEY])}"
                 )
         return data
 
@@ -133,7 +138,7 @@ class LigerPlugin(BasePlugin):
         """Class level, before Axolotl builds the model."""
         kwargs = _kwargs(cfg)
         if kwargs is None:
-            if _lists_this_plugin(cfg.get("plugins")):
+            if _lists_this_plugin(cfg.get("plugins")) and not cfg.get(ADAMW_KEY):
                 logger.warning("liger_plugins.axolotl.LigerPlugin is listed, but no liger_* key is true")
             return None
         summary = apply_liger(cfg.model_config_type, **kwargs)
@@ -148,6 +153,25 @@ class LigerPlugin(BasePlugin):
         summary = apply_liger(model, **kwargs)
         logger.info("%s", summary)
         return summary
+
+    def post_trainer_create(self, cfg, trainer) -> None:
+        """`liger_adamw: true`: the trainer's torch AdamW (`optimizer: adamw_torch` or `adamw_torch_fused`)
+        becomes liger_kernels.optim.AdamW (the numbers of torch's foreach step, in one pass), handed to the
+        trainer as its `optimizer_cls_and_kwargs`: Axolotl's and the HF Trainer's create_optimizer then
+        build it with their own parameter groups and hyperparameters. Any other optimizer is refused."""
+        if not (_in_charge(cfg.get("plugins")) and cfg.get(ADAMW_KEY)):
+            return
+        chosen = getattr(trainer, "optimizer_cls_and_kwargs", None)
+        optimizer_cls, kwargs = chosen or trainer.get_optimizer_cls_and_kwargs(trainer.args, trainer.model)
+        if optimizer_cls is not torch.optim.AdamW:
+            raise ValueError(
+                f"liger_adamw: true replaces torch's AdamW (optimizer: adamw_torch or adamw_torch_fused); this "
+                f"run's optimizer is {getattr(optimizer_cls, '__name__', optimizer_cls)}: drop liger_adamw or "
+                "change the optimizer")
+        from liger_kernels.optim import AdamW
+
+        trainer.optimizer_cls_and_kwargs = (AdamW, {k: v for k, v in kwargs.items() if k not in ("fused", "foreach")})
+        logger.info("liger_plugins: the optimizer is liger_kernels.optim.AdamW (torch's foreach AdamW numbers, one pass)")
 
     def post_model_load(self, cfg, model) -> list[str] | None:
         """After adapters and Axolotl's post-load patches: warn about modules whose class runs a liger

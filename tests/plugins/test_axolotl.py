@@ -283,3 +283,22 @@ def test_lora_training_matches_without_plugin(tiny_root, reference, kernel_calls
     assert kernel_calls["fused_linear_cross_entropy"] == cfg["max_steps"] * cfg["gradient_accumulation_steps"]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(baseline), atol=REDUCTION_TOLERANCES[torch.float32][0],
                                rtol=REDUCTION_TOLERANCES[torch.float32][1])
+
+
+def test_liger_adamw_key_trains_with_our_adamw(tiny_root, reference, tmp_path, monkeypatch):
+    """liger_adamw: true: the trainer's AdamW is liger_kernels.optim.AdamW, with Axolotl's groups and
+    hyperparameters, and the run trains as with torch's AdamW (on CPU its step is torch's; the kernel
+    with a Trainer is checked in test_hf.py); with another optimizer the key is refused by name."""
+    from liger_kernels.optim import AdamW
+
+    monkeypatch.chdir(tiny_root)
+    cfg = {**yaml.safe_load((ROOT / "configs/axolotl_tiny_cpu.yml").read_text()), "max_steps": 3, "weight_decay": 0.1}
+    baseline, _ = compare.train(cfg, tmp_path / "baseline")
+    losses, trainer = compare.train({**cfg, "liger_adamw": True}, tmp_path / "adamw")
+    assert type(trainer.optimizer.optimizer) is AdamW
+    assert {g["weight_decay"] for g in trainer.optimizer.param_groups} == {0.0, 0.1}
+    assert {g["lr"] for g in trainer.optimizer.param_groups} == {cfg["learning_rate"]}
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(baseline), atol=REDUCTION_TOLERANCES[torch.float32][0],
+                               rtol=REDUCTION_TOLERANCES[torch.float32][1])
+    with pytest.raises(ValueError, match="liger_adamw"):
+        compare.train({**cfg, "liger_adamw": True, "optimizer": "sgd"}, tmp_path / "sgd")
