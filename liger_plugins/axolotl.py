@@ -170,8 +170,10 @@ class LigerPlugin(BasePlugin):
                 "change the optimizer")
         from liger_kernels.optim import AdamW
 
-        trainer.optimizer_cls_and_kwargs = (AdamW, {k: v for k, v in kwargs.items() if k not in ("fused", "foreach")})
-        logger.info("liger_plugins: the optimizer is liger_kernels.optim.AdamW (torch's foreach AdamW numbers, one pass)")
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("fused", "foreach")}
+        trainer.optimizer_cls_and_kwargs = (AdamW, kwargs)
+        logger.info("liger_plugins: the optimizer is liger_kernels.optim.AdamW (torch's foreach AdamW numbers, "
+                    "one pass)")
 
     def post_model_load(self, cfg, model) -> list[str] | None:
         """After adapters and Axolotl's post-load patches: warn about modules whose class runs a liger

@@ -37,8 +37,8 @@ kernel switch as swiglu: the architecture's activation picks swiglu or geglu), l
 cross_entropy, fused_linear_cross_entropy; ours too: fused_moe, causal_sdpa_under_compile,
 fused_add_rms_norm, qkv_projections (see liger_plugins.patching), and adamw (the optimizer, not a
 patch: with `enable()`, the Trainer's torch AdamW becomes liger_kernels.optim.AdamW, the numbers of
-torch's foreach step in one pass; see `_optimizer_choice`). Values must be booleans. Any other key raises ValueError
-naming it (Liger-Kernel silently drops unknown keys; a typo should not silently train without a
+torch's foreach step in one pass; see `_optimizer_choice`). Values must be booleans. Any other key
+raises ValueError naming it (Liger-Kernel silently drops unknown keys; a typo should not silently train without a
 kernel). A model that cannot be patched (unsupported architecture, not a transformers model) raises
 ValueError naming it, before any training step.
 
@@ -97,7 +97,8 @@ def liger_kwargs(kernel_config: Mapping | None, what: str = "liger_kernel_config
     for key, value in kernel_config.items():
         if key not in CONFIG_KEYS and key not in OPTIMIZER_KEYS:
             raise ValueError(
-                f"{what} has unknown key {key!r}; liger-plugins accepts: {', '.join((*CONFIG_KEYS, *OPTIMIZER_KEYS))}"
+                f"{what} has unknown key {key!r}; liger-plugins accepts: "
+                f"{', '.join((*CONFIG_KEYS, *OPTIMIZER_KEYS))}"
             )
         if not isinstance(value, bool):
             raise TypeError(f"{what}[{key!r}] must be True or False, got {value!r}")
@@ -260,7 +261,8 @@ class LigerCallback(TrainerCallback):
                 "Trainer would apply the liger-kernel package at train() (or fail without it). Drop "
                 "use_liger_kernel, or call liger_plugins.hf.enable() first"
             )
-        if _wants_liger_adamw(self._flags or args.liger_kernel_config) and not (is_enabled() and args.use_liger_kernel):
+        wants_adamw = _wants_liger_adamw(self._flags or args.liger_kernel_config)
+        if wants_adamw and not (is_enabled() and args.use_liger_kernel):
             raise ValueError(
                 "adamw=True: a callback cannot choose the Trainer's optimizer. Use liger_plugins.hf.enable() "
                 "with use_liger_kernel=True and liger_kernel_config={'adamw': True}, or pass "
