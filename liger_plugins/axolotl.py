@@ -64,6 +64,7 @@ import torch
 from axolotl.integrations.base import BasePlugin, PluginManager
 from pydantic import BaseModel, StrictBool, model_validator
 
+from liger_plugins.hf import without_fused
 from liger_plugins.patching import PatchSummary, apply_liger
 from liger_plugins.patching.forwards import is_liger
 
@@ -115,6 +116,10 @@ class LigerPluginsArgs(BaseModel):
                 "(axolotl.integrations.liger.LigerPlugin); both read the liger_* keys and would patch the "
                 "model twice: list only one of them"
             )
+        if data.get(ADAMW_KEY) and data.get("optimizer") not in (None, "adamw_torch", "adamw_torch_fused"):
+            raise ValueError(
+                f"liger_adamw: true replaces torch's AdamW (optimizer: adamw_torch or adamw_torch_fused); "
+                f"optimizer: {data.get('optimizer')!r} is another one: drop liger_adamw or change the optimizer")
         for key in data:
             if key.startswith("liger_") and key not in CONFIG_KEYS and key != ADAMW_KEY:
                 close = difflib.get_close_matches(key, [*CONFIG_KEYS, ADAMW_KEY], n=1)
@@ -156,24 +161,32 @@ class LigerPlugin(BasePlugin):
 
     def post_trainer_create(self, cfg, trainer) -> None:
         """`liger_adamw: true`: the trainer's torch AdamW (`optimizer: adamw_torch` or `adamw_torch_fused`)
-        becomes liger_kernels.optim.AdamW (the numbers of torch's foreach step, in one pass), handed to the
-        trainer as its `optimizer_cls_and_kwargs`: Axolotl's and the HF Trainer's create_optimizer then
-        build it with their own parameter groups and hyperparameters. Any other optimizer is refused."""
+        becomes liger_kernels.optim.AdamW (the numbers of torch's foreach step, in one pass). Only the
+        class changes: the trainer's own `get_optimizer_cls_and_kwargs` is wrapped on the instance, so
+        its create_optimizer builds the same parameter groups and hyperparameters as without the key
+        (handing the class over as `optimizer_cls_and_kwargs` instead would send Axolotl down its
+        custom-optimizer path, with other groups). Refused: an optimizer chosen already, or another one."""
         if not (_in_charge(cfg.get("plugins")) and cfg.get(ADAMW_KEY)):
             return
-        chosen = getattr(trainer, "optimizer_cls_and_kwargs", None)
-        optimizer_cls, kwargs = chosen or trainer.get_optimizer_cls_and_kwargs(trainer.args, trainer.model)
-        if optimizer_cls is not torch.optim.AdamW:
-            raise ValueError(
-                f"liger_adamw: true replaces torch's AdamW (optimizer: adamw_torch or adamw_torch_fused); this "
-                f"run's optimizer is {getattr(optimizer_cls, '__name__', optimizer_cls)}: drop liger_adamw or "
-                "change the optimizer")
-        from liger_kernels.optim import AdamW
+        if trainer.optimizer is not None or getattr(trainer, "optimizer_cls_and_kwargs", None) is not None:
+            raise ValueError("liger_adamw: true, but this trainer's optimizer is chosen already (a custom "
+                             "optimizer or optimizer_cls_and_kwargs): drop liger_adamw")
+        choose = trainer.get_optimizer_cls_and_kwargs
 
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("fused", "foreach")}
-        trainer.optimizer_cls_and_kwargs = (AdamW, kwargs)
-        logger.info("liger_plugins: the optimizer is liger_kernels.optim.AdamW (torch's foreach AdamW numbers, "
-                    "one pass)")
+        def get_optimizer_cls_and_kwargs(args, model=None):
+            optimizer_cls, kwargs = choose(args, model)
+            if optimizer_cls is not torch.optim.AdamW:
+                raise ValueError(
+                    "liger_adamw: true replaces torch's AdamW (optimizer: adamw_torch or adamw_torch_fused); "
+                    f"this run's optimizer is {getattr(optimizer_cls, '__name__', optimizer_cls)}: drop "
+                    "liger_adamw or change the optimizer")
+            from liger_kernels.optim import AdamW
+
+            logger.info("liger_plugins: the optimizer is liger_kernels.optim.AdamW (torch's foreach AdamW "
+                        "numbers, one pass)")
+            return AdamW, without_fused(kwargs)
+
+        trainer.get_optimizer_cls_and_kwargs = get_optimizer_cls_and_kwargs
 
     def post_model_load(self, cfg, model) -> list[str] | None:
         """After adapters and Axolotl's post-load patches: warn about modules whose class runs a liger

@@ -86,20 +86,21 @@ OPTIMIZER_KEYS = ("adamw",)
 _REPLACED: list[tuple[object, str, object]] = []
 
 
-def liger_kwargs(kernel_config: Mapping | None, what: str = "liger_kernel_config") -> dict[str, bool]:
+def liger_kwargs(kernel_config: Mapping | None, what: str = "liger_kernel_config",
+                 optimizer_keys: bool = False) -> dict[str, bool]:
     """`apply_liger` keyword arguments for a Liger-Kernel style config; ValueError/TypeError naming a
-    bad key or value. None means the defaults."""
+    bad key or value. None means the defaults. `optimizer_keys`: also accept (and leave out) the
+    OPTIMIZER_KEYS, which only the Trainer's `liger_kernel_config` can act on."""
     if kernel_config is None:
         return {}
     if not isinstance(kernel_config, Mapping):
         raise TypeError(f"{what} must be a dict of kernel name -> bool, got {type(kernel_config).__name__}")
     kwargs: dict[str, bool] = {}
+    accepted = (*CONFIG_KEYS, *OPTIMIZER_KEYS) if optimizer_keys else tuple(CONFIG_KEYS)
     for key, value in kernel_config.items():
-        if key not in CONFIG_KEYS and key not in OPTIMIZER_KEYS:
-            raise ValueError(
-                f"{what} has unknown key {key!r}; liger-plugins accepts: "
-                f"{', '.join((*CONFIG_KEYS, *OPTIMIZER_KEYS))}"
-            )
+        if key not in accepted:
+            where = " (the optimizer: only in the Trainer's liger_kernel_config)" if key in OPTIMIZER_KEYS else ""
+            raise ValueError(f"{what} has unknown key {key!r}{where}; liger-plugins accepts: {', '.join(accepted)}")
         if not isinstance(value, bool):
             raise TypeError(f"{what}[{key!r}] must be True or False, got {value!r}")
         if key in OPTIMIZER_KEYS:
@@ -114,7 +115,14 @@ def liger_kwargs(kernel_config: Mapping | None, what: str = "liger_kernel_config
 def apply_liger_kernel(model: torch.nn.Module, kernel_config: Mapping | None) -> PatchSummary:
     """Drop-in for `transformers.integrations.liger.apply_liger_kernel(model, kernel_config)`, on
     liger-plugins: patches `model` (a PEFT model's base model) in place, at instance level."""
-    summary = _patch(model, liger_kwargs(kernel_config), "use_liger_kernel")
+    kwargs = liger_kwargs(kernel_config, optimizer_keys=True)
+    hooked = any(name == "get_optimizer_cls_and_kwargs" for _, name, _ in _REPLACED)
+    if _wants_liger_adamw(kernel_config) and not hooked:
+        raise ValueError(
+            "liger_kernel_config adamw=True: this transformers' Trainer has no get_optimizer_cls_and_kwargs "
+            "staticmethod for liger_plugins.hf.enable() to hook; pass "
+            "Trainer(optimizer_cls_and_kwargs=(liger_kernels.optim.AdamW, {...})) instead")
+    summary = _patch(model, kwargs, "use_liger_kernel")
     logger.info("%s", summary)
     return summary
 
@@ -151,7 +159,7 @@ def enable() -> None:
             _REPLACED.append((module, "apply_liger_kernel", vars(module)["apply_liger_kernel"]))
             module.apply_liger_kernel = apply_liger_kernel
     trainer = hf_trainer.Trainer
-    if isinstance(vars(trainer).get("get_optimizer_cls_and_kwargs"), staticmethod):  # transformers 4.x, 5.x
+    if isinstance(vars(trainer).get("get_optimizer_cls_and_kwargs"), staticmethod):  # as in 5.2 to 5.25
         original = vars(trainer)["get_optimizer_cls_and_kwargs"]
         _REPLACED.append((trainer, "get_optimizer_cls_and_kwargs", original))
         trainer.get_optimizer_cls_and_kwargs = staticmethod(_optimizer_choice(original.__func__))
@@ -178,9 +186,15 @@ def _optimizer_choice(choose):
 
         logger.info("liger-plugins: the optimizer is liger_kernels.optim.AdamW (torch's foreach AdamW numbers, "
                     "one pass)")
-        return AdamW, {k: v for k, v in optimizer_kwargs.items() if k not in ("fused", "foreach")}
+        return AdamW, without_fused(optimizer_kwargs)
 
     return get_optimizer_cls_and_kwargs
+
+
+def without_fused(optimizer_kwargs: dict) -> dict:
+    """torch AdamW keyword arguments for liger_kernels.optim.AdamW, which is one pass already and refuses
+    `fused` (`foreach` stays: it picks torch's path where torch's step runs)."""
+    return {k: v for k, v in optimizer_kwargs.items() if k != "fused"}
 
 
 def _wants_liger_adamw(kernel_config) -> bool:
@@ -238,7 +252,6 @@ class LigerCallback(TrainerCallback):
 
     def __init__(self, *, log_metrics: bool | None = None, **kernels: bool):
         self.kernels = liger_kwargs(kernels, "LigerCallback flags") if kernels else None
-        self._flags = dict(kernels)
         self.log_metrics = log_metrics
         self.summary: PatchSummary | None = None
         self._patched: PreTrainedModel | None = None
@@ -248,7 +261,8 @@ class LigerCallback(TrainerCallback):
         self._cuda_device = None
 
     def _patch(self, args, model: torch.nn.Module, is_main: bool) -> None:
-        kwargs = self.kernels if self.kernels is not None else liger_kwargs(args.liger_kernel_config)
+        kwargs = self.kernels if self.kernels is not None else liger_kwargs(args.liger_kernel_config,
+                                                                            optimizer_keys=True)
         self.summary = _patch(model, kwargs, "LigerCallback")
         self._patched = _find_hf_model(model)
         if is_main:
@@ -261,8 +275,7 @@ class LigerCallback(TrainerCallback):
                 "Trainer would apply the liger-kernel package at train() (or fail without it). Drop "
                 "use_liger_kernel, or call liger_plugins.hf.enable() first"
             )
-        wants_adamw = _wants_liger_adamw(self._flags or args.liger_kernel_config)
-        if wants_adamw and not (is_enabled() and args.use_liger_kernel):
+        if _wants_liger_adamw(args.liger_kernel_config) and not (is_enabled() and args.use_liger_kernel):
             raise ValueError(
                 "adamw=True: a callback cannot choose the Trainer's optimizer. Use liger_plugins.hf.enable() "
                 "with use_liger_kernel=True and liger_kernel_config={'adamw': True}, or pass "

@@ -293,11 +293,15 @@ def test_liger_adamw_key_trains_with_our_adamw(tiny_root, reference, tmp_path, m
 
     monkeypatch.chdir(tiny_root)
     cfg = {**yaml.safe_load((ROOT / "configs/axolotl_tiny_cpu.yml").read_text()), "max_steps": 3, "weight_decay": 0.1}
-    baseline, _ = compare.train(cfg, tmp_path / "baseline")
+    baseline, torch_trainer = compare.train(cfg, tmp_path / "baseline")
     losses, trainer = compare.train({**cfg, "liger_adamw": True}, tmp_path / "adamw")
     assert type(trainer.optimizer.optimizer) is AdamW
-    assert {g["weight_decay"] for g in trainer.optimizer.param_groups} == {0.0, 0.1}
-    assert {g["lr"] for g in trainer.optimizer.param_groups} == {cfg["learning_rate"]}
+
+    def groups(t):  # parameter name -> (weight decay, lr) of its group
+        names = {id(p): n for n, p in t.model.named_parameters()}
+        return {names[id(p)]: (g["weight_decay"], g["lr"]) for g in t.optimizer.param_groups for p in g["params"]}
+
+    assert groups(trainer) == groups(torch_trainer) and {wd for wd, _ in groups(trainer).values()} == {0.0, 0.1}
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(baseline), atol=REDUCTION_TOLERANCES[torch.float32][0],
                                rtol=REDUCTION_TOLERANCES[torch.float32][1])
     with pytest.raises(ValueError, match="liger_adamw"):

@@ -484,15 +484,20 @@ def test_example_runs(make_model, reference, tmp_path, monkeypatch, capsys):
     assert "norm forward: liger.rms_norm_forward" in capsys.readouterr().out
 
 
-def test_adamw_key_makes_the_trainers_adamw_ours(make_model, tmp_path):
+def test_adamw_key_makes_the_trainers_adamw_ours(make_model, tmp_path, monkeypatch):
     """enable() + liger_kernel_config={"adamw": True}: the Trainer's optim="adamw_torch" AdamW is
-    liger_kernels.optim.AdamW (its kernel under the interpreter), with the Trainer's groups and
-    hyperparameters, and it trains as torch's does; disable() gives the Trainer its own choice back."""
+    liger_kernels.optim.AdamW, its kernel running (under the interpreter), with the Trainer's groups and
+    hyperparameters, and it trains as torch's does; disable() puts the Trainer's own method back."""
     from liger_kernels import optim
 
+    launches = []
+    original = optim.launch_adamw_
+    monkeypatch.setattr(optim, "launch_adamw_", lambda *a, **k: launches.append(k["weight_decay"]) or original(*a, **k))
     train = dict(optim="adamw_torch", learning_rate=1e-2, weight_decay=0.1)
     baseline = make_trainer(make_model(), tmp_path, **train)
     baseline.train()
+    assert launches == []
+    own_method = vars(Trainer)["get_optimizer_cls_and_kwargs"]
     hf.enable()
     try:
         trainer = make_trainer(make_model(), tmp_path, use_liger_kernel=True,
@@ -501,11 +506,12 @@ def test_adamw_key_makes_the_trainers_adamw_ours(make_model, tmp_path):
         assert type(trainer.optimizer.optimizer) is optim.AdamW
         assert [g["weight_decay"] for g in trainer.optimizer.param_groups] == [0.1, 0.0]
         assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2)
+        assert sorted(set(launches)) == [0.0, 0.1] and len(launches) == 2 * 3  # two groups, three steps
         assert_same_training(trainer, baseline)
         fused = make_trainer(make_model(), tmp_path, use_liger_kernel=True, liger_kernel_config={"adamw": True},
                              **dict(train, optim="adamw_torch_fused"))
-        fused.create_optimizer()
-        assert type(fused.optimizer) is optim.AdamW and not fused.optimizer.defaults.get("fused")
+        fused.create_optimizer()  # torch's fused=True is dropped (ours refuses it)
+        assert type(fused.optimizer) is optim.AdamW
         plain = make_trainer(make_model(), tmp_path, use_liger_kernel=True, **train)
         plain.create_optimizer()
         assert type(plain.optimizer) is torch.optim.AdamW  # without the key: torch's
@@ -514,12 +520,21 @@ def test_adamw_key_makes_the_trainers_adamw_ours(make_model, tmp_path):
             refused.create_optimizer()
     finally:
         hf.disable()
-    assert Trainer.get_optimizer_cls_and_kwargs(TrainingArguments(
-        output_dir=str(tmp_path), use_liger_kernel=True, liger_kernel_config={"adamw": True}))[0] is torch.optim.AdamW
+    assert vars(Trainer)["get_optimizer_cls_and_kwargs"] is own_method
 
 
 def test_adamw_key_with_callback_alone_is_refused(make_model, tmp_path):
-    with pytest.raises(ValueError, match="cannot choose the Trainer's optimizer"):
-        make_trainer(make_model(), tmp_path, callbacks=[hf.LigerCallback(adamw=True)])
+    """A callback cannot choose the Trainer's optimizer: adamw in liger_kernel_config without enable()
+    + use_liger_kernel is refused, and adamw is no callback flag (HF's or Lightning's), enabled or not."""
+    from liger_plugins import lightning as liger_lightning
+
     with pytest.raises(ValueError, match="cannot choose the Trainer's optimizer"):
         make_trainer(make_model(), tmp_path, liger_kernel_config={"adamw": True}, callbacks=[hf.LigerCallback()])
+    hf.enable()
+    try:
+        with pytest.raises(ValueError, match="only in the Trainer's liger_kernel_config"):
+            hf.LigerCallback(adamw=True)
+    finally:
+        hf.disable()
+    with pytest.raises(ValueError, match="only in the Trainer's liger_kernel_config"):
+        liger_lightning.LigerCallback(adamw=True)
