@@ -60,11 +60,10 @@ from __future__ import annotations
 import difflib
 import logging
 
-import torch
 from axolotl.integrations.base import BasePlugin, PluginManager
 from pydantic import BaseModel, StrictBool, model_validator
 
-from liger_plugins.hf import without_fused
+from liger_plugins.hf import as_liger_adamw
 from liger_plugins.patching import PatchSummary, apply_liger
 from liger_plugins.patching.forwards import is_liger
 
@@ -174,17 +173,7 @@ class LigerPlugin(BasePlugin):
         choose = trainer.get_optimizer_cls_and_kwargs
 
         def get_optimizer_cls_and_kwargs(args, model=None):
-            optimizer_cls, kwargs = choose(args, model)
-            if optimizer_cls is not torch.optim.AdamW:
-                raise ValueError(
-                    "liger_adamw: true replaces torch's AdamW (optimizer: adamw_torch or adamw_torch_fused); "
-                    f"this run's optimizer is {getattr(optimizer_cls, '__name__', optimizer_cls)}: drop "
-                    "liger_adamw or change the optimizer")
-            from liger_kernels.optim import AdamW
-
-            logger.info("liger_plugins: the optimizer is liger_kernels.optim.AdamW (torch's foreach AdamW "
-                        "numbers, one pass)")
-            return AdamW, without_fused(kwargs)
+            return as_liger_adamw(*choose(args, model), "liger_adamw: true", "this run's optimizer", logger)
 
         trainer.get_optimizer_cls_and_kwargs = get_optimizer_cls_and_kwargs
 

@@ -177,24 +177,26 @@ def _optimizer_choice(choose):
         optimizer_cls, optimizer_kwargs = choose(args, model)
         if not (args.use_liger_kernel and _wants_liger_adamw(args.liger_kernel_config)):
             return optimizer_cls, optimizer_kwargs
-        if optimizer_cls is not torch.optim.AdamW:
-            raise ValueError(
-                "liger_kernel_config adamw=True replaces the Trainer's torch AdamW (optim='adamw_torch' or "
-                f"'adamw_torch_fused'); optim={getattr(args.optim, 'value', args.optim)!r} builds "
-                f"{optimizer_cls.__name__}. Drop adamw or change optim")
-        from liger_kernels.optim import AdamW
-
-        logger.info("liger-plugins: the optimizer is liger_kernels.optim.AdamW (torch's foreach AdamW numbers, "
-                    "one pass)")
-        return AdamW, without_fused(optimizer_kwargs)
+        optim = getattr(args.optim, "value", args.optim)
+        return as_liger_adamw(optimizer_cls, optimizer_kwargs, "liger_kernel_config adamw=True", f"optim={optim!r}",
+                              logger)
 
     return get_optimizer_cls_and_kwargs
 
 
-def without_fused(optimizer_kwargs: dict) -> dict:
-    """torch AdamW keyword arguments for liger_kernels.optim.AdamW, which is one pass already and refuses
-    `fused` (`foreach` stays: it picks torch's path where torch's step runs)."""
-    return {k: v for k, v in optimizer_kwargs.items() if k != "fused"}
+def as_liger_adamw(optimizer_cls, optimizer_kwargs: dict, setting: str, chosen: str, log: logging.Logger):
+    """(liger_kernels.optim.AdamW, its kwargs) in place of the torch AdamW a trainer chose (`optim`
+    adamw_torch or adamw_torch_fused): the kwargs without `fused`, which ours refuses (it is one pass
+    already; `foreach` stays: it picks torch's path where torch's step runs). Any other optimizer class
+    raises ValueError naming `setting` (the user's switch) and `chosen` (what picked the class)."""
+    if optimizer_cls is not torch.optim.AdamW:
+        raise ValueError(
+            f"{setting} replaces torch's AdamW (optim / optimizer adamw_torch or adamw_torch_fused); {chosen} "
+            f"builds {getattr(optimizer_cls, '__name__', optimizer_cls)}: drop {setting} or change the optimizer")
+    from liger_kernels.optim import AdamW
+
+    log.info("liger-plugins: the optimizer is liger_kernels.optim.AdamW (torch's foreach AdamW numbers, one pass)")
+    return AdamW, {k: v for k, v in optimizer_kwargs.items() if k != "fused"}
 
 
 def _wants_liger_adamw(kernel_config) -> bool:
