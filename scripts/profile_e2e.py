@@ -52,6 +52,36 @@ def idle_gaps(spans, n: int = 8):
     return idle, sorted(gaps, key=lambda g: -g["ms"])[:n]
 
 
+def host_during_gaps(step, steps: int, n: int = 6) -> list[dict]:
+    """What the host was doing while the GPU sat idle: one more profiled pass, with host-side ops
+    recorded; for each of the largest gaps, the ops running on the host at its middle, innermost
+    first (a sync, an allocation or plain Python between two launches). Profiling the host slows it,
+    so the gaps here are longer than in the GPU-only pass; their places are what counts."""
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    spans, host = [], []
+    for evt in prof.events():
+        rng = (evt.time_range.start, evt.time_range.end, evt.name)
+        (spans if evt.device_type == torch.autograd.DeviceType.CUDA else host).append(rng)
+    spans.sort()
+    gaps, busy_until, last = [], None, ""
+    for start, end, name in spans:
+        if busy_until is not None and start > busy_until:
+            gaps.append((start - busy_until, busy_until, start, last, name))
+        if busy_until is None or end > busy_until:
+            busy_until, last = end, name
+    rows = []
+    for length, g0, g1, before, after in sorted(gaps, reverse=True)[:n]:
+        mid = (g0 + g1) / 2
+        running = sorted((e - s, name) for s, e, name in host if s <= mid <= e)
+        rows.append({"ms": length / 1e3, "after": before[:60], "before": after[:60],
+                     "host_ops_innermost_first": [name[:60] for _, name in running[:6]]})
+    return rows
+
+
 def top_ops(step, steps: int, n: int = 40) -> list[dict]:
     """The torch ops (with their input shapes) whose own kernels take the most GPU time per step: which
     matrix product runs at what rate, what a copy or cat kernel belongs to."""
@@ -66,7 +96,8 @@ def top_ops(step, steps: int, n: int = 40) -> list[dict]:
              "ms": e.self_device_time_total / 1e3 / steps} for e in rows[:n]]
 
 
-def profile(setup: str, family_name: str, batch: int, seq: int, steps: int, ops: bool = False) -> dict:
+def profile(setup: str, family_name: str, batch: int, seq: int, steps: int, ops: bool = False,
+            gaps: bool = False) -> dict:
     model, step = training_step(family_name, setup, batch, seq)  # any setup, Liger-Kernel's too
     for _ in range(3):
         step()
@@ -102,6 +133,7 @@ def profile(setup: str, family_name: str, batch: int, seq: int, steps: int, ops:
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1][1])[:25]
     idle_ms, gaps = idle_gaps(spans)
     op_rows = top_ops(step, steps) if ops else []
+    gap_rows = host_during_gaps(step, steps) if gaps else []
     release(model, setup)
     return {"setup": setup, "family": family_name, "batch": batch, "seq": seq, "steps": steps,
             "wall_ms_per_step": wall_ms, "wall_ms_per_step_synced": sorted(synced)[len(synced) // 2],
@@ -109,7 +141,7 @@ def profile(setup: str, family_name: str, batch: int, seq: int, steps: int, ops:
             "ms_per_step_by_family": dict(sorted(per_family.items(), key=lambda kv: -kv[1])),
             "gpu_idle_ms_per_step": idle_ms / steps, "largest_idle_gaps": gaps,
             "top_kernels_ms_per_step": [{"name": k[:120], "family": f, "ms": ms} for k, (f, ms) in top],
-            "top_ops_ms_per_step": op_rows}
+            "top_ops_ms_per_step": op_rows, "host_during_largest_gaps": gap_rows}
 
 
 def main(argv=None):
@@ -120,11 +152,12 @@ def main(argv=None):
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--ops", action="store_true", help="also the top torch ops with their input shapes")
+    parser.add_argument("--gaps", action="store_true", help="also what the host ran during the largest GPU gaps")
     parser.add_argument("--out", default="docs/e2e/profile.json")
     args = parser.parse_args(argv)
     results = []
     for setup in args.setups.split(","):
-        r = profile(setup, args.family, args.batch, args.seq, args.steps, args.ops)
+        r = profile(setup, args.family, args.batch, args.seq, args.steps, args.ops, args.gaps)
         results.append(r)
         fams = ", ".join(f"{k} {v:.1f}" for k, v in r["ms_per_step_by_family"].items())
         print(f"{setup}: {r['wall_ms_per_step']:.1f} wall ms/step ({r['wall_ms_per_step_synced']:.1f} with a sync per "
@@ -134,6 +167,9 @@ def main(argv=None):
         print(f"    GPU idle {r['gpu_idle_ms_per_step']:.1f} ms/step; largest gaps:", flush=True)
         for g in r["largest_idle_gaps"]:
             print(f"    {g['ms']:7.2f} ms  after {g['after'][:50]}  before {g['before'][:50]}", flush=True)
+        for g in r["host_during_largest_gaps"]:
+            print(f"    host gap {g['ms']:6.2f} ms before {g['before'][:40]}: {' < '.join(g['host_ops_innermost_first'])}",
+                  flush=True)
         for o in r["top_ops_ms_per_step"]:
             print(f"    {o['ms']:7.2f} ms  {o['calls_per_step']:5.0f}x {o['op']:28s} {o['shapes'][:100]}", flush=True)
         torch.cuda.empty_cache()
