@@ -54,14 +54,14 @@ def idle_gaps(spans, n: int = 8):
 
 def host_during_gaps(step, steps: int, n: int = 6) -> list[dict]:
     """What the host was doing while the GPU sat idle: one more profiled pass, with host-side ops
-    recorded; for each of the largest gaps, the ops running on the host at its middle, innermost
-    first (a sync, an allocation or plain Python between two launches). Profiling the host slows it,
+    recorded and a sync after each step as bench_e2e has; for each of the largest gaps, the ops running
+    on the host at its middle, innermost first (a sync, an allocation or plain Python between launches). Profiling the host slows it,
     so the gaps here are longer than in the GPU-only pass; their places are what counts."""
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts) as prof:
         for _ in range(steps):
             step()
-        torch.cuda.synchronize()
+            torch.cuda.synchronize()  # as bench_e2e times a step: the host's lead is lost at every step start
     spans, host = [], []
     for evt in prof.events():
         rng = (evt.time_range.start, evt.time_range.end, evt.name)
