@@ -55,8 +55,9 @@ def idle_gaps(spans, n: int = 8):
 def host_during_gaps(step, steps: int, n: int = 6) -> list[dict]:
     """What the host was doing while the GPU sat idle: one more profiled pass, with host-side ops
     recorded and a sync after each step as bench_e2e has; for each of the largest gaps, the ops running
-    on the host at its middle, innermost first (a sync, an allocation or plain Python between launches). Profiling the host slows it,
-    so the gaps here are longer than in the GPU-only pass; their places are what counts."""
+    on the host at its middle, innermost first (a sync, an allocation or plain Python between launches).
+    Profiling the host slows it, so the gaps here are longer than in the GPU-only pass; their places
+    are what counts."""
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts) as prof:
         for _ in range(steps):
@@ -168,8 +169,8 @@ def main(argv=None):
         for g in r["largest_idle_gaps"]:
             print(f"    {g['ms']:7.2f} ms  after {g['after'][:50]}  before {g['before'][:50]}", flush=True)
         for g in r["host_during_largest_gaps"]:
-            print(f"    host gap {g['ms']:6.2f} ms before {g['before'][:40]}: {' < '.join(g['host_ops_innermost_first'])}",
-                  flush=True)
+            ops = " < ".join(g["host_ops_innermost_first"])
+            print(f"    host gap {g['ms']:6.2f} ms before {g['before'][:40]}: {ops}", flush=True)
         for o in r["top_ops_ms_per_step"]:
             print(f"    {o['ms']:7.2f} ms  {o['calls_per_step']:5.0f}x {o['op']:28s} {o['shapes'][:100]}", flush=True)
         torch.cuda.empty_cache()
