@@ -45,14 +45,27 @@ def compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+_REGISTERED: list = []  # every op custom_op made (torch.library.CustomOpDef), in registration order
+
+
+def registered_ops() -> list:
+    return list(_REGISTERED)
+
+
 def custom_op(name: str, fake: Callable):
     """Decorator: register a type-annotated function as `torch.ops.liger.<name>` for every device,
     with `fake` (same arguments) as its fake implementation. The function must return new tensors,
     never an input or a view of one."""
 
     def register(fn):
+        from liger_kernels._utils import on_input_device  # _utils imports this module
+
         op = torch.library.custom_op(f"{NAMESPACE}::{name}", fn, mutates_args=())
         op.register_fake(fake)
+        # A compiled graph calls the op with whatever GPU is current, and Triton launches there: on
+        # CUDA the op runs with its first tensor input's GPU current, as the eager entry points do.
+        op.register_kernel("cuda", on_input_device(fn))
+        _REGISTERED.append(op)
         return op
 
     return register

@@ -130,3 +130,23 @@ def test_ops_on_a_second_gpu_match_the_first():
     y1.float().square().sum().backward()
     assert torch.equal(y0, y1.to("cuda:0"))
     assert torch.equal(x0.grad, x1.grad.to("cuda:0")) and torch.equal(w0.grad, w1.grad.to("cuda:0"))
+
+
+def test_custom_ops_run_on_their_inputs_gpu(fake_devices):
+    """Under torch.compile the graph calls the custom ops (torch.ops.liger.*), not the public
+    functions: `_library.custom_op` registers the guarded implementation as their CUDA kernel."""
+    import liger_kernels.functional  # noqa: F401  (imports every op file, registering its ops)
+    from liger_kernels import _library
+
+    def fake(x: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(x)
+
+    @_library.custom_op("test_device_guard_probe", fake)
+    def probe(x: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(x, float(fake_devices["current"]))
+
+    cuda_kernel = probe._backend_fns["cuda"]  # what the dispatcher runs for CUDA inputs
+    assert float(cuda_kernel(torch.zeros(2).as_subclass(_OnSecondGpu))[0]) == 1.0
+    assert fake_devices["current"] == 0 and fake_devices["entered"] == [1]
+    ops = _library.registered_ops()
+    assert len(ops) > 40 and all("cuda" in op._backend_fns for op in ops)
