@@ -207,9 +207,9 @@ def main(argv=None):
         report["configs"].append(row)
         print(json.dumps(row), flush=True)
         torch.cuda.empty_cache()
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+        if args.out:  # after every config: a run cut short by its time limit keeps what it measured
+            with open(args.out, "w") as f:
+                json.dump(report, f, indent=1)
 
 
 if __name__ == "__main__":
