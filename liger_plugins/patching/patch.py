@@ -25,7 +25,12 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from liger_plugins.patching import forwards
-from liger_plugins.patching.fused_forward import base_model, computes_default_loss, make_causal_lm_forward
+from liger_plugins.patching.fused_forward import (
+    base_model,
+    computes_default_loss,
+    make_causal_lm_forward,
+    make_packed_sequence_check,
+)
 from liger_plugins.patching.registry import TRAITS, ArchitectureTraits
 
 _MISSING = object()
@@ -128,6 +133,7 @@ def patch_classes(traits: ArchitectureTraits, options: KernelOptions) -> PatchSu
             if computes_default_loss(causal_lm.forward):
                 rebind(causal_lm, "forward", lambda orig: make_causal_lm_forward(traits, orig),
                        f"fused_linear_cross_entropy: {traits.causal_lm}.forward")
+                _patch_packed_sequence_check(("class", traits.model_type), summary)
             else:
                 summary.skipped.append(_OWN_LOSS.format(traits.causal_lm))
         if options.cross_entropy:
@@ -207,6 +213,7 @@ def patch_instance(model: nn.Module, traits: ArchitectureTraits, options: Kernel
                 continue
             todo.append((module, attr, make(getattr(type(module), attr)), label))
 
+    loss_todo = []
     if is_causal_lm:
         _check_causal_lm(model, traits)
         loss_todo = _causal_lm_plan(model, traits, options, summary, already)
@@ -231,6 +238,8 @@ def patch_instance(model: nn.Module, traits: ArchitectureTraits, options: Kernel
             _patch_rope(part, ("instance", id(model)), summary)
     if options.causal_sdpa_under_compile:
         _patch_causal_mask_decision(("instance", id(model)), summary)
+    if any(attr == "forward" for _, attr, _, _ in loss_todo):  # the fused loss forward
+        _patch_packed_sequence_check(("instance", id(model)), summary)
     return summary
 
 
@@ -442,6 +451,17 @@ def _patch_causal_mask_decision(holder, summary: PatchSummary) -> None:
         summary.skipped.append(f"{label}: this transformers version has no such function of the expected arguments")
         return
     _patch_function(masking_utils, name, forwards.make_causal_mask_decision, holder, label, summary)
+
+
+def _patch_packed_sequence_check(holder, summary: PatchSummary) -> None:
+    from transformers import masking_utils
+
+    name = "find_packed_sequence_indices"
+    label = f"fused_linear_cross_entropy: transformers.masking_utils.{name} (module level, no sync for own positions)"
+    if not callable(getattr(masking_utils, name, None)):
+        summary.skipped.append(f"{label}: this transformers version has no such function")
+        return
+    _patch_function(masking_utils, name, make_packed_sequence_check, holder, label, summary)
 
 
 def _patch_function(module: types.ModuleType, name: str, make, holder, label: str, summary: PatchSummary) -> None:

@@ -237,6 +237,34 @@ def test_fused_forward_arguments(build):
         model(input_ids=ids, labels=labels, logits_to_keep=2)
 
 
+def test_no_packed_sequence_sync_for_the_models_own_positions(build, monkeypatch):
+    """With the KV cache off, transformers searches position_ids for packed sequences with a host sync;
+    the loss path answers "not packed" itself where the decoder made its own 0..T-1 positions, and
+    leaves every other call to transformers' function."""
+    from transformers import masking_utils
+
+    calls = []
+    original = masking_utils.find_packed_sequence_indices
+
+    def counting(position_ids, *args, **kwargs):
+        calls.append(position_ids.shape)
+        return original(position_ids, *args, **kwargs)
+
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", counting)
+    reference, model = build("llama"), build("llama")
+    ids, labels = batch(model.config.vocab_size)
+    reference(input_ids=ids, labels=labels, use_cache=False)  # transformers' own: the check runs
+    assert len(calls) == 1
+    apply_liger(model, rope=False)
+    assert is_liger(masking_utils.find_packed_sequence_indices)
+    _assert_same_training(model, reference, input_ids=ids, labels=labels)  # ours: loss path, cache off
+    assert len(calls) == 1  # the patched model's own positions skipped the check (the reference kept its cache)
+    model(input_ids=ids, use_cache=False)  # not the loss path: transformers decides
+    assert len(calls) == 2
+    unpatch(model)
+    assert masking_utils.find_packed_sequence_indices is counting
+
+
 def test_fused_loss_chunks_by_the_model_budget(build, reference_dispatch, monkeypatch):
     from liger_kernels import functional as LF
     from liger_plugins.patching import fused_forward
