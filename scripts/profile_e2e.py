@@ -65,6 +65,8 @@ def host_during_gaps(step, steps: int, n: int = 6) -> list[dict]:
             torch.cuda.synchronize()  # as bench_e2e times a step: the host's lead is lost at every step start
     spans, host = [], []
     for evt in prof.events():
+        if getattr(evt, "is_user_annotation", False):  # record_function ranges, also on the GPU's timeline
+            continue
         rng = (evt.time_range.start, evt.time_range.end, evt.name)
         (spans if evt.device_type == torch.autograd.DeviceType.CUDA else host).append(rng)
     spans.sort()
@@ -98,7 +100,7 @@ def top_ops(step, steps: int, n: int = 40) -> list[dict]:
 
 
 def profile(setup: str, family_name: str, batch: int, seq: int, steps: int, ops: bool = False,
-            gaps: bool = False) -> dict:
+            host_gaps: bool = False) -> dict:
     model, step = training_step(family_name, setup, batch, seq)  # any setup, Liger-Kernel's too
     for _ in range(3):
         step()
@@ -134,7 +136,7 @@ def profile(setup: str, family_name: str, batch: int, seq: int, steps: int, ops:
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1][1])[:25]
     idle_ms, gaps = idle_gaps(spans)
     op_rows = top_ops(step, steps) if ops else []
-    gap_rows = host_during_gaps(step, steps) if gaps else []
+    gap_rows = host_during_gaps(step, steps) if host_gaps else []
     release(model, setup)
     return {"setup": setup, "family": family_name, "batch": batch, "seq": seq, "steps": steps,
             "wall_ms_per_step": wall_ms, "wall_ms_per_step_synced": sorted(synced)[len(synced) // 2],

@@ -189,6 +189,19 @@ def test_causal_mask_decision_under_compile():
     assert len(calls) == 5
 
 
+def test_compiles_fullgraph_without_a_cache(patched):
+    """use_cache=False (gradient checkpointing, TRL configs): transformers' packed-sequence check then
+    runs while Dynamo traces, through our module-level wrapper of it, which must stay traceable."""
+    model = patched("llama")
+    ids, labels = model_batch(model)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    for extra in ({}, {"position_ids": positions}):
+        out = compiled(input_ids=ids, labels=labels, use_cache=False, **extra)
+        assert_model_close(out.loss, model(input_ids=ids, labels=labels, use_cache=False, **extra).loss,
+                           torch.float32, "loss")
+
+
 def test_explain_finds_no_graph_break_in_our_code(patched):
     model = patched("gemma2")  # softcapped loss, offset norms, geglu: the most patched code paths
     ids, labels = model_batch(model)

@@ -161,7 +161,9 @@ def _fused_loss_forward(self, traits: ArchitectureTraits, aux_loss_fn, kwargs: d
     own_positions = contextlib.nullcontext()
     if _skip_kv_cache(decoder, kwargs):
         kwargs["use_cache"] = False
-        if not traits.sub_configs:  # a text decoder: its own positions are 0..T-1 in every row
+        # Left out: models with sub-configs (vision-language wrappers), whose decoders may derive
+        # positions from the image layout. The others make 0..T-1 in every row when given none.
+        if not traits.sub_configs:
             own_positions = _positions_are_the_models_own()
     with own_positions:
         outputs = decoder(**kwargs)
@@ -246,12 +248,14 @@ def make_packed_sequence_check(original):
     `position_ids` when a mask is built with neither a padding mask nor a cache, and syncs the host
     with the GPU to decide (`.all()`). With the KV cache off (`_skip_kv_cache`) that runs on every
     training step; where the positions are the decoder's own 0..T-1 the answer is known, "not packed"
-    (None), and it is given without the sync: ~0.8 ms per step of GPU idle on the H200
+    (None), and it is given without the sync: ~0.8-1.2 ms per step of GPU idle on the H200
     (docs/e2e/h200_run1/profile.json, the gap after the check and the host still level with the GPU
     after it). Everywhere else the original decides."""
 
     def find_packed_sequence_indices(position_ids, *args, **kwargs):
-        if _OWN_POSITIONS.get():
+        # Never while Dynamo traces (it cannot read a ContextVar; the flag is never set then anyway,
+        # see _skip_kv_cache): the original, which skips its sync under tracing itself.
+        if not torch.compiler.is_compiling() and _OWN_POSITIONS.get():
             return None
         return original(position_ids, *args, **kwargs)
 

@@ -5,6 +5,7 @@ point to switch to its inputs' device first."""
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import pytest
 import torch
@@ -132,10 +133,9 @@ def test_ops_on_a_second_gpu_match_the_first():
     assert torch.equal(x0.grad, x1.grad.to("cuda:0")) and torch.equal(w0.grad, w1.grad.to("cuda:0"))
 
 
-def test_custom_ops_run_on_their_inputs_gpu(fake_devices):
-    """Under torch.compile the graph calls the custom ops (torch.ops.liger.*), not the public
-    functions: `_library.custom_op` registers the guarded implementation as their CUDA kernel."""
-    import liger_kernels.functional  # noqa: F401  (imports every op file, registering its ops)
+@functools.lru_cache(maxsize=None)
+def _current_device_probe():
+    """A custom op (registered once) returning the current CUDA device index, filled into its input's shape."""
     from liger_kernels import _library
 
     def fake(x: torch.Tensor) -> torch.Tensor:
@@ -143,10 +143,22 @@ def test_custom_ops_run_on_their_inputs_gpu(fake_devices):
 
     @_library.custom_op("test_device_guard_probe", fake)
     def probe(x: torch.Tensor) -> torch.Tensor:
-        return torch.full_like(x, float(fake_devices["current"]))
+        return torch.full_like(x, float(torch.cuda.current_device()))
 
-    cuda_kernel = probe._backend_fns["cuda"]  # what the dispatcher runs for CUDA inputs
+    return probe
+
+
+def test_custom_ops_run_on_their_inputs_gpu(fake_devices):
+    """Under torch.compile the graph calls the custom ops (torch.ops.liger.*), not the public
+    functions: `_library.custom_op` registers the guarded implementation as their CUDA kernel."""
+    import liger_kernels.functional  # noqa: F401  (imports every op file, registering its ops)
+    from liger_kernels import _library
+
+    cuda_kernel = _current_device_probe()._backend_fns["cuda"]  # what the dispatcher runs for CUDA inputs
     assert float(cuda_kernel(torch.zeros(2).as_subclass(_OnSecondGpu))[0]) == 1.0
     assert fake_devices["current"] == 0 and fake_devices["entered"] == [1]
     ops = _library.registered_ops()
-    assert len(ops) > 40 and all("cuda" in op._backend_fns for op in ops)
+    assert len(ops) > 40
+    for op in ops:  # each has a CUDA kernel in the dispatcher, the guarded one
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op._qualname, "CUDA"), op._qualname
+        assert "cuda" in op._backend_fns, op._qualname
