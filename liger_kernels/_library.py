@@ -45,13 +45,6 @@ def compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-_REGISTERED: list = []  # every op custom_op made (torch.library.CustomOpDef), in registration order
-
-
-def registered_ops() -> list:
-    return list(_REGISTERED)
-
-
 def custom_op(name: str, fake: Callable):
     """Decorator: register a type-annotated function as `torch.ops.liger.<name>` for every device,
     with `fake` (same arguments) as its fake implementation. The function must return new tensors,
@@ -65,7 +58,6 @@ def custom_op(name: str, fake: Callable):
         # A compiled graph calls the op with whatever GPU is current, and Triton launches there: on
         # CUDA the op runs with its first tensor input's GPU current, as the eager entry points do.
         op.register_kernel("cuda", on_input_device(fn))
-        _REGISTERED.append(op)
         return op
 
     return register

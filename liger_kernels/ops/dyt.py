@@ -22,7 +22,14 @@ import triton
 import triton.language as tl
 
 from liger_kernels import _library
-from liger_kernels._utils import check_float, check_same_device, new_output, num_programs_for_rows, on_input_device, use_triton
+from liger_kernels._utils import (
+    check_float,
+    check_same_device,
+    new_output,
+    num_programs_for_rows,
+    on_input_device,
+    use_triton,
+)
 from liger_kernels.ops._tiles import as_rows, from_rows, tile_config, tile_offsets
 
 

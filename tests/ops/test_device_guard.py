@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import liger_kernels.functional as LF
-from liger_kernels import _utils
+from liger_kernels import _library, _utils
 from liger_kernels.losses import chunked
 
 
@@ -136,7 +136,6 @@ def test_ops_on_a_second_gpu_match_the_first():
 @functools.lru_cache(maxsize=None)
 def _current_device_probe():
     """A custom op (registered once) returning the current CUDA device index, filled into its input's shape."""
-    from liger_kernels import _library
 
     def fake(x: torch.Tensor) -> torch.Tensor:
         return torch.empty_like(x)
@@ -151,13 +150,14 @@ def _current_device_probe():
 def test_custom_ops_run_on_their_inputs_gpu(fake_devices):
     """Under torch.compile the graph calls the custom ops (torch.ops.liger.*), not the public
     functions: `_library.custom_op` registers the guarded implementation as their CUDA kernel."""
+    from torch._library.custom_ops import OPDEFS  # every torch.library.custom_op, by qualified name
+
     import liger_kernels.functional  # noqa: F401  (imports every op file, registering its ops)
-    from liger_kernels import _library
 
     cuda_kernel = _current_device_probe()._backend_fns["cuda"]  # what the dispatcher runs for CUDA inputs
     assert float(cuda_kernel(torch.zeros(2).as_subclass(_OnSecondGpu))[0]) == 1.0
     assert fake_devices["current"] == 0 and fake_devices["entered"] == [1]
-    ops = _library.registered_ops()
+    ops = [op for name, op in OPDEFS.items() if name.startswith(f"{_library.NAMESPACE}::")]
     assert len(ops) > 40
     for op in ops:  # each has a CUDA kernel in the dispatcher, the guarded one
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op._qualname, "CUDA"), op._qualname
