@@ -103,6 +103,7 @@ def training_step(family: str, setup: str, batch: int, seq: int):
         optimizer.zero_grad(set_to_none=True)
         return loss
 
+    step.optimizer = optimizer  # for probes that step it their own way (scripts/adamw_overlap_probe.py)
     return model, step
 
 

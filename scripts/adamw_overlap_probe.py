@@ -1,0 +1,154 @@
+"""Probe: our AdamW stepped inside backward, as each parameter's gradient is final, against the step
+after backward (one GPU, bench_e2e's `ours_adamw` setup).
+
+Inside the e2e step our AdamW's kernels take 7.65 ms of the H200's ~235 ms (docs/e2e/h200_run1), all
+after the last backward product, with the GPU doing nothing else. Stepping each parameter from a
+post-accumulate-grad hook gives the same numbers when nothing reads the gradients between backward
+and the step (no clipping, no accumulation, no loss scaler: this benchmark's loop) and frees each
+gradient at once. Modes, on one model, switched between blocks of steps in alternating rounds:
+    after        optimizer.step() after backward (bench_e2e)
+    inline       each parameter's step launched from its hook, on the backward's stream
+    side         the same on a second stream (waits for the gradient, overlaps later backward kernels)
+    side_high    the same on a high-priority stream
+Reports the step time (a sync per step, as bench_e2e), peak memory, and whether every parameter and
+state after 2 steps from one snapshot equals the `after` mode's bit for bit.
+
+    python scripts/adamw_overlap_probe.py --out overlap.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+MODES = ("after", "inline", "side", "side_high")
+
+
+class StepInBackward:
+    """Post-accumulate-grad hooks that step each parameter with `optimizer` and drop its gradient."""
+
+    def __init__(self, model, optimizer, stream):
+        self.stream = stream
+        group_of = {p: g for g in optimizer.param_groups for p in g["params"]}
+
+        def hook(param):
+            with torch.no_grad():
+                if stream is None:
+                    optimizer._fused_group_step(group_of[param], [param])
+                else:
+                    stream.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(stream):
+                        optimizer._fused_group_step(group_of[param], [param])
+                    param.grad.record_stream(stream)
+            param.grad = None
+
+        self.handles = [p.register_post_accumulate_grad_hook(hook) for p in model.parameters() if p.requires_grad]
+
+    def finish(self):
+        if self.stream is not None:  # the next forward reads the updated parameters
+            torch.cuda.current_stream().wait_stream(self.stream)
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", default="llama")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+
+    from liger_kernels.bench import warm_up_gpu
+    from liger_plugins.bench_e2e import release, training_step
+
+    warm_up_gpu(3.0)
+    model, step = training_step(args.family, "ours_adamw", args.batch, args.seq)
+    optimizer = step.optimizer
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device="cuda")
+    for _ in range(2):
+        step()  # states exist from here on
+    torch.cuda.synchronize()
+    streams = dict(after=None, inline=None, side=torch.cuda.Stream(), side_high=torch.cuda.Stream(priority=-1))
+
+    def run(mode):
+        if mode == "after":
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss
+        hooks = StepInBackward(model, optimizer, streams[mode])
+        try:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            hooks.finish()
+        finally:
+            hooks.remove()
+        return loss
+
+    # exactness: 2 steps of each mode from one snapshot of parameters and states
+    params = [p for p in model.parameters()]
+    snapshot = [(p.detach().clone(), {k: v.clone() for k, v in optimizer.state[p].items()}) for p in params]
+
+    def restore():
+        with torch.no_grad():
+            for p, (value, state) in zip(params, snapshot):
+                p.copy_(value)
+                for k, v in state.items():
+                    optimizer.state[p][k].copy_(v)
+
+    finals = {}
+    for mode in MODES:
+        restore()
+        losses = [float(run(mode)) for _ in range(2)]
+        torch.cuda.synchronize()
+        finals[mode] = (losses, [p.detach().clone() for p in params],
+                        [optimizer.state[p]["exp_avg_sq"].clone() for p in params])
+    exact = {}
+    for mode in MODES:
+        losses, ps, vs = finals[mode]
+        exact[mode] = dict(losses=losses, equal_to_after=all(torch.equal(a, b) for a, b in zip(ps, finals["after"][1]))
+                           and all(torch.equal(a, b) for a, b in zip(vs, finals["after"][2])))
+        print(mode, exact[mode], flush=True)
+    del snapshot, finals
+    torch.cuda.empty_cache()
+
+    samples = {m: dict(step_ms=[], peak_gib=[]) for m in MODES}
+    for round_index in range(args.rounds):
+        for mode in MODES if round_index % 2 == 0 else MODES[::-1]:
+            run(mode)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            for _ in range(args.steps):
+                start = time.perf_counter()
+                run(mode)
+                torch.cuda.synchronize()
+                samples[mode]["step_ms"].append((time.perf_counter() - start) * 1e3)
+            samples[mode]["peak_gib"].append(torch.cuda.max_memory_allocated() / 2**30)
+    release(model, "ours_adamw")
+    results = []
+    for mode, s in samples.items():
+        step_ms = statistics.median(s["step_ms"])
+        row = dict(mode=mode, step_ms=step_ms, tokens_per_s=args.batch * args.seq / step_ms * 1e3,
+                   peak_gib=max(s["peak_gib"]), **exact[mode])
+        results.append(row)
+        print(f"{mode:10s} step {step_ms:7.2f} ms ({row['tokens_per_s'] / 1e3:5.1f} k tok/s)  peak {row['peak_gib']:.2f} GiB"
+              f"  equal to after: {row['equal_to_after']}", flush=True)
+    report = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, family=args.family, batch=args.batch,
+                  seq=args.seq, steps=args.steps, rounds=args.rounds, results=results)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
