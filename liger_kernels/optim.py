@@ -16,11 +16,23 @@ Sharded parameters (DTensors: FSDP2, tensor parallelism) are stepped on their lo
 is elementwise, so each rank updates its shard exactly as torch's step on the DTensor does. That needs
 the gradient and the states laid out like the parameter (same mesh and placements, none `Partial`,
 i.e. no reduction pending); otherwise torch's step runs.
+
+`AdamW(..., step_in_backward=True)` steps each parameter inside `loss.backward()`, as soon as autograd
+has accumulated its gradient (a post-accumulate-grad hook), and drops that gradient at once: the
+same numbers as backward followed by `step()`, without ever holding all gradients (their memory, the
+size of the trained parameters, is never needed at once). `step()` then steps only parameters whose
+gradients arrived another way, and `zero_grad()` has nothing left to clear. It is only right where
+nothing reads or changes a gradient between backward and the step: no gradient clipping (it would
+see no gradients), no gradient accumulation over several backward passes (each one steps), no loss
+scaler, each parameter's gradient accumulated once per backward (not reentrant checkpointing of a
+shared parameter), and one process (DDP / FSDP reduce gradients after autograd accumulates them:
+refused). Hooks stay on the parameters until `remove_backward_hooks()` or the optimizer is gone.
 """
 
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections import defaultdict
 
 import torch
@@ -97,15 +109,60 @@ class AdamW(torch.optim.AdamW):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
-                 fused: bool | None = None):
+                 fused: bool | None = None, step_in_backward: bool = False):
         # `foreach` only chooses torch's path where torch's step runs (module doc)
         if fused:
             raise ValueError("liger_kernels.optim.AdamW is already one pass, with the numbers of torch's "
                              "foreach step; torch's fused=True kernel rounds differently: for that one, "
                              "use torch.optim.AdamW(..., fused=True)")
+        # read by add_param_group, which torch's constructor calls for each group
+        self._step_in_backward = step_in_backward
+        self._backward_hooks = []
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          maximize=maximize, foreach=foreach, capturable=capturable,
                          differentiable=differentiable)
+
+    def add_param_group(self, param_group) -> None:
+        super().add_param_group(param_group)
+        if getattr(self, "_step_in_backward", False):  # absent in an optimizer unpickled from torch's
+            self._hook_backward(self.param_groups[-1])
+
+    def _hook_backward(self, group) -> None:
+        """Step each parameter of `group` when autograd has accumulated its gradient (module doc)."""
+        unsupported = {k: group.get(k) for k, v in _GROUP_DEFAULTS_REQUIRED.items() if group.get(k, v) != v}
+        if any(isinstance(x, torch.Tensor) for x in (group["lr"], *group["betas"], group["weight_decay"])):
+            unsupported["tensor lr, betas or weight_decay"] = True
+        if unsupported:
+            raise ValueError(f"AdamW(step_in_backward=True) steps with the one-pass kernel only; these group "
+                             f"options need torch's step after backward: {unsupported}")
+        _refuse_several_processes()
+        optimizer = weakref.ref(self)  # the hooks live on the parameters: they must not keep the optimizer
+
+        def step_in_backward(param):
+            owner = optimizer()
+            if owner is not None and param.grad is not None:
+                owner._step_now(group, param)
+
+        for param in group["params"]:
+            if param.requires_grad:
+                self._backward_hooks.append(param.register_post_accumulate_grad_hook(step_in_backward))
+
+    def _step_now(self, group, param) -> None:
+        """One parameter's step from its post-accumulate-grad hook, then its gradient dropped."""
+        _refuse_several_processes()
+        with torch.no_grad():
+            if self._fusable(param):
+                self._fused_group_step(group, [param])
+            else:
+                self._torch_group_step(group, [param])
+        param.grad = None
+
+    def remove_backward_hooks(self) -> None:
+        """Back to stepping in `step()` only (for AdamW(step_in_backward=True))."""
+        for handle in self._backward_hooks:
+            handle.remove()
+        self._backward_hooks.clear()
+        self._step_in_backward = False
 
     def step(self, closure=None):
         loss = None
@@ -131,31 +188,48 @@ class AdamW(torch.optim.AdamW):
             if any(isinstance(x, torch.Tensor) for x in (group["lr"], beta1, beta2, group["weight_decay"])):
                 return None
             params = [p for p in group["params"] if p.grad is not None]
-            for param in params:
-                if not _same_layout(param.grad, param):
-                    return None
-                p, g = _local(param), _local(param.grad)
-                # everything launch_adamw_ needs and does not check
-                if (p.dtype not in ADAMW_DTYPES or g.dtype != p.dtype or g.shape != p.shape
-                        or g.is_sparse or p.is_sparse or not use_triton(p) or g.device != p.device
-                        or not p.is_contiguous() or not g.is_contiguous()):
-                    return None
-                state = self.state.get(param)
-                if state and not all(_same_layout(state[k], param) and _local(state[k]).dtype == p.dtype
-                                     and _local(state[k]).is_contiguous() and _local(state[k]).device == p.device
-                                     and _local(state[k]).shape == p.shape
-                                     for k in ("exp_avg", "exp_avg_sq")):
-                    return None
+            if not all(self._fusable(param) for param in params):
+                return None
             plan.append((group, params))
         return plan
 
-    def _fused_group_step(self, group, params) -> None:
+    def _fusable(self, param) -> bool:
+        """The kernel can step `param` (with its gradient): everything launch_adamw_ needs and does not
+        check, of the parameter, its gradient and its states (if any yet)."""
+        if not _same_layout(param.grad, param):
+            return False
+        p, g = _local(param), _local(param.grad)
+        if (p.dtype not in ADAMW_DTYPES or g.dtype != p.dtype or g.shape != p.shape
+                or g.is_sparse or p.is_sparse or not use_triton(p) or g.device != p.device
+                or not p.is_contiguous() or not g.is_contiguous()):
+            return False
+        state = self.state.get(param)
+        return not state or all(_same_layout(state[k], param) and _local(state[k]).dtype == p.dtype
+                                and _local(state[k]).is_contiguous() and _local(state[k]).device == p.device
+                                and _local(state[k]).shape == p.shape
+                                for k in ("exp_avg", "exp_avg_sq"))
+
+    def _torch_group_step(self, group, params) -> None:
+        """torch's single-tensor AdamW step of `params` (of one group without amsgrad / maximize): for a
+        parameter the kernel cannot step, inside backward."""
+        self._init_states(params)
+        states = [self.state[p] for p in params]
+        beta1, beta2 = group["betas"]
+        torch_adam.adam(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                        [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states], foreach=False,
+                        decoupled_weight_decay=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+                        weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+
+    def _init_states(self, params) -> None:
         for p in params:
             state = self.state[p]
             if len(state) == 0:  # as torch initializes it (Adam._init_group)
                 state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _fused_group_step(self, group, params) -> None:
+        self._init_states(params)
         beta1, beta2 = group["betas"]
         small, params = _split(params, lambda p: _takes_torch_step(_local(p)))
         if small:  # torch's foreach step, which also counts their steps
@@ -179,3 +253,14 @@ class AdamW(torch.optim.AdamW):
                           [_local(self.state[p]["exp_avg_sq"]) for p in batch],
                           step=step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                           weight_decay=group["weight_decay"])
+
+
+def _refuse_several_processes() -> None:
+    """Inside backward a gradient is this process's own: DDP and FSDP reduce it over the ranks later."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world = torch.distributed.get_world_size()
+        if world > 1:
+            raise RuntimeError(
+                f"AdamW(step_in_backward=True) with {world} processes: each gradient is stepped when autograd "
+                "has accumulated it, before DDP / FSDP reduce it over the ranks. Use step_in_backward=False "
+                "(the step after backward) in distributed training")

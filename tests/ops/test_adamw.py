@@ -317,3 +317,84 @@ def test_step_needs_no_parameter_sized_temporaries():
     size = sum(p.numel() * p.element_size() for p in params)
     assert peaks["ours"] < 2**20, peaks
     assert peaks["torch"] >= size, peaks  # what the test guards against, measured on torch's step
+
+
+class _TinyNet(torch.nn.Module):
+    """Parameters of several sizes, one used twice (its gradient is the sum of two uses) and one frozen."""
+
+    def __init__(self, dtype, device):
+        super().__init__()
+        torch.manual_seed(3)
+        self.inner = torch.nn.Linear(33, 33, device=device, dtype=dtype)
+        self.norm = torch.nn.LayerNorm(33, device=device, dtype=dtype)
+        self.head = torch.nn.Linear(33, 7, bias=False, device=device, dtype=dtype)
+        self.frozen = torch.nn.Linear(33, 33, device=device, dtype=dtype).requires_grad_(False)
+
+    def forward(self, x):
+        return self.head(self.norm(self.inner(self.frozen(self.inner(x))))).square().mean()
+
+
+def _groups(net):
+    return [dict(params=[net.inner.weight, net.head.weight], lr=1e-2),
+            dict(params=[net.inner.bias, *net.norm.parameters()], lr=3e-3, weight_decay=0.0)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])  # float64: torch's step
+def test_step_in_backward_equals_step_after_backward(dtype, device):
+    """Stepping each parameter inside backward gives the parameters and states of backward + step(),
+    bit for bit where both run the kernel, under a scheduler, with groups and a parameter used twice;
+    no gradient is left after backward, and step() / zero_grad() then change nothing."""
+    after_net, in_net = _TinyNet(dtype, device), _TinyNet(dtype, device)
+    hyper = dict(betas=(0.8, 0.95), eps=1e-7, weight_decay=0.1)
+    after = AdamW(_groups(after_net), **hyper)
+    inside = AdamW(_groups(in_net), step_in_backward=True, **hyper)
+    schedulers = [torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5) for o in (after, inside)]
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        x = torch.randn(5, 33, generator=gen).to(device=device, dtype=dtype)
+        after_net(x).backward()
+        after.step()
+        after.zero_grad()
+        in_net(x).backward()
+        assert all(p.grad is None for p in in_net.parameters())
+        inside.step()
+        inside.zero_grad()
+        for s in schedulers:
+            s.step()
+    for (name, a), b in zip(after_net.named_parameters(), in_net.parameters()):
+        exact = dtype != torch.float64  # torch's single-tensor step inside backward, its foreach after
+        _assert_same(b.detach(), a.detach(), exact=exact, name=name, ulps=2)
+        if a.requires_grad:
+            sa, sb = after.state[a], inside.state[b]
+            assert sa["step"].item() == sb["step"].item() == 3.0
+            _assert_same(sb["exp_avg_sq"], sa["exp_avg_sq"], exact=exact, name=name + " exp_avg_sq", ulps=2)
+    assert in_net.frozen.weight.grad is None and not inside.state.get(in_net.frozen.weight)
+
+
+def test_step_in_backward_hooks_removed_or_optimizer_gone(device):
+    net = _TinyNet(torch.float32, device)
+    x = torch.randn(5, 33, device=device)
+    optimizer = AdamW(net.parameters(), step_in_backward=True)
+    optimizer.remove_backward_hooks()
+    net(x).backward()
+    assert net.head.weight.grad is not None  # back to the step after backward
+    before = net.head.weight.detach().clone()
+    optimizer.step()
+    assert not torch.equal(before, net.head.weight)
+    net.zero_grad()
+    AdamW(net.parameters(), step_in_backward=True)  # dropped at once: its hooks must do nothing
+    before = net.head.weight.detach().clone()
+    net(x).backward()
+    assert net.head.weight.grad is not None and torch.equal(before, net.head.weight)
+
+
+def test_step_in_backward_refusals(device, monkeypatch):
+    params = _model_params(torch.float32, device)
+    with pytest.raises(ValueError, match="amsgrad"):
+        AdamW(params, amsgrad=True, step_in_backward=True)
+    with pytest.raises(ValueError, match="tensor lr"):
+        AdamW(params, lr=torch.tensor(1e-3), step_in_backward=True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    with pytest.raises(RuntimeError, match="2 processes"):
+        AdamW(params, step_in_backward=True)
