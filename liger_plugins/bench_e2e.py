@@ -48,6 +48,10 @@ SETUPS = {
     "ours_compile": ("ours", False, True),
     "ours_adamw": ("ours", False, False, "liger_adamw"),
     "ours_ckpt_adamw": ("ours", True, False, "liger_adamw"),
+    # our AdamW stepping each parameter inside backward (same numbers in this loop: no clipping or
+    # accumulation), every gradient dropped as soon as it is stepped
+    "ours_adamw_in_backward": ("ours", False, False, "liger_adamw_in_backward"),
+    "ours_ckpt_adamw_in_backward": ("ours", True, False, "liger_adamw_in_backward"),
     "ours_compile_adamw": ("ours", False, True, "liger_adamw"),
     "liger_kernel_fused_adamw": ("liger_kernel", False, False, "torch_fused_adamw"),
     "ours_fused_adamw": ("ours", False, False, "torch_fused_adamw"),  # the HF Trainer's default optimizer
@@ -87,10 +91,11 @@ def training_step(family: str, setup: str, batch: int, seq: int):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     forward = torch.compile(model) if compiled else model
-    if optimizer_name == "liger_adamw":
+    if optimizer_name in ("liger_adamw", "liger_adamw_in_backward"):
         from liger_kernels.optim import AdamW
 
-        optimizer = AdamW(model.parameters(), lr=1e-5)
+        # in backward: step() and zero_grad() below find no gradient left
+        optimizer = AdamW(model.parameters(), lr=1e-5, step_in_backward=optimizer_name.endswith("in_backward"))
     else:
         fused = optimizer_name == "torch_fused_adamw"
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=not fused, fused=fused)

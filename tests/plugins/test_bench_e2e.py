@@ -40,6 +40,16 @@ def test_liger_adamw_setup_gives_the_foreach_numbers(reference_dispatch):
         assert abs(a - b) <= 1e-5 * abs(a)
 
 
+def test_adamw_in_backward_setup_gives_the_same_losses(reference_dispatch):
+    """ours_adamw_in_backward steps each parameter inside backward: in this loop (no clipping or
+    accumulation) the same updates as ours_adamw, so the same losses."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_utils, "INTERPRET", True)
+        after = bench_e2e.run_one("tiny", "ours_adamw", batch=2, seq=32, steps=3, warmup=0)
+        inside = bench_e2e.run_one("tiny", "ours_adamw_in_backward", batch=2, seq=32, steps=3, warmup=0)
+    assert after["losses"] == inside["losses"] and len(set(inside["losses"])) == 3
+
+
 def test_unknown_setup_is_refused():
     with pytest.raises(SystemExit):
         bench_e2e.main(["--setups", "hf_eager,nonsense", "--families", "tiny"])
