@@ -78,8 +78,9 @@ CONFIG_KEYS = {
     "qkv_projections": "qkv_projections",  # ours only: see liger_plugins.patching
 }
 # liger_kernel_config keys that choose the optimizer rather than a patch (ours only): "adamw" makes the
-# Trainer's torch AdamW liger_kernels.optim.AdamW (see `_optimizer_choice`).
-OPTIMIZER_KEYS = ("adamw",)
+# Trainer's torch AdamW liger_kernels.optim.AdamW, "adamw_in_backward" that AdamW stepping each parameter
+# inside backward (see `_optimizer_choice`).
+OPTIMIZER_KEYS = ("adamw", "adamw_in_backward")
 
 # (owner, attribute, the value `enable()` replaced): the Trainer's `apply_liger_kernel` names and its
 # optimizer choice.
@@ -170,18 +171,45 @@ def _optimizer_choice(choose):
     `liger_kernel_config={"adamw": True}`, the AdamW the Trainer would build from `optim="adamw_torch"`
     or `"adamw_torch_fused"` is `liger_kernels.optim.AdamW` instead: torch's default (foreach) AdamW
     step, bit for bit, in one pass (for `adamw_torch_fused`, the numbers are the foreach step's, not the
-    fused kernel's). Any other `optim` with adamw=True is refused. Subclasses that override the method
-    (and `optimizer_cls_and_kwargs` / `optimizers` given to the Trainer) choose their own optimizer."""
+    fused kernel's). Any other `optim` with adamw=True is refused. `{"adamw_in_backward": True}`: the
+    same AdamW with `step_in_backward=True` (each parameter stepped inside backward, its gradient dropped),
+    only where the Trainer reads no gradient between backward and the step: refused with gradient
+    clipping (`max_grad_norm` > 0, the Trainer's default 1.0), gradient accumulation or fp16's loss
+    scaler. Subclasses that override the method (and `optimizer_cls_and_kwargs` / `optimizers` given to
+    the Trainer) choose their own optimizer."""
 
     def get_optimizer_cls_and_kwargs(args, model=None):
         optimizer_cls, optimizer_kwargs = choose(args, model)
         if not (args.use_liger_kernel and _wants_liger_adamw(args.liger_kernel_config)):
             return optimizer_cls, optimizer_kwargs
         optim = getattr(args.optim, "value", args.optim)
-        return as_liger_adamw(optimizer_cls, optimizer_kwargs, "liger_kernel_config adamw=True", f"optim={optim!r}",
-                              logger)
+        in_backward = args.liger_kernel_config.get("adamw_in_backward") is True
+        setting = f"liger_kernel_config {'adamw_in_backward' if in_backward else 'adamw'}=True"
+        optimizer_cls, optimizer_kwargs = as_liger_adamw(optimizer_cls, optimizer_kwargs, setting,
+                                                         f"optim={optim!r}", logger)
+        if in_backward:
+            _check_step_in_backward(args)
+            optimizer_kwargs["step_in_backward"] = True
+        return optimizer_cls, optimizer_kwargs
 
     return get_optimizer_cls_and_kwargs
+
+
+def _check_step_in_backward(args) -> None:
+    """The Trainer settings under which stepping inside backward changes the training: refused."""
+    problems = []
+    if args.max_grad_norm is not None and args.max_grad_norm > 0:
+        problems.append(f"max_grad_norm={args.max_grad_norm} clips the gradients after backward (set "
+                        "max_grad_norm=0 to train without clipping)")
+    if args.gradient_accumulation_steps != 1:
+        problems.append(f"gradient_accumulation_steps={args.gradient_accumulation_steps} sums gradients over "
+                        "several backward passes")
+    if args.fp16:
+        problems.append("fp16 scales the loss and unscales the gradients after backward")
+    if problems:
+        raise ValueError("liger_kernel_config adamw_in_backward=True steps each parameter inside backward, so "
+                         "nothing may read the gradients after it: " + "; ".join(problems)
+                         + ". Or use adamw=True (the step after backward)")
 
 
 def as_liger_adamw(optimizer_cls, optimizer_kwargs: dict, setting: str, chosen: str, log: logging.Logger):
@@ -200,7 +228,7 @@ def as_liger_adamw(optimizer_cls, optimizer_kwargs: dict, setting: str, chosen: 
 
 
 def _wants_liger_adamw(kernel_config) -> bool:
-    return isinstance(kernel_config, Mapping) and kernel_config.get("adamw") is True
+    return isinstance(kernel_config, Mapping) and any(kernel_config.get(k) is True for k in OPTIMIZER_KEYS)
 
 
 def disable() -> None:

@@ -523,6 +523,41 @@ def test_adamw_key_makes_the_trainers_adamw_ours(make_model, tmp_path, monkeypat
     assert vars(Trainer)["get_optimizer_cls_and_kwargs"] is own_method
 
 
+def test_adamw_in_backward_key_trains_as_the_step_after_backward(make_model, tmp_path, monkeypatch):
+    """liger_kernel_config={"adamw_in_backward": True}: our AdamW stepping inside backward, which trains
+    as torch's AdamW does where nothing reads the gradients (max_grad_norm=0); refused with clipping
+    (the Trainer's default) or gradient accumulation, each named."""
+    from liger_kernels import optim
+
+    train = dict(optim="adamw_torch", learning_rate=1e-2, weight_decay=0.1, max_grad_norm=0.0)
+    baseline = make_trainer(make_model(), tmp_path, **train)
+    baseline.train()
+    stepped_in_backward = []
+    step_now = optim.AdamW._step_now
+    monkeypatch.setattr(optim.AdamW, "_step_now", lambda self, group, param: stepped_in_backward.append(param)
+                        or step_now(self, group, param))
+    hf.enable()
+    try:
+        trainer = make_trainer(make_model(), tmp_path, use_liger_kernel=True,
+                               liger_kernel_config={"adamw_in_backward": True, "rope": False}, **train)
+        trainer.train()
+        adamw = trainer.optimizer.optimizer
+        assert type(adamw) is optim.AdamW and adamw._step_in_backward and adamw._backward_hooks
+        trained = [p for p in trainer.model.parameters() if p.requires_grad]
+        assert len(stepped_in_backward) == 3 * len(trained)  # every parameter, each of the three steps
+        assert_same_training(trainer, baseline)
+        clipped = make_trainer(make_model(), tmp_path, use_liger_kernel=True,
+                               liger_kernel_config={"adamw_in_backward": True}, **dict(train, max_grad_norm=1.0))
+        with pytest.raises(ValueError, match="max_grad_norm=1.0"):
+            clipped.create_optimizer()
+        accumulating = make_trainer(make_model(), tmp_path, use_liger_kernel=True, accum=2,
+                                    liger_kernel_config={"adamw_in_backward": True}, **train)
+        with pytest.raises(ValueError, match="gradient_accumulation_steps=2"):
+            accumulating.create_optimizer()
+    finally:
+        hf.disable()
+
+
 def test_adamw_key_with_callback_alone_is_refused(make_model, tmp_path):
     """A callback cannot choose the Trainer's optimizer: adamw in liger_kernel_config without enable()
     + use_liger_kernel is refused, and adamw is no callback flag (HF's or Lightning's), enabled or not."""
