@@ -25,8 +25,9 @@ gradients arrived another way, and `zero_grad()` has nothing left to clear. It i
 nothing reads or changes a gradient between backward and the step: no gradient clipping (it would
 see no gradients), no gradient accumulation over several backward passes (each one steps), no loss
 scaler, each parameter's gradient accumulated once per backward (not reentrant checkpointing of a
-shared parameter), and one process (DDP / FSDP reduce gradients after autograd accumulates them:
-refused). Hooks stay on the parameters until `remove_backward_hooks()` or the optimizer is gone.
+shared parameter: it would step twice, undetected), and one process (DDP / FSDP reduce gradients
+after autograd accumulates them: refused). One such optimizer per parameter; its hooks stay on the
+parameters until `remove_backward_hooks()` or until the optimizer is collected.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from collections import defaultdict
 import torch
 from torch.distributed.tensor import DTensor
 from torch.optim import adam as torch_adam
+from torch.optim.optimizer import _default_to_fused_or_foreach
 
 from liger_kernels._utils import use_triton
 from liger_kernels.ops.adamw import ADAMW_DTYPES, launch_adamw_
@@ -121,31 +123,51 @@ class AdamW(torch.optim.AdamW):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          maximize=maximize, foreach=foreach, capturable=capturable,
                          differentiable=differentiable)
+        # the hooks live on the parameters: removed with the optimizer (they hold no reference to it)
+        weakref.finalize(self, _remove_hooks, self._backward_hooks)
 
     def add_param_group(self, param_group) -> None:
+        if getattr(self, "_step_in_backward", False):  # refused before the group is added
+            _check_group_steps_in_backward({**self.defaults, **param_group})
         super().add_param_group(param_group)
-        if getattr(self, "_step_in_backward", False):  # absent in an optimizer unpickled from torch's
-            self._hook_backward(self.param_groups[-1])
+        if getattr(self, "_step_in_backward", False):
+            self._hook_backward(len(self.param_groups) - 1)
 
-    def _hook_backward(self, group) -> None:
-        """Step each parameter of `group` when autograd has accumulated its gradient (module doc)."""
-        unsupported = {k: group.get(k) for k, v in _GROUP_DEFAULTS_REQUIRED.items() if group.get(k, v) != v}
-        if any(isinstance(x, torch.Tensor) for x in (group["lr"], *group["betas"], group["weight_decay"])):
-            unsupported["tensor lr, betas or weight_decay"] = True
-        if unsupported:
-            raise ValueError(f"AdamW(step_in_backward=True) steps with the one-pass kernel only; these group "
-                             f"options need torch's step after backward: {unsupported}")
+    def __getstate__(self):
+        return {**super().__getstate__(), "step_in_backward": getattr(self, "_step_in_backward", False)}
+
+    def __setstate__(self, state):
+        """A copy (pickle, deepcopy) steps in backward as the original did, on its own parameters."""
+        state = dict(state)
+        step_in_backward = state.pop("step_in_backward", False)
+        super().__setstate__(state)
+        self._step_in_backward, self._backward_hooks = step_in_backward, []
+        weakref.finalize(self, _remove_hooks, self._backward_hooks)
+        if step_in_backward:
+            for index in range(len(self.param_groups)):
+                self._hook_backward(index)
+
+    def _hook_backward(self, index: int) -> None:
+        """Step each parameter of group `index` when autograd has accumulated its gradient (module doc).
+        The hook finds the group by its index when it runs: load_state_dict replaces the group dicts
+        (accelerate's optimizer wrapper does, and LR schedulers then set the new ones' lr)."""
         _refuse_several_processes()
-        optimizer = weakref.ref(self)  # the hooks live on the parameters: they must not keep the optimizer
+        optimizer = weakref.ref(self)
 
         def step_in_backward(param):
             owner = optimizer()
             if owner is not None and param.grad is not None:
-                owner._step_now(group, param)
+                owner._step_now(owner.param_groups[index], param)
 
-        for param in group["params"]:
-            if param.requires_grad:
-                self._backward_hooks.append(param.register_post_accumulate_grad_hook(step_in_backward))
+        for param in self.param_groups[index]["params"]:
+            if not param.requires_grad:
+                continue
+            other = _STEPPED_BY.get(id(param))
+            if other is not None and other[0]() is param and other[1]() not in (None, self):
+                raise ValueError("AdamW(step_in_backward=True): another such optimizer steps this parameter in "
+                                 "backward already; call its remove_backward_hooks() (or drop it) first")
+            _STEPPED_BY[id(param)] = (weakref.ref(param), optimizer)
+            self._backward_hooks.append(param.register_post_accumulate_grad_hook(step_in_backward))
 
     def _step_now(self, group, param) -> None:
         """One parameter's step from its post-accumulate-grad hook, then its gradient dropped."""
@@ -159,9 +181,12 @@ class AdamW(torch.optim.AdamW):
 
     def remove_backward_hooks(self) -> None:
         """Back to stepping in `step()` only (for AdamW(step_in_backward=True))."""
-        for handle in self._backward_hooks:
-            handle.remove()
-        self._backward_hooks.clear()
+        _remove_hooks(self._backward_hooks)
+        for group in self.param_groups:
+            for param in group["params"]:
+                entry = _STEPPED_BY.get(id(param))
+                if entry is not None and entry[1]() is self:
+                    del _STEPPED_BY[id(param)]
         self._step_in_backward = False
 
     def step(self, closure=None):
@@ -210,15 +235,24 @@ class AdamW(torch.optim.AdamW):
                                 for k in ("exp_avg", "exp_avg_sq"))
 
     def _torch_group_step(self, group, params) -> None:
-        """torch's single-tensor AdamW step of `params` (of one group without amsgrad / maximize): for a
-        parameter the kernel cannot step, inside backward."""
+        """torch's AdamW step of `params` (of one group without amsgrad / maximize), foreach or single-tensor
+        as torch's step would choose: for a parameter the kernel cannot step, inside backward."""
         self._init_states(params)
         states = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
-        torch_adam.adam(params, [p.grad for p in params], [s["exp_avg"] for s in states],
-                        [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states], foreach=False,
-                        decoupled_weight_decay=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
-                        weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+        foreach = group["foreach"]
+        if foreach is None:  # torch's default choice
+            _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
+        tensors = (params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                   [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states])
+        options = dict(foreach=foreach, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+                       weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+        if _TORCH_ADAM_DECOUPLED:
+            torch_adam.adam(*tensors, decoupled_weight_decay=True, **options)
+        else:  # torch before 2.7: AdamW's own functional step
+            from torch.optim import adamw as torch_adamw
+
+            torch_adamw.adamw(*tensors, **options)
 
     def _init_states(self, params) -> None:
         for p in params:
@@ -253,6 +287,26 @@ class AdamW(torch.optim.AdamW):
                           [_local(self.state[p]["exp_avg_sq"]) for p in batch],
                           step=step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                           weight_decay=group["weight_decay"])
+
+
+# id(parameter) -> (weakref to it, weakref to the AdamW(step_in_backward=True) that steps it in backward):
+# one such optimizer per parameter (a second one's hook would find the gradient gone).
+_STEPPED_BY: dict = {}
+
+
+def _remove_hooks(handles: list) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
+
+
+def _check_group_steps_in_backward(group) -> None:
+    unsupported = {k: group.get(k) for k, v in _GROUP_DEFAULTS_REQUIRED.items() if group.get(k, v) != v}
+    if any(isinstance(x, torch.Tensor) for x in (group["lr"], *group["betas"], group["weight_decay"])):
+        unsupported["tensor lr, betas or weight_decay"] = True
+    if unsupported:
+        raise ValueError(f"AdamW(step_in_backward=True) steps with the one-pass kernel only; these group "
+                         f"options need torch's step after backward: {unsupported}")
 
 
 def _refuse_several_processes() -> None:

@@ -175,8 +175,9 @@ def _optimizer_choice(choose):
     same AdamW with `step_in_backward=True` (each parameter stepped inside backward, its gradient dropped),
     only where the Trainer reads no gradient between backward and the step: refused with gradient
     clipping (`max_grad_norm` > 0, the Trainer's default 1.0), gradient accumulation or fp16's loss
-    scaler. Subclasses that override the method (and `optimizer_cls_and_kwargs` / `optimizers` given to
-    the Trainer) choose their own optimizer."""
+    scaler (the Trainer then logs a grad_norm of 0: the gradients are gone by the time it looks).
+    Subclasses that override the method (and `optimizer_cls_and_kwargs` / `optimizers` given to the
+    Trainer) choose their own optimizer."""
 
     def get_optimizer_cls_and_kwargs(args, model=None):
         optimizer_cls, optimizer_kwargs = choose(args, model)

@@ -79,20 +79,23 @@ def main(argv=None):
     torch.cuda.synchronize()
     streams = dict(after=None, inline=None, side=torch.cuda.Stream(), side_high=torch.cuda.Stream(priority=-1))
 
+    hooks = {}  # the mode's hooks, registered once per block of steps (see `switch`)
+
+    def switch(mode):
+        for h in hooks.values():
+            h.remove()
+        hooks.clear()
+        if mode != "after":
+            hooks[mode] = StepInBackward(model, optimizer, streams[mode])
+
     def run(mode):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
         if mode == "after":
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            return loss
-        hooks = StepInBackward(model, optimizer, streams[mode])
-        try:
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            hooks.finish()
-        finally:
-            hooks.remove()
+        else:
+            hooks[mode].finish()
         return loss
 
     # exactness: 2 steps of each mode from one snapshot of parameters and states
@@ -109,6 +112,7 @@ def main(argv=None):
     finals = {}
     for mode in MODES:
         restore()
+        switch(mode)
         losses = [float(run(mode)) for _ in range(2)]
         torch.cuda.synchronize()
         finals[mode] = (losses, [p.detach().clone() for p in params],
@@ -125,6 +129,7 @@ def main(argv=None):
     samples = {m: dict(step_ms=[], peak_gib=[]) for m in MODES}
     for round_index in range(args.rounds):
         for mode in MODES if round_index % 2 == 0 else MODES[::-1]:
+            switch(mode)
             run(mode)
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -134,6 +139,7 @@ def main(argv=None):
                 torch.cuda.synchronize()
                 samples[mode]["step_ms"].append((time.perf_counter() - start) * 1e3)
             samples[mode]["peak_gib"].append(torch.cuda.max_memory_allocated() / 2**30)
+    switch("after")
     release(model, "ours_adamw")
     results = []
     for mode, s in samples.items():

@@ -348,6 +348,8 @@ def test_step_in_backward_equals_step_after_backward(dtype, device):
     hyper = dict(betas=(0.8, 0.95), eps=1e-7, weight_decay=0.1)
     after = AdamW(_groups(after_net), **hyper)
     inside = AdamW(_groups(in_net), step_in_backward=True, **hyper)
+    for o in (after, inside):  # new group dicts (as accelerate's wrapper does): the hooks must use these
+        o.load_state_dict(o.state_dict())
     schedulers = [torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5) for o in (after, inside)]
     gen = torch.Generator().manual_seed(4)
     for _ in range(3):
@@ -388,8 +390,33 @@ def test_step_in_backward_hooks_removed_or_optimizer_gone(device):
     assert net.head.weight.grad is not None and torch.equal(before, net.head.weight)
 
 
+def test_step_in_backward_one_optimizer_per_parameter_and_copies(device):
+    """A second live in-backward optimizer on the same parameters is refused (its hook would find the
+    gradients gone) until the first is dropped; a deep copy of model and optimizer steps in backward."""
+    import gc
+
+    net = _TinyNet(torch.float32, device)
+    first = AdamW(net.parameters(), step_in_backward=True)
+    with pytest.raises(ValueError, match="another such optimizer"):
+        AdamW(net.parameters(), step_in_backward=True)
+    del first
+    gc.collect()
+    second = AdamW(net.parameters(), step_in_backward=True)
+    net_copy, copied = copy.deepcopy((net, second))
+    x = torch.randn(5, 33, device=device)
+    net_copy(x).backward()
+    assert net_copy.head.weight.grad is None and copied.state[net_copy.head.weight]["step"].item() == 1.0
+    assert not second.state  # the original's parameters took no gradient
+    second.remove_backward_hooks()
+    AdamW(net.parameters(), step_in_backward=True)  # free again
+
+
 def test_step_in_backward_refusals(device, monkeypatch):
     params = _model_params(torch.float32, device)
+    optimizer = AdamW(params[:1], step_in_backward=True)
+    with pytest.raises(ValueError, match="amsgrad"):
+        optimizer.add_param_group(dict(params=params[1:], amsgrad=True))
+    assert len(optimizer.param_groups) == 1  # the refused group is not left half added
     with pytest.raises(ValueError, match="amsgrad"):
         AdamW(params, amsgrad=True, step_in_backward=True)
     with pytest.raises(ValueError, match="tensor lr"):
