@@ -137,10 +137,13 @@ class AdamW(torch.optim.AdamW):
         return {**super().__getstate__(), "step_in_backward": getattr(self, "_step_in_backward", False)}
 
     def __setstate__(self, state):
-        """A copy (pickle, deepcopy) steps in backward as the original did, on its own parameters."""
+        """A copy (pickle, deepcopy) steps in backward as the original did, on its own parameters.
+        torch's load_state_dict calls this too, on this optimizer: its hooks stay as they are."""
         state = dict(state)
         step_in_backward = state.pop("step_in_backward", False)
         super().__setstate__(state)
+        if hasattr(self, "_backward_hooks"):  # load_state_dict
+            return
         self._step_in_backward, self._backward_hooks = step_in_backward, []
         weakref.finalize(self, _remove_hooks, self._backward_hooks)
         if step_in_backward:
