@@ -10,8 +10,10 @@ gradient at once. Modes, on one model, switched between blocks of steps in alter
     inline       each parameter's step launched from its hook, on the backward's stream
     side         the same on a second stream (waits for the gradient, overlaps later backward kernels)
     side_high    the same on a high-priority stream
-Reports the step time (a sync per step, as bench_e2e), peak memory, and whether every parameter and
-state after 2 steps from one snapshot equals the `after` mode's bit for bit.
+Reports the step time (a sync per step, as bench_e2e), peak memory, and how many parameter values
+after 2 steps from one snapshot differ from the `after` mode's, next to a second `after` run's count
+(session 12, H100: every mode differed, with no such baseline; on CPU, under the interpreter, the
+in-backward step equals the step after backward bit for bit).
 
     python scripts/adamw_overlap_probe.py --out overlap.json
 """
@@ -109,19 +111,21 @@ def main(argv=None):
                 for k, v in state.items():
                     optimizer.state[p][k].copy_(v)
 
+    # The step's backward is not deterministic on the GPU (cuDNN attention's dQ and the embedding's
+    # gradient add with atomics): a second `after` run is the baseline a mode's difference is read against.
     finals = {}
-    for mode in MODES:
+    for mode in ("after", "after_again", *MODES[1:]):
         restore()
-        switch(mode)
-        losses = [float(run(mode)) for _ in range(2)]
+        switch(mode.replace("_again", ""))
+        losses = [float(run(mode.replace("_again", ""))) for _ in range(2)]
         torch.cuda.synchronize()
-        finals[mode] = (losses, [p.detach().clone() for p in params],
-                        [optimizer.state[p]["exp_avg_sq"].clone() for p in params])
+        finals[mode] = (losses, [p.detach().clone() for p in params])
+    switch("after")
     exact = {}
-    for mode in MODES:
-        losses, ps, vs = finals[mode]
-        exact[mode] = dict(losses=losses, equal_to_after=all(torch.equal(a, b) for a, b in zip(ps, finals["after"][1]))
-                           and all(torch.equal(a, b) for a, b in zip(vs, finals["after"][2])))
+    for mode, (losses, ps) in finals.items():
+        differing = sum(int((a != b).sum()) for a, b in zip(ps, finals["after"][1]))
+        exact[mode] = dict(losses=losses, values_differing_from_after=differing,
+                           equal_to_after=differing == 0)
         print(mode, exact[mode], flush=True)
     del snapshot, finals
     torch.cuda.empty_cache()
@@ -148,7 +152,8 @@ def main(argv=None):
                    peak_gib=max(s["peak_gib"]), **exact[mode])
         results.append(row)
         print(f"{mode:10s} step {step_ms:7.2f} ms ({row['tokens_per_s'] / 1e3:5.1f} k tok/s)  peak {row['peak_gib']:.2f} GiB"
-              f"  equal to after: {row['equal_to_after']}", flush=True)
+              f"  values differing from after: {row['values_differing_from_after']}", flush=True)
+    results.append(dict(mode="after_again", **exact["after_again"]))
     report = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, family=args.family, batch=args.batch,
                   seq=args.seq, steps=args.steps, rounds=args.rounds, results=results)
     if args.out:
