@@ -19,8 +19,10 @@ i.e. no reduction pending); otherwise torch's step runs.
 
 `AdamW(..., step_in_backward=True)` steps each parameter inside `loss.backward()`, as soon as autograd
 has accumulated its gradient (a post-accumulate-grad hook), and drops that gradient at once: the
-same numbers as backward followed by `step()`, without ever holding all gradients (their memory, the
-size of the trained parameters, is never needed at once). `step()` then steps only parameters whose
+same numbers as backward followed by `step()` (bit for bit in the CPU tests, under the interpreter;
+on the GPU a training step's backward is itself not deterministic, docs/perf_notes.md session 12),
+without ever holding all gradients at once. It saves memory where the peak holds every gradient
+(the step after backward), not speed (H100: no faster end to end). `step()` then steps only parameters whose
 gradients arrived another way, and `zero_grad()` has nothing left to clear. It is only right where
 nothing reads or changes a gradient between backward and the step: no gradient clipping (it would
 see no gradients), no gradient accumulation over several backward passes (each one steps), no loss
