@@ -212,10 +212,7 @@ class AdamW(torch.optim.AdamW):
         """[(group, parameters with a gradient)] when the fused kernel covers every group, else None."""
         plan = []
         for group in self.param_groups:
-            if any(group.get(k, v) != v for k, v in _GROUP_DEFAULTS_REQUIRED.items()):
-                return None
-            beta1, beta2 = group["betas"]
-            if any(isinstance(x, torch.Tensor) for x in (group["lr"], beta1, beta2, group["weight_decay"])):
+            if _options_the_kernel_lacks(group):
                 return None
             params = [p for p in group["params"] if p.grad is not None]
             if not all(self._fusable(param) for param in params):
@@ -305,10 +302,16 @@ def _remove_hooks(handles: list) -> None:
     handles.clear()
 
 
-def _check_group_steps_in_backward(group) -> None:
+def _options_the_kernel_lacks(group) -> dict:
+    """The group's options that only torch's step implements, by name (empty: the kernel covers it)."""
     unsupported = {k: group.get(k) for k, v in _GROUP_DEFAULTS_REQUIRED.items() if group.get(k, v) != v}
     if any(isinstance(x, torch.Tensor) for x in (group["lr"], *group["betas"], group["weight_decay"])):
         unsupported["tensor lr, betas or weight_decay"] = True
+    return unsupported
+
+
+def _check_group_steps_in_backward(group) -> None:
+    unsupported = _options_the_kernel_lacks(group)
     if unsupported:
         raise ValueError(f"AdamW(step_in_backward=True) steps with the one-pass kernel only; these group "
                          f"options need torch's step after backward: {unsupported}")
