@@ -425,3 +425,28 @@ def test_step_in_backward_refusals(device, monkeypatch):
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
     with pytest.raises(RuntimeError, match="2 processes"):
         AdamW(params, step_in_backward=True)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_step_in_backward_under_checkpointing(use_reentrant, device):
+    """Checkpointed segments recompute with their own parameters before those are stepped: the
+    in-backward step equals the step after backward, both checkpoint implementations."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Segmented(_TinyNet):
+        def forward(self, x):
+            h = checkpoint(lambda t: self.norm(self.inner(t)), x, use_reentrant=use_reentrant)
+            return checkpoint(self.head, h, use_reentrant=use_reentrant).square().mean()
+
+    after_net, in_net = Segmented(torch.float32, device), Segmented(torch.float32, device)
+    after = AdamW(after_net.parameters(), lr=1e-2)
+    inside = AdamW(in_net.parameters(), lr=1e-2, step_in_backward=True)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        x = torch.randn(5, 33, generator=gen).to(device).requires_grad_(use_reentrant)
+        after_net(x).backward()
+        after.step()
+        after.zero_grad()
+        in_net(x).backward()
+    for (name, a), b in zip(after_net.named_parameters(), in_net.parameters()):
+        assert torch.equal(a, b), name
