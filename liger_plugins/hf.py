@@ -308,8 +308,8 @@ class LigerCallback(TrainerCallback):
             )
         if _wants_liger_adamw(args.liger_kernel_config) and not (is_enabled() and args.use_liger_kernel):
             raise ValueError(
-                "adamw=True: a callback cannot choose the Trainer's optimizer. Use liger_plugins.hf.enable() "
-                "with use_liger_kernel=True and liger_kernel_config={'adamw': True}, or pass "
+                "adamw (or adamw_in_backward)=True: a callback cannot choose the Trainer's optimizer. Use "
+                "liger_plugins.hf.enable() with use_liger_kernel=True and liger_kernel_config={'adamw': True}, or pass "
                 "Trainer(optimizer_cls_and_kwargs=(liger_kernels.optim.AdamW, {...}))"
             )
         self._patch(args, model, state.is_local_process_zero)

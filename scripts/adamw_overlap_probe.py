@@ -151,8 +151,9 @@ def main(argv=None):
         row = dict(mode=mode, step_ms=step_ms, tokens_per_s=args.batch * args.seq / step_ms * 1e3,
                    peak_gib=max(s["peak_gib"]), **exact[mode])
         results.append(row)
-        print(f"{mode:10s} step {step_ms:7.2f} ms ({row['tokens_per_s'] / 1e3:5.1f} k tok/s)  peak {row['peak_gib']:.2f} GiB"
-              f"  values differing from after: {row['values_differing_from_after']}", flush=True)
+        print(f"{mode:10s} step {step_ms:7.2f} ms ({row['tokens_per_s'] / 1e3:5.1f} k tok/s)  "
+              f"peak {row['peak_gib']:.2f} GiB  values differing from after: {row['values_differing_from_after']}",
+              flush=True)
     results.append(dict(mode="after_again", **exact["after_again"]))
     report = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, family=args.family, batch=args.batch,
                   seq=args.seq, steps=args.steps, rounds=args.rounds, results=results)

@@ -67,8 +67,8 @@ def main(argv=None):
         for pass_name, (split, fused) in cases.items():
             split_ms = do_bench(split, warmup=50, rep=300, return_mode="median")
             fused_ms = do_bench(fused, warmup=50, rep=300, return_mode="median")
-            row = dict(shape=name, m=m, k=k, widths=list(widths), pass_=pass_name, split_ms=split_ms, concat_ms=fused_ms,
-                       split_tflops=flops / split_ms / 1e9, concat_tflops=flops / fused_ms / 1e9)
+            row = dict(shape=name, m=m, k=k, widths=list(widths), pass_=pass_name, split_ms=split_ms,
+                       concat_ms=fused_ms, split_tflops=flops / split_ms / 1e9, concat_tflops=flops / fused_ms / 1e9)
             rows.append(row)
             print(f"{name:14s} {pass_name:8s} split {split_ms:6.3f} ms ({row['split_tflops']:4.0f} TFLOP/s)  "
                   f"concat {fused_ms:6.3f} ms ({row['concat_tflops']:4.0f})", flush=True)
