@@ -31,22 +31,21 @@ MODES = ("after", "inline", "side", "side_high")
 
 
 class StepInBackward:
-    """Post-accumulate-grad hooks that step each parameter with `optimizer` and drop its gradient."""
+    """Post-accumulate-grad hooks that step each parameter as AdamW(step_in_backward=True) does
+    (`_step_now`: its step, then its gradient dropped), on `stream` if given."""
 
     def __init__(self, model, optimizer, stream):
         self.stream = stream
         group_of = {p: g for g in optimizer.param_groups for p in g["params"]}
 
         def hook(param):
-            with torch.no_grad():
-                if stream is None:
-                    optimizer._fused_group_step(group_of[param], [param])
-                else:
-                    stream.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(stream):
-                        optimizer._fused_group_step(group_of[param], [param])
-                    param.grad.record_stream(stream)
-            param.grad = None
+            if stream is None:
+                optimizer._step_now(group_of[param], param)
+                return
+            stream.wait_stream(torch.cuda.current_stream())
+            param.grad.record_stream(stream)  # its memory is not reused before the step has read it
+            with torch.cuda.stream(stream):
+                optimizer._step_now(group_of[param], param)
 
         self.handles = [p.register_post_accumulate_grad_hook(hook) for p in model.parameters() if p.requires_grad]
 
