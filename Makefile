@@ -34,7 +34,8 @@ $(AXOLOTL_STAMP): pyproject.toml Makefile
 # with the GRPO trainer tests again there: axolotl pins TRL 1.9, whose GRPO normalizations differ from 1.16's.
 test: $(STAMP) $(AXOLOTL_STAMP)
 	$(PY) -m pytest -q -n 2 --durations=15 -m "not gpu" tests
-	$(AXOLOTL_VENV)/bin/python -m pytest -q --durations=5 tests/plugins/test_axolotl.py tests/plugins/test_trl.py -k "axolotl or grpo"
+	$(AXOLOTL_VENV)/bin/python -m pytest -q --durations=5 tests/plugins/test_axolotl.py tests/plugins/test_trl.py \
+		-k "axolotl or grpo"
 
 demo: $(STAMP)
 	$(VENV)/bin/liger-plugins demo

@@ -33,7 +33,12 @@ KERNELS = ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy", "cross_en
 # functions counted under another kernel's name: a gated MLP whose down_proj is a plain Linear runs
 # gated_down_proj (the swiglu kernel and the projection, without saving act(gate) * up); a pre-norm
 # decoder layer runs its two RMSNorms as rms_norm_with_residual and fused_add_rms_norm
-COUNTED_AS = {"gated_down_proj": "swiglu", "gated_mlp": "swiglu", "fused_add_rms_norm": "rms_norm", "rms_norm_with_residual": "rms_norm"}
+COUNTED_AS = {
+    "gated_down_proj": "swiglu",
+    "gated_mlp": "swiglu",
+    "fused_add_rms_norm": "rms_norm",
+    "rms_norm_with_residual": "rms_norm",
+}
 
 
 def model_config(spec: str, attn: str = "sdpa"):

@@ -95,7 +95,8 @@ def wrap(engine: str, model, args, world: int):
         from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-        mp = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if args.precision == "bf16" else None
+        bf16 = args.precision == "bf16"
+        mp = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
         # device_id=cpu: FSDP1 otherwise looks for an accelerator and refuses CPU-only runs.
         wrapped = FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({layer_cls}), use_orig_params=True,
                                            device_id=device if args.device == "cpu" else torch.cuda.current_device(),
@@ -144,7 +145,8 @@ def full_params(engine: str, model, wrapped) -> list[torch.Tensor]:
         with FullyShardedDataParallel.summon_full_params(wrapped, writeback=False):
             return [p.detach().float().cpu().clone() for p in wrapped.parameters()]
     if engine == "fsdp2":
-        return [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().float().cpu() for p in model.parameters()]
+        full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
+        return [p.detach().float().cpu() for p in full]
     import deepspeed
 
     params = list(model.parameters())

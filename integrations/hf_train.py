@@ -291,7 +291,9 @@ def check(runs: dict, precision: str, config) -> list[str]:
         eval_curves = compare_runs({"loss": [base["eval_loss"]]}, {"loss": [ours["eval_loss"]]}, precision)
         runs["comparison"] = {**curves, "eval_ok": eval_curves["ok"]}
         if not curves["ok"] or not eval_curves["ok"]:
-            problems.append(f"{precision}: loss / grad-norm / eval-loss differ from the unpatched run: {runs['comparison']}")
+            problems.append(
+                f"{precision}: loss / grad-norm / eval-loss differ from the unpatched run: {runs['comparison']}"
+            )
     return problems
 
 

@@ -132,7 +132,9 @@ def main(argv=None):
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--out-dir", default="out/integrations")
     parser.add_argument("--timeout", type=int, default=400, help="seconds per combination")
-    parser.add_argument("--budget", type=int, default=0, help="start no combination after this many seconds (0: no limit)")
+    parser.add_argument(
+        "--budget", type=int, default=0, help="start no combination after this many seconds (0: no limit)"
+    )
     args = parser.parse_args(argv)
     names = args.only.split(",") if args.only else [n for n, (d, _, _) in MATRIX.items() if d == args.device]
     unknown = [n for n in names if n not in MATRIX]

@@ -27,7 +27,10 @@ class LigerRMSNorm(nn.Module):
         return F.rms_norm(x, self.weight, self.variance_epsilon, self.offset, self.casting_mode, self.in_place)
 
     def extra_repr(self):
-        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, offset={self.offset}, casting_mode={self.casting_mode}"
+        return (
+            f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, offset={self.offset}, "
+            f"casting_mode={self.casting_mode}"
+        )
 
 
 class LigerFusedAddRMSNorm(LigerRMSNorm):

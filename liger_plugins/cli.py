@@ -23,8 +23,8 @@ LOSS_OPS = ("dpo_loss", "orpo_loss", "cpo_loss", "simpo_loss", "kto_loss", "grpo
             "cosine_loss")
 # = liger_kernels.bench.EXTRA_OPS: more ops, on request (--ops kl_div,...)
 EXTRA_OPS = ("kl_div", "jsd", "tvd", "dyt", "relu_squared", "softmax", "sparsemax", "group_norm", "poly_norm",
-             "modulated_rms_norm", "mrope", "llama4_rope", "swiglu_gate_up", "gated_down_proj", "linear_projections", "fused_moe",
-             "multi_token_attention", "fused_linear_jsd")
+             "modulated_rms_norm", "mrope", "llama4_rope", "swiglu_gate_up", "gated_down_proj", "linear_projections",
+             "fused_moe", "multi_token_attention", "fused_linear_jsd")
 IMPLS = ("ours", "eager", "compile", "liger")
 DTYPES = ("bf16", "fp16", "fp32")
 

@@ -2,9 +2,10 @@
 
     python scripts/profile_e2e.py --setups hf_eager,ours --out docs/e2e/profile.json
 
-Same model, batch, optimizer and torch.compile setting as `liger-plugins bench --e2e` (liger_plugins/bench_e2e.py). After a
-few warm-up steps, torch.profiler records `--steps` steps; every CUDA kernel's time is put into one
-family by its name (matmul, attention, our Triton kernels, optimizer, other) and reported per step.
+Same model, batch, optimizer and torch.compile setting as `liger-plugins bench --e2e`
+(liger_plugins/bench_e2e.py). After a few warm-up steps, torch.profiler records `--steps` steps;
+every CUDA kernel's time is put into one family by its name (matmul, attention, our Triton kernels,
+optimizer, other) and reported per step.
 Matmul + attention is what no elementwise fusion can shorten: it bounds the speed-up left.
 """
 
@@ -26,7 +27,10 @@ FAMILY_PATTERNS = [  # first match wins; names as the CUDA profiler reports them
     ("optimizer", r"multi_tensor|foreach|adam"),
     ("ours (triton)", r"^_\w*kernel"),
     ("inductor (triton)", r"^triton_"),
-    ("elementwise/reduce (torch)", r"elementwise|vectorized|reduce|unrolled|index|copy|cat|fill|softmax|gather|scatter"),
+    (
+        "elementwise/reduce (torch)",
+        r"elementwise|vectorized|reduce|unrolled|index|copy|cat|fill|softmax|gather|scatter",
+    ),
 ]
 
 

@@ -11,9 +11,9 @@ Functional forms return `LossOutput(loss, metrics)`; modules take the options at
 - `chunked_logprobs`: per-token log-probabilities (no gradient), e.g. for reference models.
 
 Common keywords: `chunk_size` (pairs / sequences / tokens per chunk; default about 2^28 logits per
-chunk), `accum_dtype` (grad_weight accumulation: the weight's dtype by default, or torch.float32), `temperature`, `ignore_index`, and
-`fused=False`, which computes the same loss the plain PyTorch way (full logits): the unfused baseline
-for benchmarks.
+chunk), `accum_dtype` (grad_weight accumulation: the weight's dtype by default, or torch.float32),
+`temperature`, `ignore_index`, and `fused=False`, which computes the same loss the plain PyTorch way
+(full logits): the unfused baseline for benchmarks.
 """
 
 from liger_kernels.losses.chunked import LossOutput, chunked_logprobs

@@ -11,9 +11,9 @@ backward is the same rotation with sin's halves swapped and negated). Both halve
 use the same component, so the selection commutes with that swap.
 
 The rotation runs on ops/rope.py's kernel, which selects the component per element while loading cos/sin
-(no selected table is materialized). Layouts and strides are those of ops/rope.py (unsqueeze_dim=1: q, k as (B, H, T, D); 2: (B, T, H, D);
-any strides with a unit last-dimension stride), and so is gradient handling: q and k get gradients;
-if cos/sin require grad, the torch reference runs instead.
+(no selected table is materialized). Layouts and strides are those of ops/rope.py (unsqueeze_dim=1:
+q, k as (B, H, T, D); 2: (B, T, H, D); any strides with a unit last-dimension stride), and so is
+gradient handling: q and k get gradients; if cos/sin require grad, the torch reference runs instead.
 
 Transformers >= 5.2x applies the section selection inside Qwen2-VL's rotary embedding and then calls the
 plain `apply_rotary_pos_emb` (ops/rope.py serves those versions); older versions call

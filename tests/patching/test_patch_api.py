@@ -273,7 +273,9 @@ def test_fused_loss_chunks_by_the_model_budget(build, reference_dispatch, monkey
     apply_liger(model, rope=False)
     seen = []
     fused = LF.fused_linear_cross_entropy
-    monkeypatch.setattr(LF, "fused_linear_cross_entropy", lambda *a, **kw: seen.append(kw["chunk_size"]) or fused(*a, **kw))
+    monkeypatch.setattr(
+        LF, "fused_linear_cross_entropy", lambda *a, **kw: seen.append(kw["chunk_size"]) or fused(*a, **kw)
+    )
     ids, labels = batch(model.config.vocab_size, batch_size=4, seq=40)  # 160 rows (the last of each sequence ignored)
     vocab = model.config.vocab_size
     monkeypatch.setattr(fused_forward, "MODEL_LOSS_CHUNK_BYTES", 64 * vocab * 4)  # 64 rows of fp32 logits

@@ -268,8 +268,8 @@ def test_training_matches_without_plugin(tiny_root, reference, kernel_calls, tmp
     steps = cfg["max_steps"] * cfg["gradient_accumulation_steps"]  # micro-batches
     assert kernel_calls["fused_linear_cross_entropy"] == steps and kernel_calls["rope"] == 2 * steps
     assert len(losses) == cfg["max_steps"]
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(baseline), atol=REDUCTION_TOLERANCES[torch.float32][0],
-                               rtol=REDUCTION_TOLERANCES[torch.float32][1])
+    atol, rtol = REDUCTION_TOLERANCES[torch.float32]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(baseline), atol=atol, rtol=rtol)
 
 
 def test_lora_training_matches_without_plugin(tiny_root, reference, kernel_calls, tmp_path, monkeypatch):
@@ -281,8 +281,8 @@ def test_lora_training_matches_without_plugin(tiny_root, reference, kernel_calls
     assert base.is_gradient_checkpointing
     assert_patched(base)
     assert kernel_calls["fused_linear_cross_entropy"] == cfg["max_steps"] * cfg["gradient_accumulation_steps"]
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(baseline), atol=REDUCTION_TOLERANCES[torch.float32][0],
-                               rtol=REDUCTION_TOLERANCES[torch.float32][1])
+    atol, rtol = REDUCTION_TOLERANCES[torch.float32]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(baseline), atol=atol, rtol=rtol)
 
 
 def test_liger_adamw_key_trains_with_our_adamw(tiny_root, reference, tmp_path, monkeypatch):
@@ -302,7 +302,7 @@ def test_liger_adamw_key_trains_with_our_adamw(tiny_root, reference, tmp_path, m
         return {names[id(p)]: (g["weight_decay"], g["lr"]) for g in t.optimizer.param_groups for p in g["params"]}
 
     assert groups(trainer) == groups(torch_trainer) and {wd for wd, _ in groups(trainer).values()} == {0.0, 0.1}
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(baseline), atol=REDUCTION_TOLERANCES[torch.float32][0],
-                               rtol=REDUCTION_TOLERANCES[torch.float32][1])
+    atol, rtol = REDUCTION_TOLERANCES[torch.float32]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(baseline), atol=atol, rtol=rtol)
     with pytest.raises(ValueError, match="liger_adamw"):
         compare.train({**cfg, "liger_adamw": True, "optimizer": "sgd"}, tmp_path / "sgd")

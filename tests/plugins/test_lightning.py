@@ -322,7 +322,9 @@ def test_ddp_and_model_parallel_two_processes(tmp_path):
 
 def test_example_runs(reference, tmp_path, monkeypatch, capsys):
     """examples/lightning_train.py as a user runs it (in this process, with the kernels' CPU dispatch)."""
-    monkeypatch.setattr(liger_lightning, "apply_liger", lambda model, **kw: BUILT.append(model) or apply_liger(model, **kw))
+    monkeypatch.setattr(
+        liger_lightning, "apply_liger", lambda model, **kw: BUILT.append(model) or apply_liger(model, **kw)
+    )
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["lightning_train.py", "--steps", "2"])
     runpy.run_path(str(ROOT / "examples" / "lightning_train.py"), run_name="__main__")
