@@ -127,6 +127,61 @@ def test_engine_errors(device):
         chunked_logprobs(h, w, target, b[:-1])
     with pytest.raises(ValueError, match="outside"):
         chunked_logprobs(h, w, torch.full_like(target, -1), b)
+    with pytest.raises(ValueError, match="empty batch"):
+        chunked_logprobs(h[:0], w, target[:0], b)
+
+
+@pytest.mark.parametrize("triton_path", [True, False])
+def test_scaled_backward_rounds_once(triton_path, monkeypatch, device):
+    # The saved gradients are scaled by grad_output in fp32 and rounded once: loss / 3 in bf16 gives
+    # bf16(g * fp32(1/3)), not g * bf16(1/3) (0.2% high).
+    if not triton_path:
+        if device != "cpu":
+            pytest.skip("the torch path is the CPU path")
+        monkeypatch.setattr(liger_kernels._utils, "INTERPRET", False)
+    h, w, b, target = make_inputs(3, 5, 16, 40, torch.bfloat16, device)
+    grads = []
+    for scale in (1.0, 3.0):
+        leaves = [t.detach().requires_grad_() for t in (h, w, b)]
+        (_nll_loss(*leaves, target, torch.float32, chunk_size=2) / scale).backward()
+        grads.append([t.grad for t in leaves])
+    third = torch.tensor(1.0, device=device) / 3.0
+    for once, scaled in zip(*grads):
+        exact = once.float() * third
+        if triton_path and device == "cpu":  # the interpreter's fp32 -> bf16 conversion truncates
+            exact = (exact.view(torch.int32) & -65536).view(torch.float32)
+        assert torch.equal(scaled, exact.to(torch.bfloat16))
+
+
+def test_second_backward_refused(device):
+    # The forward made the gradients and the first backward handed them out: a second backward would
+    # rescale tensors the caller already holds.
+    h, w, b, target = make_inputs(2, 4, 8, 10, torch.float32, device)
+    w = w.detach().requires_grad_()
+    loss = _nll_loss(h, w, b, target, torch.float32, chunk_size=1)
+    (first,) = torch.autograd.grad(loss, w, retain_graph=True)
+    kept = first.clone()
+    with pytest.raises(RuntimeError, match="backward can run only once"):
+        (3 * loss).backward()
+    assert torch.equal(first, kept)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_is_top1_false_where_ignored(fused, device):
+    # Token 0 is every row's argmax, and ignored positions must not count as hits for it.
+    h, w, b, target = make_inputs(3, 4, 8, 12, torch.float32, device)
+    b = b.clone()
+    b[0] = 100.0
+    target[:, 0] = -100
+    target[:, 1] = 0
+    if fused:
+        out = chunked_logprobs(h, w, target, b, with_stats=True)
+    else:
+        out = chunked_fused_linear_loss(
+            h, w, target, None, row_groups(3, 1, h.device), bias=b, with_stats=True, fused=False
+        )[1]
+    assert not out["is_top1"][:, 0].any()
+    assert out["is_top1"][:, 1].all()
 
 
 def _all_losses(device):
