@@ -225,8 +225,7 @@ def _prenorm_forward_mismatch(forward) -> str | None:
 
 def _checkpoints_in_forward() -> bool:
     """Whether transformers checkpoints a GradientCheckpointingLayer inside its class's `forward` (newer
-    versions wrap it when the class is created) rather than in `__call__` (5.17). Then a replaced forward
-    would drop the checkpointing: the replacement hands checkpointed calls to the original."""
+    versions wrap it when the class is created) rather than in `__call__` (5.17)."""
     try:
         from transformers.modeling_layers import GradientCheckpointingLayer
     except ImportError:
@@ -235,6 +234,46 @@ def _checkpoints_in_forward() -> bool:
 
 
 _CHECKPOINTS_IN_FORWARD = _checkpoints_in_forward()
+# The name of the wrapper transformers (after 5.17) installs as a GradientCheckpointingLayer's forward.
+_CHECKPOINT_WRAPPER = "forward_with_checkpointing"
+
+
+def _is_checkpoint_wrapper(fn) -> bool:
+    return getattr(getattr(fn, "__code__", None), "co_name", None) == _CHECKPOINT_WRAPPER
+
+
+def _without_checkpoint_wrappers(fn):
+    """The layer forward inside transformers' checkpointing wrappers (they keep it as `__wrapped__`)."""
+    while _is_checkpoint_wrapper(fn):
+        fn = fn.__wrapped__
+    return fn
+
+
+def _class_forward_checkpoints_around(layer: nn.Module, fn) -> bool:
+    """Whether the layer class's forward is a transformers checkpointing wrapper around `fn`: a class
+    made after `fn` was installed on its base, such as FSDP2's `FSDP<Layer>`. That wrapper checkpoints
+    the call itself (it is `type(layer).forward`, the only wrapper that does)."""
+    outer = type(layer).forward
+    if not _is_checkpoint_wrapper(outer):
+        return False
+    while outer is not None:
+        if outer is fn:
+            return True
+        outer = getattr(outer, "__wrapped__", None)
+    return False
+
+
+def _checkpoint_layer(layer: nn.Module, body, hidden_states, args, kwargs):
+    """What transformers' wrapper does for a checkpointed layer call: no cache writes (the recompute
+    would repeat them), then `body` through the layer's checkpointing function."""
+    kwargs = dict(kwargs)
+    if kwargs.get("use_cache"):
+        kwargs["use_cache"] = False
+    if not getattr(layer, "_can_checkpoint_with_cache", False):
+        for name in ("cache", "layer_past"):
+            if kwargs.get(name) is not None:
+                kwargs[name] = None
+    return layer._gradient_checkpointing_func(functools.partial(body, layer, **kwargs), hidden_states, *args)
 
 
 def make_decoder_layer_forward(traits: ArchitectureTraits, original):
@@ -242,8 +281,15 @@ def make_decoder_layer_forward(traits: ArchitectureTraits, original):
     goes through `rms_norm_with_residual` (its two gradients added in the norm's backward kernel) and
     `residual + attention` with post_attention_layernorm is one fused add + RMSNorm (one kernel each
     way); `residual + mlp` is summed in down_proj's product when the MLP is ours. The same values as
-    the layer's forward (each sum rounded once); three bf16 adds and two gradient adds fewer."""
+    the layer's forward (each sum rounded once); three bf16 adds and two gradient adds fewer.
+
+    Gradient checkpointing: transformers after 5.17 checkpoints inside the class's forward, in a wrapper
+    that checkpoints only while it is `type(layer).forward`. Installed on the class, or on an instance
+    whose class FSDP2 then replaces, this forward is not that wrapper and the original's wrapper would not
+    checkpoint (all activations kept, silently). So this forward checkpoints the layer itself, as the
+    wrapper would, unless the class's forward is a wrapper around it (which does)."""
     specs = {traits.cls(name): spec for name, spec in traits.norms.items()}
+    layer_forward = _without_checkpoint_wrappers(original)
 
     def fusable(norm):
         """The norm's NormSpec if the kernel may compute it from its weight, else None."""
@@ -253,13 +299,11 @@ def make_decoder_layer_forward(traits: ArchitectureTraits, original):
             return None
         return None if own_forward is not None and not is_liger(own_forward) else spec
 
-    def forward(self, hidden_states, *args, **kwargs):
+    def fused_layer(self, hidden_states, *args, **kwargs):
         first, second = self.input_layernorm, self.post_attention_layernorm
         first_spec, second_spec = fusable(first), fusable(second)
-        checkpointed_by_forward = (_CHECKPOINTS_IN_FORWARD and getattr(self, "gradient_checkpointing", False)
-                                   and self.training and torch.is_grad_enabled())
-        if args or second_spec is None or checkpointed_by_forward:
-            return original(self, hidden_states, *args, **kwargs)
+        if args or second_spec is None:
+            return layer_forward(self, hidden_states, *args, **kwargs)
         if first_spec is None:
             residual, normed = hidden_states, first(hidden_states)
         else:
@@ -275,6 +319,12 @@ def make_decoder_layer_forward(traits: ArchitectureTraits, original):
         if mlp_takes_residual(self.mlp):  # residual + mlp in down_proj's product
             return self.mlp(hidden_states, residual=residual)
         return residual + self.mlp(hidden_states)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if (_CHECKPOINTS_IN_FORWARD and getattr(self, "gradient_checkpointing", False) and self.training
+                and torch.is_grad_enabled() and not _class_forward_checkpoints_around(self, forward)):
+            return _checkpoint_layer(self, fused_layer, hidden_states, args, kwargs)
+        return fused_layer(self, hidden_states, *args, **kwargs)
 
     return mark(forward, original, "prenorm_decoder_layer_forward")
 

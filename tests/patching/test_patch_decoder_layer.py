@@ -133,6 +133,51 @@ def test_gradient_checkpointing_still_recomputes_the_layers(build, fused_calls):
     assert fused_calls == ["rms_norm_with_residual", "fused_add_rms_norm"] * model.config.num_hidden_layers
 
 
+def _checkpointed_calls(model):
+    """Checkpointed layer calls in one training step of `model` (non-reentrant checkpointing)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    calls = []
+    for layer in model.model.layers:
+        checkpoint = layer._gradient_checkpointing_func
+        layer._gradient_checkpointing_func = lambda *a, _f=checkpoint, **k: calls.append(1) or _f(*a, **k)
+    ids, labels = batch(model.config.vocab_size)
+    model(input_ids=ids, labels=labels).loss.backward()
+    return len(calls)
+
+
+@pytest.mark.parametrize("fsdp2", [False, True])
+@pytest.mark.parametrize("level", ["class", "instance"])
+def test_checkpointing_survives_class_patches_and_fsdp2(build, level, fsdp2, tmp_path):
+    """transformers' wrapper checkpoints only while it is the layer class's forward: the patched forward
+    on the class, or FSDP2's subclass of a patched instance's class, must still checkpoint each layer once
+    (none: all activations kept; twice: recomputed twice)."""
+    if level == "class":
+        apply_liger("llama", rope=False, rms_norm=False, swiglu=False, fused_linear_cross_entropy=False,
+                    fused_add_rms_norm=True)
+        model = build("llama")
+    else:
+        model = build("llama")
+        apply_liger(model, rope=False, rms_norm=False, swiglu=False, fused_linear_cross_entropy=False,
+                    fused_add_rms_norm=True)
+    if not fsdp2:
+        assert _checkpointed_calls(model) == model.config.num_hidden_layers
+        return
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        assert type(model.model.layers[0]).__name__.startswith("FSDP")
+        assert _checkpointed_calls(model) == model.config.num_hidden_layers
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def test_follows_the_rms_norm_flag_unless_given(build):
     def kinds(**flags):
         summary = apply_liger(build("llama"), **flags)
