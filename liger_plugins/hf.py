@@ -331,6 +331,8 @@ class LigerCallback(TrainerCallback):
         if on_cuda:
             self._cuda_device = param.device
             torch.cuda.reset_peak_memory_stats(param.device)
+        if self._hook is not None:  # a train() that raised never reached on_train_end
+            self._hook.remove()
         # On the model the Trainer calls (a PEFT wrapper calls its base model's forward directly).
         self._hook = model.register_forward_pre_hook(self._count_tokens, with_kwargs=True)
         self._tokens = 0

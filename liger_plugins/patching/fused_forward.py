@@ -201,7 +201,14 @@ def _fused_loss_forward(self, traits: ArchitectureTraits, aux_loss_fn, kwargs: d
         if name in output_fields and name not in fields and name != "last_hidden_state":
             fields[name] = value
     output = output_class(**fields)
-    return output if return_dict else output.to_tuple()
+    if return_dict:
+        return output
+    # As the original's to_tuple() (None fields left out), except that the logits keep their place as
+    # None: `loss, logits = outputs[:2]` and the cache at outputs[2] (use_cache=True) still line up.
+    # (HF's output classes put loss, then an MoE aux_loss, before the logits.)
+    values = output.to_tuple()
+    before_logits = sum(1 for name in ("loss", "aux_loss") if fields.get(name) is not None)
+    return values[:before_logits] + (None,) + values[before_logits:]
 
 
 _DEFAULT_OUTPUT_FIELDS = {cls: _output_fields(cls) for cls in (CausalLMOutputWithPast, MoeCausalLMOutputWithPast)}

@@ -220,8 +220,10 @@ def test_fused_forward_arguments(build):
     # positional arguments and return_dict=False
     out_ref = reference(ids, None, None, None, None, labels, return_dict=False)
     out = model(ids, None, None, None, None, labels, return_dict=False)
-    assert isinstance(out, tuple) and len(out) == len(out_ref) - 2  # no logits, no KV cache
+    assert isinstance(out, tuple) and len(out) == len(out_ref) - 1 and out[1] is None  # no logits, no KV cache
     assert_model_close(out[0], out_ref[0], FP32, "loss")
+    out = model(ids, None, None, None, None, labels, use_cache=True, return_dict=False)
+    assert len(out) == len(out_ref) and out[1] is None and type(out[2]) is type(out_ref[2])  # the cache in place
     # A training loss builds no KV cache unless the caller asks for one, or passes position_ids (which
     # transformers would then search for packed sequences: the cache decides whether it does).
     assert model(input_ids=ids, labels=labels).past_key_values is None

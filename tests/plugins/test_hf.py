@@ -26,6 +26,7 @@ from transformers import (  # noqa: E402
     LlamaConfig,
     LlamaForCausalLM,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
 )
 from transformers.models.llama import modeling_llama  # noqa: E402
@@ -296,6 +297,26 @@ def test_callback_patches_at_init_and_logs_metrics(make_model, reference, kernel
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logged) == 3 and all(entry["tokens_per_second"] > 0 for entry in logged)
     assert "peak_memory_gib" not in logged[0]  # CUDA only
+
+
+def test_callback_counts_tokens_once_after_an_interrupted_train(make_model, tmp_path):
+    # on_train_end never runs when train() raises: the next train() must not count every batch twice.
+    class Interrupt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise KeyboardInterrupt
+
+    callback = hf.LigerCallback(log_metrics=True)
+    trainer = make_trainer(make_model(), tmp_path, steps=4, callbacks=[callback, Interrupt()])
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    trainer.pop_callback(Interrupt)
+    counted = []
+    trainer.add_callback(type("Peek", (TrainerCallback,), {
+        "on_step_end": lambda self, args, state, control, **kw: counted.append(callback._tokens)}))
+    trainer.train()
+    assert counted == [4 * SEQ] * 4  # batch 4: one count per sequence
+    assert not trainer.model._forward_pre_hooks  # on_train_end removed the only hook
 
 
 def test_callback_patches_model_from_model_init(make_model, reference, kernel_calls, tmp_path):
