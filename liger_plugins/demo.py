@@ -1,8 +1,9 @@
 """The main job: fine-tune a small Llama-architecture model with the Hugging Face Trainer, once plain and
 once with `use_liger_kernel=True` served by liger-plugins, and compare loss curves, speed and memory.
 
-Everything is local: the model is built from a config in configs/demo/ (random init) and the text is
-the small corpus shipped in liger_plugins/data/, tokenized byte by byte (no tokenizer download).
+Everything is local: the model is built from a config shipped in liger_plugins/data/ (demo_llama_*.json,
+also at configs/demo/; random init) and the text is the small corpus shipped beside it, tokenized byte
+by byte (no tokenizer download). Installed from a wheel: pip install 'liger-plugins[demo]'.
 
     liger-plugins demo                     # CPU: tiny model, a few minutes; CUDA: a bigger model
     liger-plugins demo --steps 60 --seq 256 --batch 8 --out demo_out
@@ -11,13 +12,13 @@ the small corpus shipped in liger_plugins/data/, tokenized byte by byte (no toke
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DATA_DIR = Path(__file__).resolve().parent / "data"
+DATA_DIR = Path(__file__).resolve().parent / "data"  # package data: the corpus and the model configs
 BYTE_OFFSET = 0  # token id = byte value; configs have vocab >= 256
 
 
@@ -187,7 +188,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="liger-plugins demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=None,
-                        help="model config JSON (default: configs/demo/llama_gpu.json on CUDA, llama_cpu.json on CPU)")
+                        help="model config JSON (default: the shipped demo_llama_gpu.json on CUDA, "
+                             "demo_llama_cpu.json on CPU)")
     parser.add_argument("--steps", type=int, default=40 if cuda else 30)
     parser.add_argument("--batch", type=int, default=8 if cuda else 4)
     parser.add_argument("--seq", type=int, default=1024 if cuda else 128)
@@ -196,8 +198,12 @@ def main(argv=None) -> int:
     parser.add_argument("--cpu", action="store_true", help="run on CPU even where CUDA is available")
     parser.add_argument("--out", type=Path, default=Path("demo_out"))
     args = parser.parse_args(argv)
+    # Before two training runs, not after them: the runs need transformers, the plot matplotlib.
+    missing = [name for name in ("transformers", "accelerate", "matplotlib") if importlib.util.find_spec(name) is None]
+    if missing:
+        parser.error(f"the demo needs {', '.join(missing)}: pip install 'liger-plugins[demo]'")
     on_gpu = cuda and not args.cpu
-    config_path = args.config or REPO_ROOT / "configs" / "demo" / ("llama_gpu.json" if on_gpu else "llama_cpu.json")
+    config_path = args.config or DATA_DIR / ("demo_llama_gpu.json" if on_gpu else "demo_llama_cpu.json")
     args.out.mkdir(parents=True, exist_ok=True)
     dataset = ByteBlocks(load_corpus_tokens(), args.seq)
     print(f"demo: {config_path.name}, {args.steps} steps of {args.batch} x {args.seq} tokens on "
