@@ -34,8 +34,9 @@ from liger_plugins.patching.fused_forward import (
 from liger_plugins.patching.registry import TRAITS, ArchitectureTraits
 
 _MISSING = object()
+_SHARED = object()  # a class attribute another model type patched, that this one relies on too
 
-# model_type -> [(class, attribute, value in the class __dict__ before patching, or _MISSING)]
+# model_type -> [(class, attribute, value in the class __dict__ before patching, or _MISSING, or _SHARED)]
 _CLASS_PATCHES: dict[str, list[tuple[type, str, object]]] = {}
 # (module name, function name) -> [original function, set of holders]
 _FUNCTION_PATCHES: dict[tuple[str, str], list] = {}
@@ -98,6 +99,9 @@ def patch_classes(traits: ArchitectureTraits, options: KernelOptions) -> PatchSu
     def rebind(owner: type, attr: str, make, what: str, wrap=lambda fn: fn):
         current = owner.__dict__.get(attr, _MISSING)
         if forwards.is_liger(current):
+            # Patched for another model type (Llava patches Pixtral's classes): this one relies on it too.
+            if not any(o is owner and a == attr for o, a, _ in records):
+                records.append((owner, attr, _SHARED))
             summary.skipped.append(f"{what}: already patched")
             return
         records.append((owner, attr, current))
@@ -133,7 +137,7 @@ def patch_classes(traits: ArchitectureTraits, options: KernelOptions) -> PatchSu
             if computes_default_loss(causal_lm.forward):
                 rebind(causal_lm, "forward", lambda orig: make_causal_lm_forward(traits, orig),
                        f"fused_linear_cross_entropy: {traits.causal_lm}.forward")
-                _patch_packed_sequence_check(("class", traits.model_type), summary)
+                _patch_packed_sequence_check(("class", traits.model_type), summary, traits.model_type)
             else:
                 summary.skipped.append(_OWN_LOSS.format(traits.causal_lm))
         if options.cross_entropy:
@@ -142,17 +146,30 @@ def patch_classes(traits: ArchitectureTraits, options: KernelOptions) -> PatchSu
     if options.rope:
         _patch_rope(traits, ("class", traits.model_type), summary)
     if options.causal_sdpa_under_compile:
-        _patch_causal_mask_decision(("class", traits.model_type), summary)
+        _patch_causal_mask_decision(("class", traits.model_type), summary, traits.model_type)
     return summary
 
 
 def unpatch_classes(model_type: str) -> None:
     for owner, attr, original in reversed(_CLASS_PATCHES.pop(model_type, [])):
+        if original is _SHARED or _hand_over(owner, attr, original):
+            continue
         if original is _MISSING:
             delattr(owner, attr)
         else:
             setattr(owner, attr, original)
     _release_functions(("class", model_type))
+
+
+def _hand_over(owner: type, attr: str, original) -> bool:
+    """Give the patch of `owner.attr` to another model type that relies on it, if one does: that one
+    restores `original` when it is unpatched in turn."""
+    for records in _CLASS_PATCHES.values():
+        for i, (o, a, kept) in enumerate(records):
+            if o is owner and a == attr and kept is _SHARED:
+                records[i] = (o, a, original)
+                return True
+    return False
 
 
 def unpatch_all_classes() -> None:
@@ -237,9 +254,9 @@ def patch_instance(model: nn.Module, traits: ArchitectureTraits, options: Kernel
         for part in parts:
             _patch_rope(part, ("instance", id(model)), summary)
     if options.causal_sdpa_under_compile:
-        _patch_causal_mask_decision(("instance", id(model)), summary)
+        _patch_causal_mask_decision(("instance", id(model)), summary, traits.model_type)
     if any(attr == "forward" for _, attr, _, _ in loss_todo):  # the fused loss forward
-        _patch_packed_sequence_check(("instance", id(model)), summary)
+        _patch_packed_sequence_check(("instance", id(model)), summary, traits.model_type)
     return summary
 
 
@@ -438,10 +455,11 @@ def _patch_rope(traits: ArchitectureTraits, holder, summary: PatchSummary) -> No
         summary.skipped.append(f"rope: {module.__name__} has no {names} (this transformers version has no hook)")
         return
     label = f"rope: {module.__name__}.{spec.function} (module level, {spec.kernel} kernel)"
-    _patch_function(module, spec.function, forwards.ROTARY_FACTORIES[spec.kernel], holder, label, summary)
+    _patch_function(module, spec.function, forwards.ROTARY_FACTORIES[spec.kernel], holder, label, summary,
+                    traits.model_type)
 
 
-def _patch_causal_mask_decision(holder, summary: PatchSummary) -> None:
+def _patch_causal_mask_decision(holder, summary: PatchSummary, model_type: str) -> None:
     from transformers import masking_utils
 
     name = "_ignore_causal_mask_sdpa"
@@ -450,10 +468,10 @@ def _patch_causal_mask_decision(holder, summary: PatchSummary) -> None:
     if original is None or not forwards.takes_causal_mask_decision_arguments(original):
         summary.skipped.append(f"{label}: this transformers version has no such function of the expected arguments")
         return
-    _patch_function(masking_utils, name, forwards.make_causal_mask_decision, holder, label, summary)
+    _patch_function(masking_utils, name, forwards.make_causal_mask_decision, holder, label, summary, model_type)
 
 
-def _patch_packed_sequence_check(holder, summary: PatchSummary) -> None:
+def _patch_packed_sequence_check(holder, summary: PatchSummary, model_type: str) -> None:
     from transformers import masking_utils
 
     name = "find_packed_sequence_indices"
@@ -461,16 +479,20 @@ def _patch_packed_sequence_check(holder, summary: PatchSummary) -> None:
     if not callable(getattr(masking_utils, name, None)):
         summary.skipped.append(f"{label}: this transformers version has no such function")
         return
-    _patch_function(masking_utils, name, make_packed_sequence_check, holder, label, summary)
+    _patch_function(masking_utils, name, make_packed_sequence_check, holder, label, summary, model_type)
 
 
-def _patch_function(module: types.ModuleType, name: str, make, holder, label: str, summary: PatchSummary) -> None:
-    """Replace `module.name` by `make(original)` for `holder`, or only add the holder if already replaced."""
+def _patch_function(
+    module: types.ModuleType, name: str, make, holder, label: str, summary: PatchSummary, model_type: str
+) -> None:
+    """Replace `module.name` by `make(original)` for `holder` (a model type's class patch or an instance
+    of `model_type`), or only add the holder if already replaced."""
     key = (module.__name__, name)
     if key in _FUNCTION_PATCHES:
         holders = _FUNCTION_PATCHES[key][1]
-        # An instance holds the function too only if no class-level patch does (as for its modules).
-        if holder[0] == "class" or not any(h[0] == "class" for h in holders):
+        # An instance holds the function too unless its own model type's class patch does (as for its
+        # modules); a shared function (masking_utils) held for another model type's classes is not its.
+        if holder[0] == "class" or ("class", model_type) not in holders:
             holders.add(holder)
         summary.skipped.append(f"{label}: already patched")
         return

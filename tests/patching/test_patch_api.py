@@ -165,6 +165,31 @@ def test_class_level_patch_then_build(build, reference_dispatch):
     assert modeling_llama.apply_rotary_pos_emb is original_rope
 
 
+def test_shared_patches_stay_while_another_model_type_holds_them(build):
+    # transformers.masking_utils' functions serve every architecture, and Llava patches Pixtral's classes:
+    # undoing one model type's class patches must leave what another patched model relies on.
+    from transformers import masking_utils
+    from transformers.models.pixtral import modeling_pixtral
+
+    shared = ("_ignore_causal_mask_sdpa", "find_packed_sequence_indices")
+    originals = {name: getattr(masking_utils, name) for name in shared}
+    apply_liger("llama")
+    mistral = build("mistral")
+    apply_liger(mistral)  # instance level, while Llama's classes hold the shared functions
+    unpatch("llama")
+    assert all(is_liger(getattr(masking_utils, name)) for name in shared)
+    unpatch(mistral)
+    assert {name: getattr(masking_utils, name) for name in shared} == originals
+
+    norm_forward = modeling_pixtral.PixtralRMSNorm.__dict__["forward"]
+    apply_liger("llava")
+    apply_liger("pixtral")  # Pixtral's norm class: already patched, for Llava
+    unpatch("llava")
+    assert is_liger(modeling_pixtral.PixtralRMSNorm.__dict__["forward"])  # still Pixtral's patch
+    unpatch("pixtral")
+    assert modeling_pixtral.PixtralRMSNorm.__dict__["forward"] is norm_forward
+
+
 def test_summary_is_printable_and_logged(build, caplog, reference_dispatch):
     caplog.set_level(logging.INFO, logger="liger_plugins.patching")
     summary = apply_liger(build("glm4"), verbose=True)
