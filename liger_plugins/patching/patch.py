@@ -17,6 +17,7 @@ Patching what is already patched is a no-op (reported as such in the summary).
 
 from __future__ import annotations
 
+import copy
 import sys
 import types
 from collections import Counter
@@ -240,7 +241,7 @@ def patch_instance(model: nn.Module, traits: ArchitectureTraits, options: Kernel
                                else f"loss: the model is not a {traits.causal_lm}")
 
     # 2. Apply.
-    records = model.__dict__.setdefault("_liger_patches", [])
+    records = model.__dict__.setdefault("_liger_patches", _PatchRecords())
     counts = Counter()
     for module, attr, replacement, label in todo:
         bound = replacement if attr == "_loss_function" else types.MethodType(replacement, module)
@@ -258,6 +259,26 @@ def patch_instance(model: nn.Module, traits: ArchitectureTraits, options: Kernel
     if any(attr == "forward" for _, attr, _, _ in loss_todo):  # the fused loss forward
         _patch_packed_sequence_check(("instance", id(model)), summary, traits.model_type)
     return summary
+
+
+class _PatchRecords(list):
+    """A model's instance patches, [(module, attribute)], kept in the model's __dict__. The patched
+    methods are closures bound to the modules: a pickled model would not load (its methods are looked
+    up by name then). So pickling the model stops here, at save time, with the fix in the message;
+    copy.deepcopy (e.g. TRL's reference model) copies the patches as usual."""
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(
+            "this model is patched by liger-plugins at instance level and cannot be pickled whole (a "
+            "pickled copy would not load): save model.state_dict() or use save_pretrained(), or call "
+            "liger_plugins.patching.unpatch(model) before pickling it"
+        )
+
+    def __copy__(self):
+        return _PatchRecords(self)
+
+    def __deepcopy__(self, memo):
+        return _PatchRecords(copy.deepcopy(list(self), memo))
 
 
 def unpatch_instance(model: nn.Module) -> None:

@@ -129,6 +129,24 @@ def test_instance_patch_is_idempotent_and_reverts(build, reference_dispatch):
     unpatch(model)  # unpatching twice is harmless
 
 
+def test_pickling_a_patched_model_is_refused_deepcopy_is_not(build, tmp_path):
+    import copy
+
+    model = build("llama")
+    apply_liger(model, rope=False)
+    with pytest.raises(TypeError, match=r"cannot be pickled whole .*unpatch\(model\)"):
+        torch.save(model, tmp_path / "model.pt")
+    twin = copy.deepcopy(model)  # e.g. TRL's reference model: patched like the original, bound to itself
+    assert is_liger(twin.model.norm.forward) and twin.model.norm.forward.__self__ is twin.model.norm
+    ids, labels = batch(model.config.vocab_size)
+    assert torch.equal(twin(input_ids=ids, labels=labels).loss, model(input_ids=ids, labels=labels).loss)
+    unpatch(twin)
+    unpatch(model)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert torch.equal(loaded(input_ids=ids, labels=labels).loss, model(input_ids=ids, labels=labels).loss)
+
+
 def test_rope_stays_while_another_model_holds_it(build, reference_dispatch):
     first, second = build("llama"), build("llama")
     original_rope = modeling_llama.apply_rotary_pos_emb
