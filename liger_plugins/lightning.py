@@ -39,7 +39,7 @@ import functools
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -74,8 +74,10 @@ class LigerCallback(pl.Callback):
         self.kernels = liger_kwargs(kernels, "LigerCallback flags")
         self.summaries: dict[str, PatchSummary] = {}
         self._models: dict[str, PreTrainedModel] = {}  # what was patched, by attribute path
+        self._checkpoints = True  # whether the trainer saves checkpoints (set in setup)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._checkpoints = bool(trainer.checkpoint_callbacks)
         self._patch(pl_module, final=False)  # built in __init__
         builds_in_configure_model = is_overridden("configure_model", pl_module)
         self._patch_after(pl_module, "setup", final=not builds_in_configure_model)
@@ -119,3 +121,19 @@ class LigerCallback(pl.Callback):
             self.summaries[path] = summary
             self._models[path] = model
             rank_zero_info(f"LigerCallback patched {where}:\n{summary}")
+            self._check_hparams(pl_module, model, where)
+
+    def _check_hparams(self, pl_module: pl.LightningModule, model: PreTrainedModel, where: str) -> None:
+        """save_hyperparameters() keeps __init__ arguments, a model passed in too, and every checkpoint
+        pickles them: a patched model refuses to be pickled, so say so now, not at the first save."""
+        for key, value in getattr(pl_module, "hparams", {}).items():
+            if isinstance(value, nn.Module) and any(sub is model for sub in value.modules()):
+                message = (
+                    f"LigerCallback patched {where}, which {type(pl_module).__name__}.hparams[{key!r}] also "
+                    "holds (save_hyperparameters() keeps __init__ arguments), so a checkpoint would pickle "
+                    "the patched model whole, which it refuses: call "
+                    f"self.save_hyperparameters(ignore=[{key!r}]) (Lightning recommends it for modules)"
+                )
+                if self._checkpoints:
+                    raise ValueError(message)
+                rank_zero_warn(message)

@@ -249,18 +249,16 @@ def _without_checkpoint_wrappers(fn):
     return fn
 
 
-def _class_forward_checkpoints_around(layer: nn.Module, fn) -> bool:
-    """Whether the layer class's forward is a transformers checkpointing wrapper around `fn`: a class
-    made after `fn` was installed on its base, such as FSDP2's `FSDP<Layer>`. That wrapper checkpoints
-    the call itself (it is `type(layer).forward`, the only wrapper that does)."""
+def _an_outer_wrapper_checkpoints(layer: nn.Module, fn) -> bool:
+    """Whether a transformers checkpointing wrapper outside `fn` checkpoints this call: `fn` is installed
+    on a class of the layer's MRO but the layer's own class forward is a wrapper, made for a subclass
+    (FSDP2's `FSDP<Layer>`, or a user's subclass calling super().forward()). That wrapper, being
+    `type(layer).forward`, checkpoints. Installed on the instance, or the class forward itself, `fn` is
+    the outermost forward and checkpoints the call itself."""
     outer = type(layer).forward
-    if not _is_checkpoint_wrapper(outer):
+    if outer is fn or not _is_checkpoint_wrapper(outer):
         return False
-    while outer is not None:
-        if outer is fn:
-            return True
-        outer = getattr(outer, "__wrapped__", None)
-    return False
+    return any(cls.__dict__.get("forward") is fn for cls in type(layer).__mro__)
 
 
 def _checkpoint_layer(layer: nn.Module, body, hidden_states, args, kwargs):
@@ -287,7 +285,7 @@ def make_decoder_layer_forward(traits: ArchitectureTraits, original):
     that checkpoints only while it is `type(layer).forward`. Installed on the class, or on an instance
     whose class FSDP2 then replaces, this forward is not that wrapper and the original's wrapper would not
     checkpoint (all activations kept, silently). So this forward checkpoints the layer itself, as the
-    wrapper would, unless the class's forward is a wrapper around it (which does)."""
+    wrapper would, unless a subclass's wrapper outside it does (`_an_outer_wrapper_checkpoints`)."""
     specs = {traits.cls(name): spec for name, spec in traits.norms.items()}
     layer_forward = _without_checkpoint_wrappers(original)
 
@@ -322,7 +320,7 @@ def make_decoder_layer_forward(traits: ArchitectureTraits, original):
 
     def forward(self, hidden_states, *args, **kwargs):
         if (_CHECKPOINTS_IN_FORWARD and getattr(self, "gradient_checkpointing", False) and self.training
-                and torch.is_grad_enabled() and not _class_forward_checkpoints_around(self, forward)):
+                and torch.is_grad_enabled() and not _an_outer_wrapper_checkpoints(self, forward)):
             return _checkpoint_layer(self, fused_layer, hidden_states, args, kwargs)
         return fused_layer(self, hidden_states, *args, **kwargs)
 

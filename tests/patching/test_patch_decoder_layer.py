@@ -178,6 +178,22 @@ def test_checkpointing_survives_class_patches_and_fsdp2(build, level, fsdp2, tmp
         torch.distributed.destroy_process_group()
 
 
+def test_subclass_of_a_patched_layer_checkpoints_once(build):
+    # A subclass calling super().forward() gets transformers' wrapper, which checkpoints the call: the
+    # class-level patched forward inside it must not checkpoint again (each layer recomputed twice).
+    apply_liger("llama", rope=False, rms_norm=False, swiglu=False, fused_linear_cross_entropy=False,
+                fused_add_rms_norm=True)
+
+    class Traced(modeling_llama.LlamaDecoderLayer):
+        def forward(self, hidden_states, *args, **kwargs):
+            return super().forward(hidden_states, *args, **kwargs)
+
+    model = build("llama")
+    for layer in model.model.layers:
+        layer.__class__ = Traced
+    assert _checkpointed_calls(model) == model.config.num_hidden_layers
+
+
 def test_follows_the_rms_norm_flag_unless_given(build):
     def kinds(**flags):
         summary = apply_liger(build("llama"), **flags)

@@ -203,6 +203,34 @@ def test_misconfiguration_fails_at_setup(reference, kernel_calls):
     assert not any(kernel_calls.values())
 
 
+class HparamsModule(pl.LightningModule):
+    """The model passed to __init__ and kept by save_hyperparameters() (Lightning only warns)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.save_hyperparameters()
+        self.losses, self.model = [], model
+
+    training_step = InitModule.training_step
+    configure_optimizers = InitModule.configure_optimizers
+
+
+def test_model_kept_in_hparams_is_refused_at_setup(tmp_path):
+    # Checkpoints pickle hparams, and a patched model refuses to be pickled: said at setup, not at the
+    # first checkpoint after an epoch of training.
+    def trainer(checkpointing):
+        return pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
+                          enable_checkpointing=checkpointing, default_root_dir=tmp_path,
+                          callbacks=[LigerCallback()])
+
+    module = HparamsModule(tiny_llama())
+    with pytest.raises(ValueError, match=r"hparams\['model'\].*save_hyperparameters\(ignore=\['model'\]\)"):
+        trainer(True).fit(module, loader(4))
+    assert not module.losses
+    with pytest.warns(UserWarning, match=r"save_hyperparameters\(ignore=\['model'\]\)"):
+        trainer(False).fit(HparamsModule(tiny_llama()), loader(4))  # nothing pickles it: trains
+
+
 def test_triton_interpreter_training_matches_unpatched(kernel_calls):
     assert kernel_utils.INTERPRET
     baseline = fit(InitModule(), steps=1, batch=1)
