@@ -16,25 +16,17 @@ on the tile (the step is elementwise).
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 
 import torch
+from _step_probe import parse_args, write_report
 
 CONFIGS = [(1024, 4), (4096, 8), (2048, 4), (512, 4), (1024, 2), (2048, 8)]
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", default="llama")
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
+    args = parse_args(__doc__, argv)
 
     from liger_kernels import optim
     from liger_kernels.bench import warm_up_gpu
@@ -80,12 +72,7 @@ def main(argv=None):
         results.append(row)
         print(f"BLOCK {block:5d}  warps {warps:2d}   step {step_ms:7.2f} ms  ({row['tokens_per_s'] / 1e3:5.1f} k tok/s)"
               f"   optimizer {row['optimizer_ms']:6.2f} ms", flush=True)
-    report = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, family=args.family, batch=args.batch,
-                  seq=args.seq, default=dict(block=default[0], num_warps=default[1]), steps=args.steps,
-                  rounds=args.rounds, results=results)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+    write_report(args, results, default=dict(block=default[0], num_warps=default[1]))
 
 
 if __name__ == "__main__":

@@ -20,12 +20,11 @@ in-backward step equals the step after backward bit for bit).
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 
 import torch
+from _step_probe import parse_args, write_report
 
 MODES = ("after", "inline", "side", "side_high")
 
@@ -59,14 +58,7 @@ class StepInBackward:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", default="llama")
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
+    args = parse_args(__doc__, argv)
 
     from liger_kernels.bench import warm_up_gpu
     from liger_plugins.bench_e2e import release, training_step
@@ -154,11 +146,7 @@ def main(argv=None):
               f"peak {row['peak_gib']:.2f} GiB  values differing from after: {row['values_differing_from_after']}",
               flush=True)
     results.append(dict(mode="after_again", **exact["after_again"]))
-    report = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, family=args.family, batch=args.batch,
-                  seq=args.seq, steps=args.steps, rounds=args.rounds, results=results)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+    write_report(args, results)
 
 
 if __name__ == "__main__":

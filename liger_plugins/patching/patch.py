@@ -274,9 +274,6 @@ class _PatchRecords(list):
             "liger_plugins.patching.unpatch(model) before pickling it"
         )
 
-    def __copy__(self):
-        return _PatchRecords(self)
-
     def __deepcopy__(self, memo):
         return _PatchRecords(copy.deepcopy(list(self), memo))
 
